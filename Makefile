@@ -1,0 +1,47 @@
+# One entry point for every habit. The virtual environment is made on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint protos check-protos venv clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Start a local cluster (2 x GPU=2, 1 x MEMORY=100e9) and run the seed pipeline.
+demo: $(STAMP)
+	$(BIN)/python examples/seed_pipeline.py
+
+## The test suite (unit, in-process gRPC, and end-to-end with real processes).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## Regenerate the Python code for protos/apportion.proto (committed).
+protos: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -I . \
+		--python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. \
+		protos/apportion.proto
+
+## Fail when the committed generated code differs from what protoc makes now.
+check-protos: $(STAMP)
+	@tmp=$$(mktemp -d) && \
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -I . \
+		--python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp \
+		protos/apportion.proto && \
+	for f in apportion_pb2.py apportion_pb2.pyi apportion_pb2_grpc.py apportion_pb2_grpc.pyi; do \
+		diff -u protos/$$f $$tmp/protos/$$f || { echo "protos/$$f is stale: run 'make protos'"; exit 1; }; \
+	done; rm -rf $$tmp; echo "generated code matches protos/apportion.proto"
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

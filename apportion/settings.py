@@ -1,0 +1,87 @@
+"""Settings for the scheduler and workers, from flags and the environment.
+
+``APPORTION_SCHEDULER__PORT=9000`` and ``APPORTION_WORKER__NTHREADS=4`` work as
+usual. Resource names keep their case: ``APPORTION_WORKER__RESOURCES__GPU=2``
+declares ``GPU``, not ``gpu`` (pydantic-settings would lower-case it, hence the
+source below). Command-line flags win over the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from .resources import check_resources
+
+WORKER_ENV_PREFIX = "APPORTION_WORKER__"
+RESOURCES_ENV_PREFIX = WORKER_ENV_PREFIX + "RESOURCES__"
+
+
+class _ResourcesFromEnv(PydanticBaseSettingsSource):
+    """``APPORTION_WORKER__RESOURCES__<NAME>=<amount>``, name case kept."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found = {
+            name[len(RESOURCES_ENV_PREFIX) :]: value
+            for name, value in os.environ.items()
+            if name.upper().startswith(RESOURCES_ENV_PREFIX) and len(name) > len(RESOURCES_ENV_PREFIX)
+        }
+        return {"resources": found} if found else {}
+
+
+class _EnvWithoutResources(EnvSettingsSource):
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        data.pop("resources", None)
+        return data
+
+
+class SchedulerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="APPORTION_SCHEDULER__", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8786, ge=0, le=65535)
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=WORKER_ENV_PREFIX, env_nested_delimiter="__", extra="ignore"
+    )
+
+    resources: dict[str, float] = Field(default_factory=dict)
+    nthreads: int = Field(1, ge=1, le=10_000)
+    nworkers: int = Field(1, ge=1, le=1_000)
+    name: str | None = None
+    host: str | None = None
+
+    @field_validator("resources", mode="before")
+    @classmethod
+    def _check(cls, value: Any) -> dict[str, float]:
+        return check_resources(value)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            _ResourcesFromEnv(settings_cls),
+            _EnvWithoutResources(settings_cls, env_nested_delimiter="__"),
+        )

@@ -1,0 +1,39 @@
+"""The apportion client SDK.
+
+>>> from client_sdk import Client, LocalCluster
+>>> with LocalCluster(n_workers=2, resources={"GPU": 2}) as cluster, Client(cluster) as client:
+...     client.submit(pow, 2, 10, resources={"GPU": 1}).result()
+1024
+"""
+
+from apportion.task_context import TaskContext, get_task_context
+
+from .annotate import annotate
+from .client import Client
+from .cluster import LocalCluster
+from .exceptions import (
+    ApportionError,
+    FutureCancelledError,
+    MissingDependencyError,
+    ResourceSpecError,
+    SchedulerConnectionError,
+    SerializationError,
+    TaskError,
+)
+from .future import Future
+
+__all__ = [
+    "ApportionError",
+    "Client",
+    "Future",
+    "FutureCancelledError",
+    "LocalCluster",
+    "MissingDependencyError",
+    "ResourceSpecError",
+    "SchedulerConnectionError",
+    "SerializationError",
+    "TaskContext",
+    "TaskError",
+    "annotate",
+    "get_task_context",
+]

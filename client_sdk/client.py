@@ -1,0 +1,595 @@
+"""The client: submit functions with resource needs, get futures back.
+
+All network work happens in :class:`_ClientCore`, on one asyncio loop. The
+asynchronous ``Client`` runs the core on the caller's loop; the synchronous
+``Client`` runs it on a loop in a background thread and blocks on it, so it can
+be used from several threads at once. Submissions and releases are queued and
+written as batches on the client's one stream to the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from concurrent.futures import TimeoutError as FuturesTimeout
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+
+from apportion import serialize
+from apportion.grpc_server import insecure_channel
+from apportion.resources import check_resources
+from apportion.transfer import ChannelPool, ResultUnavailable
+from protos import apportion_pb2 as pb
+from protos import apportion_pb2_grpc as pb_grpc
+
+from ._errors import rebuild_exception
+from .annotate import current_annotations
+from .exceptions import FutureCancelledError, SchedulerConnectionError
+from .future import Future
+
+log = logging.getLogger("client_sdk")
+
+T = TypeVar("T")
+
+_STATUS = {
+    pb.TASK_STATUS_PENDING: "pending",
+    pb.TASK_STATUS_FINISHED: "finished",
+    pb.TASK_STATUS_ERROR: "error",
+    pb.TASK_STATUS_CANCELLED: "cancelled",
+}
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+@dataclass(slots=True)
+class _KeyState:
+    status: str = "pending"
+    addresses: tuple[str, ...] = ()
+    error: serialize.ErrorInfo | None = None
+    waiting_reason: str = ""
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _address_of(address: Any) -> str:
+    """Accept ``"host:port"`` or anything with an ``.address`` (a LocalCluster)."""
+    addr = getattr(address, "address", address)
+    if not isinstance(addr, str) or ":" not in addr:
+        raise ValueError(f"scheduler address must look like host:port, not {address!r}")
+    return addr
+
+
+class _ClientCore:
+    """The client's state and its stream; every method runs on one loop."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.client_id = f"client-{uuid.uuid4().hex}"
+        self.keys: dict[str, _KeyState] = {}
+        self._outgoing: list[pb.ClientToScheduler] = []
+        self._wake = asyncio.Event()
+        self._channel: grpc.aio.Channel | None = None
+        self._call: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._peers = ChannelPool()
+        self.closed = False
+        self.lost: str | None = None
+
+    async def connect(self, timeout: float = CONNECT_TIMEOUT_S) -> None:
+        self._channel = insecure_channel(self.address)
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+        except TimeoutError:
+            await self._channel.close()
+            raise SchedulerConnectionError(
+                f"no scheduler answered at {self.address} within {timeout:g}s"
+            ) from None
+        self._call = pb_grpc.SchedulerStub(self._channel).ClientStream()
+        await self._call.write(pb.ClientToScheduler(hello=pb.ClientHello(client_id=self.client_id)))
+        self._tasks = [
+            asyncio.create_task(self._read_updates()),
+            asyncio.create_task(self._write_batches()),
+        ]
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._call is not None:
+            self._call.cancel()
+        if self._channel is not None:
+            await self._channel.close()
+        await self._peers.close()
+
+    # ------------------------------------------------------------ sending
+
+    def _send(self, msg: pb.ClientToScheduler) -> None:
+        self._outgoing.append(msg)
+        self._wake.set()
+
+    async def _write_batches(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                batch, self._outgoing = self._outgoing, []
+                for msg in _coalesce(batch):
+                    await self._call.write(msg)
+        except grpc.aio.AioRpcError:
+            return  # the reader notices and reports the loss
+
+    def submit(self, specs: list[pb.TaskSpec]) -> None:
+        fresh = []
+        for spec in specs:
+            if spec.key not in self.keys:
+                self.keys[spec.key] = _KeyState()
+                fresh.append(spec)
+        if self.lost is not None:
+            for spec in fresh:
+                self._lose(spec.key)
+            return
+        if fresh:
+            self._send(pb.ClientToScheduler(submit=pb.SubmitTasks(tasks=fresh)))
+
+    def cancel(self, keys: list[str]) -> None:
+        for key in keys:
+            state = self.keys.get(key)
+            if state is not None and state.status == "pending":
+                state.status = "cancelled"
+                state.changed.set()
+        self._send(pb.ClientToScheduler(cancel=pb.KeyList(keys=keys)))
+
+    def release(self, keys: list[str]) -> None:
+        for key in keys:
+            self.keys.pop(key, None)
+        if not self.closed and self.lost is None:
+            self._send(pb.ClientToScheduler(release=pb.KeyList(keys=keys)))
+
+    # ---------------------------------------------------------- receiving
+
+    async def _read_updates(self) -> None:
+        reason = "the scheduler closed the stream"
+        try:
+            while True:
+                msg = await self._call.read()
+                if msg is grpc.aio.EOF:
+                    break
+                for update in msg.updates:
+                    self._apply(update)
+        except grpc.aio.AioRpcError as exc:
+            reason = f"{exc.code().name}: {exc.details()}"
+        except asyncio.CancelledError:
+            return
+        self.lost = f"lost the scheduler at {self.address} ({reason})"
+        log.error("%s", self.lost)
+        for key, state in self.keys.items():
+            if state.status == "pending":
+                self._lose(key)
+
+    def _lose(self, key: str) -> None:
+        state = self.keys[key]
+        state.status = "error"
+        state.error = serialize.ErrorInfo(
+            "client_sdk.exceptions.SchedulerConnectionError", self.lost or "", "", b""
+        )
+        state.changed.set()
+
+    def _apply(self, update: pb.TaskUpdate) -> None:
+        state = self.keys.get(update.key)
+        if state is None:
+            return  # released by us meanwhile
+        status = _STATUS.get(update.status, "pending")
+        state.status = status
+        if status == "pending":
+            state.changed.clear()
+            if update.waiting_reason and update.waiting_reason != state.waiting_reason:
+                log.warning("%s; it waits until a worker that fits joins", update.waiting_reason)
+            state.waiting_reason = update.waiting_reason
+            return
+        state.addresses = tuple(update.addresses)
+        if status == "error":
+            state.error = serialize.ErrorInfo(
+                update.error.type_name,
+                update.error.message,
+                update.error.traceback,
+                update.error.exception,
+            )
+        state.changed.set()
+
+    # ------------------------------------------------------------ results
+
+    async def wait(self, key: str) -> _KeyState:
+        state = self.keys.get(key)
+        if state is None:
+            raise KeyError(f"task {key!r} was released by this client")
+        await state.changed.wait()
+        return state
+
+    async def result(self, key: str) -> Any:
+        for _ in itertools.count():
+            state = await self.wait(key)
+            if state.status == "cancelled":
+                raise FutureCancelledError(key)
+            if state.status == "error":
+                assert state.error is not None
+                if state.error.type_name == "client_sdk.exceptions.SchedulerConnectionError":
+                    raise SchedulerConnectionError(state.error.message)
+                raise rebuild_exception(state.error)
+            for address in state.addresses:
+                try:
+                    data = await self._peers.fetch(address, key)
+                except ResultUnavailable as exc:
+                    log.debug("result of %s: %s", key, exc)
+                    continue
+                return serialize.loads(data)
+            # Every holder failed: the scheduler will notice the lost worker
+            # and recompute; wait for the next state change.
+            if state.changed.is_set() and state.status == "finished":
+                state.changed.clear()
+                await asyncio.sleep(0.05)
+        raise AssertionError("unreachable")
+
+    async def cluster_state(self) -> pb.ClusterState:
+        assert self._channel is not None
+        stub = pb_grpc.SchedulerStub(self._channel)
+        state: pb.ClusterState = await stub.GetClusterState(pb.GetClusterStateRequest(), timeout=10)
+        return state
+
+
+def _coalesce(messages: list[pb.ClientToScheduler]) -> Iterable[pb.ClientToScheduler]:
+    """Merge runs of the same kind into one message, keeping their order."""
+    current: pb.ClientToScheduler | None = None
+    current_kind = None
+    for msg in messages:
+        kind = msg.WhichOneof("kind")
+        if current is not None and kind == current_kind and kind in ("submit", "cancel", "release"):
+            if kind == "submit":
+                current.submit.tasks.extend(msg.submit.tasks)
+            elif kind == "cancel":
+                current.cancel.keys.extend(msg.cancel.keys)
+            else:
+                current.release.keys.extend(msg.release.keys)
+            continue
+        if current is not None:
+            yield current
+        current, current_kind = msg, kind
+    if current is not None:
+        yield current
+
+
+def cluster_info(state: pb.ClusterState) -> dict[str, Any]:
+    """``GetClusterState`` as the dict that ``Client.scheduler_info()`` returns."""
+    return {
+        "address": state.address,
+        "workers": {
+            w.address: {
+                "name": w.name,
+                "nthreads": w.nthreads,
+                "resources": dict(w.resources),
+                "used_resources": {k: v for k, v in w.used_resources.items()},
+                "running": w.running,
+            }
+            for w in state.workers
+        },
+        "tasks": dict(state.task_counts),
+    }
+
+
+# --------------------------------------------------------------------- client
+
+
+class Client:
+    """Connect to a scheduler and run functions on its workers.
+
+    ``Client(address)`` blocks; ``Client(address, asynchronous=True)`` is used
+    with ``async with`` and its methods are coroutines.
+    """
+
+    def __init__(
+        self,
+        address: Any,
+        *,
+        asynchronous: bool = False,
+        timeout: float = CONNECT_TIMEOUT_S,
+    ) -> None:
+        self.address = _address_of(address)
+        self.asynchronous = asynchronous
+        self._timeout = timeout
+        self._refs: Counter[str] = Counter()
+        self._refs_lock = threading.Lock()
+        self._core: _ClientCore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        if not asynchronous:
+            self._start_loop_thread()
+            self._core = _ClientCore(self.address)
+            try:
+                self._sync(self._core.connect(timeout))
+            except BaseException:
+                self._stop_loop_thread()
+                raise
+
+    # ---------------------------------------------------------- lifecycle
+
+    def _start_loop_thread(self) -> None:
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="apportion-client", daemon=True)
+        self._thread.start()
+        ready.wait()
+        self._loop = loop
+
+    def _stop_loop_thread(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()
+        self._loop = None
+
+    async def _aconnect(self) -> Client:
+        self._loop = asyncio.get_running_loop()
+        self._core = _ClientCore(self.address)
+        await self._core.connect(self._timeout)
+        return self
+
+    def __await__(self) -> Any:
+        return self._aconnect().__await__()
+
+    async def __aenter__(self) -> Client:
+        if self._core is None:
+            await self._aconnect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._aclose()
+
+    def __enter__(self) -> Client:
+        if self.asynchronous:
+            raise TypeError("an asynchronous Client is used with 'async with'")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def _aclose(self) -> None:
+        if self._core is not None:
+            await self._core.close()
+
+    def close(self) -> Any:
+        """Close the stream (the scheduler releases this client's tasks)."""
+        if self.asynchronous:
+            return self._aclose()
+        if self._loop is not None and self._core is not None and not self._core.closed:
+            self._sync(self._core.close())
+        self._stop_loop_thread()
+        return None
+
+    def __del__(self) -> None:
+        try:
+            if not self.asynchronous and self._loop is not None:
+                self.close()
+        except Exception:
+            pass
+
+    # -------------------------------------------------------------- plumbing
+
+    @property
+    def core(self) -> _ClientCore:
+        if self._core is None:
+            raise RuntimeError("the client is not connected (use 'async with' or 'await')")
+        return self._core
+
+    def _sync(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        assert self._loop is not None
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result(timeout)
+        except FuturesTimeout:
+            fut.cancel()
+            raise TimeoutError(f"no answer within {timeout}s") from None
+
+    def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on the client's loop, keeping submission order."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            raise RuntimeError("the client is closed")
+        if self.asynchronous:
+            fn(*args)
+        else:
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _maybe_async(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> Any:
+        if self.asynchronous:
+            return coro if timeout is None else asyncio.wait_for(coro, timeout)
+        return self._sync(coro, timeout)
+
+    def _ref(self, key: str) -> None:
+        with self._refs_lock:
+            self._refs[key] += 1
+
+    def _unref(self, key: str) -> None:
+        with self._refs_lock:
+            self._refs[key] -= 1
+            if self._refs[key] > 0:
+                return
+            del self._refs[key]
+        core, loop = self._core, self._loop
+        if core is not None and not core.closed and loop is not None and not loop.is_closed():
+            try:
+                if self.asynchronous:
+                    loop.call_soon(core.release, [key])
+                else:
+                    loop.call_soon_threadsafe(core.release, [key])
+            except RuntimeError:
+                pass  # the loop closed meanwhile
+
+    # --------------------------------------------------------------- submit
+
+    def _spec(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        resources: Mapping[str, float] | None,
+        key: str | None,
+        retries: int | None,
+        priority: int | None,
+    ) -> pb.TaskSpec:
+        if not callable(fn):
+            raise TypeError(f"submit() needs a callable, not {type(fn).__name__}")
+        notes = current_annotations()
+        needs = check_resources(resources) if resources is not None else notes.resources
+        retries = notes.retries if retries is None else retries
+        priority = notes.priority if priority is None else priority
+        if retries is not None and retries < 0:
+            raise ValueError(f"retries must be >= 0, not {retries}")
+        deps: dict[str, None] = {}
+        args, kwargs = self._refs_for_futures((args, kwargs), deps)
+        payload = serialize.dump_call(fn, args, kwargs)
+        if key is None:
+            name = getattr(fn, "__name__", type(fn).__name__)
+            key = f"{name}-{uuid.uuid4().hex}"
+        return pb.TaskSpec(
+            key=key,
+            payload=payload,
+            resources=needs,
+            dependencies=list(deps),
+            priority=priority or 0,
+            retries=retries or 0,
+        )
+
+    def _refs_for_futures(self, obj: Any, deps: dict[str, None]) -> Any:
+        if isinstance(obj, Future):
+            if obj.client is not self:
+                raise ValueError(f"future {obj.key!r} belongs to another client")
+            deps[obj.key] = None
+            return serialize.InputRef(obj.key)
+        if type(obj) in (list, tuple, set, frozenset):
+            return type(obj)(self._refs_for_futures(x, deps) for x in obj)
+        if type(obj) is dict:
+            return {k: self._refs_for_futures(v, deps) for k, v in obj.items()}
+        return obj
+
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        resources: Mapping[str, float] | None = None,
+        key: str | None = None,
+        retries: int | None = None,
+        priority: int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run ``fn(*args, **kwargs)`` on a worker that has ``resources`` free."""
+        spec = self._spec(fn, args, kwargs, resources, key, retries, priority)
+        future = Future(spec.key, self)
+        self._call_soon(self.core.submit, [spec])
+        return _ready(future) if self.asynchronous else future
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        resources: Mapping[str, float] | None = None,
+        key: str | list[str] | None = None,
+        retries: int | None = None,
+        priority: int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """One task per element (zipped across ``iterables``), submitted as one batch."""
+        argsets = list(zip(*iterables, strict=False))
+        keys: list[str | None]
+        if isinstance(key, list):
+            if len(key) != len(argsets):
+                raise ValueError(f"map() got {len(key)} keys for {len(argsets)} tasks")
+            keys = list(key)
+        elif isinstance(key, str):
+            keys = [f"{key}-{i}" for i in range(len(argsets))]
+        else:
+            keys = [None] * len(argsets)
+        specs = [
+            self._spec(fn, tuple(a), kwargs, resources, k, retries, priority)
+            for a, k in zip(argsets, keys, strict=True)
+        ]
+        futures = [Future(spec.key, self) for spec in specs]
+        self._call_soon(self.core.submit, specs)
+        return _ready(futures) if self.asynchronous else futures
+
+    def gather(self, futures: Any) -> Any:
+        """Results of futures, in the same nesting (lists, tuples, dicts)."""
+        return self._maybe_async(self._gather(futures))
+
+    async def _gather(self, obj: Any) -> Any:
+        if isinstance(obj, Future):
+            return await self.core.result(obj.key)
+        if type(obj) in (list, tuple):
+            values = await asyncio.gather(*(self._gather(x) for x in obj))
+            return type(obj)(values)
+        if type(obj) is dict:
+            values = await asyncio.gather(*(self._gather(v) for v in obj.values()))
+            return dict(zip(obj.keys(), values, strict=True))
+        return obj
+
+    def cancel(self, futures: Future | Iterable[Future]) -> Any:
+        items = [futures] if isinstance(futures, Future) else list(futures)
+        keys = [f.key for f in items]
+
+        async def run() -> None:
+            self.core.cancel(keys)
+
+        return self._maybe_async(run())
+
+    def scheduler_info(self) -> Any:
+        """Workers with their resources and what is in use now."""
+
+        async def run() -> dict[str, Any]:
+            return cluster_info(await self.core.cluster_state())
+
+        return self._maybe_async(run())
+
+    def __repr__(self) -> str:
+        return f"<Client scheduler={self.address!r}>"
+
+    # ------------------------------------------------- for Future's methods
+
+    def _key_status(self, key: str) -> str:
+        core = self._core
+        state = core.keys.get(key) if core is not None else None
+        return state.status if state is not None else "lost"
+
+    def _result(self, key: str, timeout: float | None) -> Any:
+        return self._maybe_async(self.core.result(key), timeout)
+
+    def _exception(self, key: str, timeout: float | None) -> Any:
+        async def run() -> BaseException | None:
+            try:
+                await self.core.result(key)
+            except Exception as exc:
+                return exc
+            return None
+
+        return self._maybe_async(run(), timeout)
+
+
+async def _ready(value: T) -> T:
+    return value
+
+
+__all__ = ["Client", "cluster_info"]

@@ -1,0 +1,7 @@
+"""The apportion scheduler: a pure state machine behind a grpc.aio servicer."""
+
+from .placement import pick_worker
+from .server import SchedulerServer, run_scheduler
+from .state import ClusterState, InvariantError
+
+__all__ = ["ClusterState", "InvariantError", "SchedulerServer", "pick_worker", "run_scheduler"]

@@ -1,0 +1,178 @@
+"""Events into the scheduler's state machine and the commands it returns.
+
+These are plain data: the servicer turns protobuf messages into events and
+commands into protobuf messages, so nothing here knows about gRPC.
+Resource amounts are fixed-point integers (see :mod:`apportion.resources`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from apportion.resources import Quanta
+from apportion.serialize import ErrorInfo
+
+WorkerId = int
+ClientId = str
+
+# --------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSubmission:
+    key: str
+    payload: bytes
+    resources: Quanta
+    dependencies: tuple[str, ...] = ()
+    priority: int = 0
+    retries: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerJoined:
+    worker_id: WorkerId
+    name: str
+    address: str
+    nthreads: int
+    resources: Quanta
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLeft:
+    worker_id: WorkerId
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFinished:
+    worker_id: WorkerId
+    key: str
+    run_id: int
+    nbytes: int
+    #: (key, nbytes) of inputs the worker fetched from peers and now holds too.
+    fetched: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TaskErred:
+    worker_id: WorkerId
+    key: str
+    run_id: int
+    error: ErrorInfo
+
+
+@dataclass(frozen=True, slots=True)
+class TaskMissingInputs:
+    worker_id: WorkerId
+    key: str
+    run_id: int
+    #: (input key, address the worker failed to fetch it from)
+    missing: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientJoined:
+    client_id: ClientId
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLeft:
+    client_id: ClientId
+
+
+@dataclass(frozen=True, slots=True)
+class TasksSubmitted:
+    client_id: ClientId
+    tasks: tuple[TaskSubmission, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TasksCancelled:
+    client_id: ClientId
+    keys: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class KeysReleased:
+    client_id: ClientId
+    keys: tuple[str, ...]
+
+
+Event = (
+    WorkerJoined
+    | WorkerLeft
+    | TaskFinished
+    | TaskErred
+    | TaskMissingInputs
+    | ClientJoined
+    | ClientLeft
+    | TasksSubmitted
+    | TasksCancelled
+    | KeysReleased
+)
+
+# ------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True, slots=True)
+class InputLocation:
+    key: str
+    addresses: tuple[str, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class AssignTask:
+    worker_id: WorkerId
+    key: str
+    run_id: int
+    payload: bytes
+    resources: Quanta
+    inputs: tuple[InputLocation, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRun:
+    worker_id: WorkerId
+    key: str
+    run_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseData:
+    """Drop a stored result. ``run_id`` 0 drops whatever is stored under ``key``;
+    otherwise only the result of that run (a late result of a cancelled run)."""
+
+    worker_id: WorkerId
+    key: str
+    run_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ClientUpdate:
+    client_id: ClientId
+    key: str
+    status: str  # "pending" | "finished" | "error" | "cancelled"
+    addresses: tuple[str, ...] = ()
+    nbytes: int = 0
+    error: ErrorInfo | None = None
+    waiting_reason: str = ""
+
+
+Command = AssignTask | CancelRun | ReleaseData | ClientUpdate
+
+
+@dataclass(slots=True)
+class WorkerSnapshot:
+    worker_id: WorkerId
+    name: str
+    address: str
+    nthreads: int
+    resources: Quanta
+    used: Quanta
+    running: int
+
+
+@dataclass(slots=True)
+class ClusterSnapshot:
+    workers: list[WorkerSnapshot] = field(default_factory=list)
+    task_counts: dict[str, int] = field(default_factory=dict)

@@ -1,0 +1,80 @@
+"""Where a task runs: a pure function over the workers' current capacity.
+
+Among the workers whose *free* amount of every resource the task needs covers
+the need (and that have a free thread), prefer the one already holding most of
+the task's input bytes, then the least loaded, then the one that joined first,
+so that the same inputs always give the same answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+
+from apportion.resources import Quanta
+
+
+class Candidate(Protocol):
+    @property
+    def worker_id(self) -> int: ...
+    @property
+    def nthreads(self) -> int: ...
+    @property
+    def free_slots(self) -> int: ...
+    @property
+    def free(self) -> Quanta: ...
+
+
+def fits(need: Quanta, free: Quanta) -> bool:
+    """True when ``free`` covers every amount in ``need``."""
+    for name, amount in need.items():
+        if free.get(name, 0) < amount:
+            return False
+    return True
+
+
+def pick_worker(
+    need: Quanta,
+    workers: Iterable[Candidate],
+    input_bytes: Mapping[int, int] | None = None,
+) -> Candidate | None:
+    best: Candidate | None = None
+    best_key: tuple[int, float, int] | None = None
+    for worker in workers:
+        if worker.free_slots <= 0 or not fits(need, worker.free):
+            continue
+        busy = (worker.nthreads - worker.free_slots) / worker.nthreads
+        key = (-(input_bytes.get(worker.worker_id, 0) if input_bytes else 0), busy, worker.worker_id)
+        if best_key is None or key < best_key:
+            best, best_key = worker, key
+    return best
+
+
+def can_ever_fit(need: Quanta, declared: Quanta) -> bool:
+    return fits(need, declared)
+
+
+def infeasibility_reason(need: Quanta, declared_by_worker: Iterable[Quanta]) -> str | None:
+    """Why no connected worker could ever hold ``need``, or None if one could.
+
+    Names each resource whose need exceeds the most any worker declares; if
+    each alone is offered somewhere but never together, says so.
+    """
+    from apportion.resources import from_quanta
+
+    declared = list(declared_by_worker)
+    if any(fits(need, d) for d in declared):
+        return None
+    if not declared:
+        return "no workers are connected"
+    short = []
+    for name, amount in sorted(need.items()):
+        most = max(d.get(name, 0) for d in declared)
+        if most < amount:
+            want = from_quanta({name: amount})[name]
+            have = from_quanta({name: most})[name]
+            short.append(f"{name}={want:g} (the most any worker offers is {name}={have:g})")
+    if short:
+        return "no worker offers " + "; ".join(short)
+    wanted = " ".join(f"{n}={v:g}" for n, v in sorted(from_quanta(need).items()))
+    return f"no single worker offers {wanted} together"

@@ -1,0 +1,71 @@
+"""Scheduler lifecycle: start, serve, stop.
+
+Shutdown order: health goes NOT_SERVING, the server stops accepting calls and
+gives open streams a short grace period, then everything is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from apportion.grpc_server import ServingHealth, bind, install_stop_signals, make_server
+from protos import apportion_pb2 as pb
+from protos import apportion_pb2_grpc as pb_grpc
+
+from .servicer import SchedulerServicer
+
+log = logging.getLogger("scheduler_service")
+
+SCHEDULER_SERVICE = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
+
+
+class SchedulerServer:
+    """A scheduler on ``host:port`` (port 0 picks a free one).
+
+    ``validate=True`` checks the state machine's invariants after every event.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8786, *, validate: bool = False) -> None:
+        self.host = host
+        self.port = port
+        self._server = make_server()
+        self.servicer = SchedulerServicer(lambda: self.address, validate=validate)
+        pb_grpc.add_SchedulerServicer_to_server(self.servicer, self._server)
+        self._health = ServingHealth(self._server, [SCHEDULER_SERVICE])
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        self.port = bind(self._server, self.host, self.port)
+        await self._server.start()
+        await self._health.set(True)
+        log.info("scheduler listening on %s", self.address)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self._health.set(False)
+        await self._server.stop(grace)
+
+    async def __aenter__(self) -> SchedulerServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def run_scheduler(host: str, port: int, *, handle_signals: bool = True) -> None:
+    """Serve until SIGINT/SIGTERM. Prints the bound address on stdout first."""
+    server = SchedulerServer(host, port)
+    await server.start()
+    print(f"apportion scheduler listening on {server.address}", flush=True)
+    stop = asyncio.Event()
+    if handle_signals:
+        install_stop_signals(stop)
+    try:
+        await stop.wait()
+    finally:
+        log.info("scheduler stopping")
+        await server.stop()

@@ -1,0 +1,689 @@
+"""The scheduler's state machine: tasks, workers, clients and exact accounting.
+
+``ClusterState.handle(event)`` takes one event and returns the commands that
+follow from it. It never awaits, reads the clock or touches a socket, so every
+scenario can be driven from a test with plain objects, and ``validate()`` can
+check the invariants after every step.
+
+Task states::
+
+    waiting     some inputs are not in memory yet
+    ready       inputs in memory, queued for a worker with free capacity
+    processing  assigned to a worker, holding its resources there
+    memory      finished; the result lives on one or more workers
+    released    finished once, result dropped; kept so it can be recomputed
+    erred       raised (or an input erred); the error is kept for clients
+
+A cancelled task is forgotten at once. Its run, if it had one, stays on the
+worker's books, holding its resources, until the worker reports that the code
+returned: the lease is released exactly once, when the run ends.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from apportion.resources import Quanta
+from apportion.serialize import ErrorInfo
+
+from .events import (
+    AssignTask,
+    CancelRun,
+    ClientId,
+    ClientJoined,
+    ClientLeft,
+    ClientUpdate,
+    ClusterSnapshot,
+    Command,
+    Event,
+    InputLocation,
+    KeysReleased,
+    ReleaseData,
+    TaskErred,
+    TaskFinished,
+    TaskMissingInputs,
+    TasksCancelled,
+    TasksSubmitted,
+    TaskSubmission,
+    WorkerId,
+    WorkerJoined,
+    WorkerLeft,
+    WorkerSnapshot,
+)
+from .placement import infeasibility_reason, pick_worker
+
+WAITING = "waiting"
+READY = "ready"
+PROCESSING = "processing"
+MEMORY = "memory"
+RELEASED = "released"
+ERRED = "erred"
+
+Shape = tuple[tuple[str, int], ...]
+
+
+class InvariantError(AssertionError):
+    """``validate()`` found the books out of balance."""
+
+
+@dataclass(slots=True)
+class Run:
+    """One lease: a task's resources held on a worker until its code returns."""
+
+    key: str
+    resources: Quanta
+
+
+@dataclass(slots=True, eq=False)
+class WorkerRecord:
+    worker_id: WorkerId
+    name: str
+    address: str
+    nthreads: int
+    declared: Quanta
+    free: Quanta
+    free_slots: int
+    runs: dict[int, Run] = field(default_factory=dict)
+    #: keys whose results this worker holds
+    has: set[str] = field(default_factory=set)
+
+    def held(self) -> Quanta:
+        return {name: self.declared[name] - self.free[name] for name in self.declared}
+
+
+@dataclass(slots=True, eq=False)
+class TaskRecord:
+    key: str
+    payload: bytes
+    resources: Quanta
+    shape: Shape
+    dependencies: tuple[str, ...]
+    priority: int
+    retries_left: int
+    seq: int
+    state: str = WAITING
+    waiting_on: set[str] = field(default_factory=set)
+    dependents: set[str] = field(default_factory=set)
+    wanted_by: set[ClientId] = field(default_factory=set)
+    who_has: set[WorkerId] = field(default_factory=set)
+    nbytes: int = 0
+    worker_id: WorkerId | None = None
+    run_id: int = 0
+    ready_gen: int = 0
+    error: ErrorInfo | None = None
+    waiting_reason: str = ""
+
+
+def _status_of(task: TaskRecord) -> str:
+    if task.state == MEMORY:
+        return "finished"
+    if task.state == ERRED:
+        return "error"
+    return "pending"
+
+
+class ClusterState:
+    """All the scheduler knows, changed only through :meth:`handle`."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, TaskRecord] = {}
+        self.workers: dict[WorkerId, WorkerRecord] = {}
+        self.clients: dict[ClientId, set[str]] = {}
+        # Ready tasks grouped by resource shape, so a task whose resource is
+        # exhausted never holds back one whose resource is free. Each heap is
+        # ordered by (-priority, submission order); stale entries are skipped.
+        self._ready: dict[Shape, list[tuple[int, int, int, str]]] = {}
+        self._seq = itertools.count(1)
+        self._run_ids = itertools.count(1)
+        self._gens = itertools.count(1)
+        # Why each resource shape cannot run on any connected worker (None: it can).
+        self._feasibility: dict[Shape, str | None] = {}
+
+    # ------------------------------------------------------------ dispatch
+
+    def handle(self, event: Event) -> list[Command]:
+        cmds: list[Command] = []
+        match event:
+            case TasksSubmitted():
+                self._on_submitted(event, cmds)
+            case TaskFinished():
+                self._on_finished(event, cmds)
+            case TaskErred():
+                self._on_erred(event, cmds)
+            case TaskMissingInputs():
+                self._on_missing_inputs(event, cmds)
+            case WorkerJoined():
+                self._on_worker_joined(event, cmds)
+            case WorkerLeft():
+                self._on_worker_left(event, cmds)
+            case ClientJoined():
+                self.clients.setdefault(event.client_id, set())
+            case ClientLeft():
+                self._release_keys(event.client_id, list(self.clients.pop(event.client_id, ())), cmds)
+            case TasksCancelled():
+                self._on_cancelled(event, cmds)
+            case KeysReleased():
+                self._release_keys(event.client_id, event.keys, cmds)
+        self._schedule(cmds)
+        return cmds
+
+    # ------------------------------------------------------------- clients
+
+    def _on_submitted(self, event: TasksSubmitted, cmds: list[Command]) -> None:
+        client = event.client_id
+        wanted = self.clients.setdefault(client, set())
+        for spec in event.tasks:
+            task = self.tasks.get(spec.key)
+            if task is None:
+                task = self._new_task(spec)
+                self.tasks[spec.key] = task
+                task.wanted_by.add(client)
+                wanted.add(spec.key)
+                self._enter_graph(task, cmds)
+            else:
+                # Same key: the existing task's future comes back.
+                task.wanted_by.add(client)
+                wanted.add(spec.key)
+                if task.state == RELEASED:
+                    self._make_runnable(task, cmds)
+                cmds.append(self._update_for(client, task))
+
+    def _new_task(self, spec: TaskSubmission) -> TaskRecord:
+        return TaskRecord(
+            key=spec.key,
+            payload=spec.payload,
+            resources=dict(spec.resources),
+            shape=tuple(sorted(spec.resources.items())),
+            dependencies=tuple(dict.fromkeys(spec.dependencies)),
+            priority=spec.priority,
+            retries_left=spec.retries,
+            seq=next(self._seq),
+        )
+
+    def _enter_graph(self, task: TaskRecord, cmds: list[Command]) -> None:
+        for dep_key in task.dependencies:
+            dep = self.tasks.get(dep_key)
+            if dep is None:
+                self._err(
+                    task,
+                    ErrorInfo(
+                        type_name="client_sdk.exceptions.MissingDependencyError",
+                        message=f"task {task.key!r} depends on {dep_key!r}, "
+                        "which the scheduler does not know (released or never submitted)",
+                        traceback="",
+                        exception=b"",
+                    ),
+                    cmds,
+                )
+                return
+        for dep_key in task.dependencies:
+            self.tasks[dep_key].dependents.add(task.key)
+        self._make_runnable(task, cmds)
+
+    def _on_cancelled(self, event: TasksCancelled, cmds: list[Command]) -> None:
+        for key in event.keys:
+            task = self.tasks.get(key)
+            if task is not None:
+                self._cancel(task, cmds)
+
+    def _cancel(self, task: TaskRecord, cmds: list[Command]) -> None:
+        for dependent_key in list(task.dependents):
+            dependent = self.tasks.get(dependent_key)
+            if dependent is not None:
+                self._cancel(dependent, cmds)
+        if self.tasks.get(task.key) is not task:
+            return  # forgotten while its dependents were cancelled
+        for client in task.wanted_by:
+            cmds.append(ClientUpdate(client, task.key, "cancelled"))
+            self.clients.get(client, set()).discard(task.key)
+        task.wanted_by.clear()
+        self._forget(task, cmds)
+
+    def _release_keys(self, client: ClientId, keys: Iterable[str], cmds: list[Command]) -> None:
+        wanted = self.clients.get(client)
+        for key in keys:
+            if wanted is not None:
+                wanted.discard(key)
+            task = self.tasks.get(key)
+            if task is None:
+                continue
+            task.wanted_by.discard(client)
+            self._drop_if_unneeded(task, cmds)
+
+    # ------------------------------------------------------------- workers
+
+    def _on_worker_joined(self, event: WorkerJoined, cmds: list[Command]) -> None:
+        self.workers[event.worker_id] = WorkerRecord(
+            worker_id=event.worker_id,
+            name=event.name,
+            address=event.address,
+            nthreads=event.nthreads,
+            declared=dict(event.resources),
+            free=dict(event.resources),
+            free_slots=event.nthreads,
+        )
+        self._feasibility.clear()
+
+    def _on_worker_left(self, event: WorkerLeft, cmds: list[Command]) -> None:
+        worker = self.workers.pop(event.worker_id, None)
+        if worker is None:
+            return
+        self._feasibility.clear()
+        # Take the worker out of every holder set first, so nothing below can
+        # point at it; then recompute what was lost, then re-place its runs.
+        lost: list[TaskRecord] = []
+        for key in worker.has:
+            task = self.tasks.get(key)
+            if task is not None:
+                task.who_has.discard(worker.worker_id)
+                if not task.who_has and task.state == MEMORY:
+                    lost.append(task)
+        for task in lost:
+            self._lost_data(task, cmds)
+        for run_id, run in worker.runs.items():
+            task = self.tasks.get(run.key)
+            if task is not None and task.run_id == run_id and task.state == PROCESSING:
+                task.worker_id = None
+                task.run_id = 0
+                self._make_runnable(task, cmds)
+
+    def _lost_data(self, task: TaskRecord, cmds: list[Command]) -> None:
+        """The last copy of a result is gone: recompute it if anyone still needs it."""
+        task.state = RELEASED
+        for dependent_key in task.dependents:
+            dependent = self.tasks[dependent_key]
+            if dependent.state in (WAITING, READY):
+                dependent.waiting_on.add(task.key)
+                if dependent.state == READY:
+                    dependent.state = WAITING  # its heap entry goes stale
+        if self._needs_data(task):
+            for client in task.wanted_by:
+                cmds.append(ClientUpdate(client, task.key, "pending"))
+            self._make_runnable(task, cmds)
+
+    # ------------------------------------------------------- task outcomes
+
+    def _end_run(self, worker_id: WorkerId, run_id: int) -> WorkerRecord | None:
+        """Release a run's lease, exactly once. None if already released."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return None  # lost worker: its books were closed when it left
+        run = worker.runs.pop(run_id, None)
+        if run is None:
+            return None
+        free = worker.free
+        for name, amount in run.resources.items():
+            free[name] += amount
+        worker.free_slots += 1
+        return worker
+
+    def _current(self, key: str, run_id: int) -> TaskRecord | None:
+        task = self.tasks.get(key)
+        if task is None or task.state != PROCESSING or task.run_id != run_id:
+            return None
+        task.worker_id = None
+        task.run_id = 0
+        task.state = WAITING  # transient: the caller decides where it goes next
+        return task
+
+    def _on_finished(self, event: TaskFinished, cmds: list[Command]) -> None:
+        worker = self._end_run(event.worker_id, event.run_id)
+        if worker is None:
+            return
+        for fetched_key, nbytes in event.fetched:
+            fetched = self.tasks.get(fetched_key)
+            if fetched is not None and fetched.state == MEMORY:
+                fetched.who_has.add(worker.worker_id)
+                worker.has.add(fetched_key)
+            else:
+                cmds.append(ReleaseData(worker.worker_id, fetched_key))
+        task = self._current(event.key, event.run_id)
+        if task is None:
+            # A cancelled or superseded run: its result is not wanted.
+            cmds.append(ReleaseData(worker.worker_id, event.key, event.run_id))
+            return
+        task.state = MEMORY
+        task.nbytes = event.nbytes
+        task.who_has = {worker.worker_id}
+        task.error = None
+        worker.has.add(task.key)
+        if task.wanted_by:
+            addresses = (worker.address,)
+            for client in task.wanted_by:
+                cmds.append(ClientUpdate(client, task.key, "finished", addresses, task.nbytes))
+        for dependent_key in task.dependents:
+            dependent = self.tasks[dependent_key]
+            if dependent.state == WAITING:
+                dependent.waiting_on.discard(task.key)
+                if not dependent.waiting_on:
+                    self._push_ready(dependent, cmds)
+        for dep_key in task.dependencies:
+            dep = self.tasks.get(dep_key)
+            if dep is not None:
+                self._drop_if_unneeded(dep, cmds)
+        self._drop_if_unneeded(task, cmds)
+
+    def _on_erred(self, event: TaskErred, cmds: list[Command]) -> None:
+        if self._end_run(event.worker_id, event.run_id) is None:
+            return
+        task = self._current(event.key, event.run_id)
+        if task is None:
+            return
+        if task.retries_left > 0:
+            task.retries_left -= 1
+            self._make_runnable(task, cmds)
+            return
+        self._err(task, event.error, cmds)
+        for dep_key in task.dependencies:
+            dep = self.tasks.get(dep_key)
+            if dep is not None:
+                self._drop_if_unneeded(dep, cmds)
+
+    def _on_missing_inputs(self, event: TaskMissingInputs, cmds: list[Command]) -> None:
+        if self._end_run(event.worker_id, event.run_id) is None:
+            return
+        task = self._current(event.key, event.run_id)
+        for input_key, address in event.missing:
+            dep = self.tasks.get(input_key)
+            if dep is None or dep.state != MEMORY:
+                continue
+            for worker_id in list(dep.who_has):
+                holder = self.workers[worker_id]
+                if holder.address == address:
+                    dep.who_has.discard(worker_id)
+                    holder.has.discard(input_key)
+            if not dep.who_has:
+                self._lost_data(dep, cmds)
+        if task is not None:
+            self._make_runnable(task, cmds)
+
+    def _err(self, task: TaskRecord, error: ErrorInfo, cmds: list[Command]) -> None:
+        """Mark ``task`` and, transitively, everything that depends on it as erred."""
+        stack = [task]
+        while stack:
+            current = stack.pop()
+            if current.state == ERRED:
+                continue
+            if current.state == PROCESSING:
+                # An input erred while this task was running (after a recompute
+                # failed); its run ends when the worker reports.
+                self._cancel_run(current, cmds)
+            current.state = ERRED
+            current.error = error
+            current.waiting_on.clear()
+            for client in current.wanted_by:
+                cmds.append(ClientUpdate(client, current.key, "error", error=error))
+            stack.extend(self.tasks[k] for k in current.dependents)
+
+    # ----------------------------------------------------------- lifecycle
+
+    def _make_runnable(self, task: TaskRecord, cmds: list[Command]) -> None:
+        """Queue ``task`` once its inputs are in memory, recomputing lost ones."""
+        task.waiting_on.clear()
+        for dep_key in task.dependencies:
+            dep = self.tasks[dep_key]
+            if dep.state == MEMORY:
+                continue
+            if dep.state == ERRED:
+                assert dep.error is not None
+                self._err(task, dep.error, cmds)
+                return
+            task.waiting_on.add(dep_key)
+            if dep.state == RELEASED:
+                self._make_runnable(dep, cmds)
+        if task.waiting_on:
+            task.state = WAITING
+        else:
+            self._push_ready(task, cmds)
+
+    def _push_ready(self, task: TaskRecord, cmds: list[Command]) -> None:
+        task.state = READY
+        task.ready_gen = next(self._gens)
+        heap = self._ready.get(task.shape)
+        if heap is None:
+            heap = self._ready[task.shape] = []
+        heapq.heappush(heap, (-task.priority, task.seq, task.ready_gen, task.key))
+        if task.shape in self._feasibility:
+            reason = self._feasibility[task.shape]
+        else:
+            reason = self._feasibility[task.shape] = infeasibility_reason(
+                task.resources, (w.declared for w in self.workers.values())
+            )
+        if reason is not None and reason != task.waiting_reason:
+            task.waiting_reason = reason
+            for client in task.wanted_by:
+                cmds.append(
+                    ClientUpdate(
+                        client, task.key, "pending", waiting_reason=f"task {task.key!r}: {reason}"
+                    )
+                )
+
+    def _needs_data(self, task: TaskRecord) -> bool:
+        if task.wanted_by:
+            return True
+        for dependent_key in task.dependents:
+            if self.tasks[dependent_key].state in (WAITING, READY, PROCESSING):
+                return True
+        return False
+
+    def _drop_if_unneeded(self, task: TaskRecord, cmds: list[Command]) -> None:
+        """Forget a task nobody refers to; drop a result nobody will read."""
+        if not task.wanted_by and not task.dependents:
+            self._forget(task, cmds)
+        elif task.state == MEMORY and not self._needs_data(task):
+            self._release_data(task, cmds)
+            task.state = RELEASED
+        elif task.state in (WAITING, READY, PROCESSING) and not self._needs_data(task):
+            # Nothing wants it any more: stop it, but keep it for dependents
+            # that are done and may need it recomputed later.
+            if task.state == PROCESSING:
+                self._cancel_run(task, cmds)
+            task.state = RELEASED
+            task.waiting_on.clear()
+            for dep_key in task.dependencies:
+                dep = self.tasks.get(dep_key)
+                if dep is not None:
+                    self._drop_if_unneeded(dep, cmds)
+
+    def _forget(self, task: TaskRecord, cmds: list[Command]) -> None:
+        if self.tasks.get(task.key) is not task:
+            return
+        if task.state == PROCESSING:
+            self._cancel_run(task, cmds)
+        elif task.state == MEMORY:
+            self._release_data(task, cmds)
+        # A READY task's heap entry goes stale once the record is gone.
+        del self.tasks[task.key]
+        for dep_key in task.dependencies:
+            dep = self.tasks.get(dep_key)
+            if dep is not None:
+                dep.dependents.discard(task.key)
+                self._drop_if_unneeded(dep, cmds)
+
+    def _cancel_run(self, task: TaskRecord, cmds: list[Command]) -> None:
+        """Tell the worker to stop caring about a run; the lease stays until it ends."""
+        assert task.worker_id is not None
+        cmds.append(CancelRun(task.worker_id, task.key, task.run_id))
+        task.worker_id = None
+        task.run_id = 0
+
+    def _release_data(self, task: TaskRecord, cmds: list[Command]) -> None:
+        for worker_id in task.who_has:
+            self.workers[worker_id].has.discard(task.key)
+            cmds.append(ReleaseData(worker_id, task.key))
+        task.who_has = set()
+
+    def _update_for(self, client: ClientId, task: TaskRecord) -> ClientUpdate:
+        status = _status_of(task)
+        if status == "finished":
+            addresses = tuple(self.workers[w].address for w in sorted(task.who_has))
+            return ClientUpdate(client, task.key, status, addresses, task.nbytes)
+        if status == "error":
+            return ClientUpdate(client, task.key, status, error=task.error)
+        return ClientUpdate(client, task.key, status, waiting_reason=task.waiting_reason)
+
+    # ----------------------------------------------------------- placement
+
+    def _schedule(self, cmds: list[Command]) -> None:
+        """Place ready tasks, best (priority, submission order) first, across shapes."""
+        if not self._ready or not any(w.free_slots for w in self.workers.values()):
+            return
+        blocked: set[Shape] = set()
+        while True:
+            best_shape: Shape | None = None
+            best_entry: tuple[int, int, int, str] | None = None
+            for shape, heap in list(self._ready.items()):
+                if shape in blocked:
+                    continue
+                entry = self._peek(heap)
+                if entry is None:
+                    del self._ready[shape]
+                elif best_entry is None or entry < best_entry:
+                    best_shape, best_entry = shape, entry
+            if best_shape is None or best_entry is None:
+                return
+            task = self.tasks[best_entry[3]]
+            worker = pick_worker(task.resources, self.workers.values(), self._input_bytes(task))
+            if worker is None:
+                # Every task of this shape needs the same amounts, so none fits.
+                blocked.add(best_shape)
+                continue
+            heapq.heappop(self._ready[best_shape])
+            self._assign(task, self.workers[worker.worker_id], cmds)
+
+    def _peek(self, heap: list[tuple[int, int, int, str]]) -> tuple[int, int, int, str] | None:
+        while heap:
+            entry = heap[0]
+            task = self.tasks.get(entry[3])
+            if task is not None and task.state == READY and task.ready_gen == entry[2]:
+                return entry
+            heapq.heappop(heap)
+        return None
+
+    def _input_bytes(self, task: TaskRecord) -> dict[WorkerId, int] | None:
+        if not task.dependencies:
+            return None
+        totals: dict[WorkerId, int] = {}
+        for dep_key in task.dependencies:
+            dep = self.tasks[dep_key]
+            for worker_id in dep.who_has:
+                totals[worker_id] = totals.get(worker_id, 0) + dep.nbytes
+        return totals
+
+    def _assign(self, task: TaskRecord, worker: WorkerRecord, cmds: list[Command]) -> None:
+        run_id = next(self._run_ids)
+        free = worker.free
+        for name, amount in task.resources.items():
+            free[name] -= amount
+        worker.free_slots -= 1
+        worker.runs[run_id] = Run(task.key, task.resources)
+        task.state = PROCESSING
+        task.worker_id = worker.worker_id
+        task.run_id = run_id
+        task.waiting_reason = ""
+        inputs = tuple(
+            InputLocation(
+                dep_key,
+                tuple(self.workers[w].address for w in sorted(self.tasks[dep_key].who_has)),
+                self.tasks[dep_key].nbytes,
+            )
+            for dep_key in task.dependencies
+        )
+        cmds.append(
+            AssignTask(worker.worker_id, task.key, run_id, task.payload, task.resources, inputs)
+        )
+
+    # ---------------------------------------------------------- inspection
+
+    def snapshot(self) -> ClusterSnapshot:
+        counts = Counter(task.state for task in self.tasks.values())
+        return ClusterSnapshot(
+            workers=[
+                WorkerSnapshot(
+                    worker_id=w.worker_id,
+                    name=w.name,
+                    address=w.address,
+                    nthreads=w.nthreads,
+                    resources=dict(w.declared),
+                    used=w.held(),
+                    running=len(w.runs),
+                )
+                for w in sorted(self.workers.values(), key=lambda w: w.worker_id)
+            ],
+            task_counts=dict(counts),
+        )
+
+    def validate(self) -> None:
+        """Check the books; raise :class:`InvariantError` naming the first fault."""
+
+        def check(condition: bool, message: str) -> None:
+            if not condition:
+                raise InvariantError(message)
+
+        for worker in self.workers.values():
+            held: Counter[str] = Counter()
+            for run in worker.runs.values():
+                held.update(run.resources)
+            check(set(worker.free) == set(worker.declared), f"worker {worker.name}: free keys")
+            for name, declared in worker.declared.items():
+                free = worker.free[name]
+                check(
+                    free + held[name] == declared,
+                    f"worker {worker.name}: {name} free {free} + held {held[name]} "
+                    f"!= declared {declared}",
+                )
+                check(free >= 0, f"worker {worker.name}: {name} over-committed (free {free})")
+            for name in held:
+                check(name in worker.declared, f"worker {worker.name}: holds undeclared {name}")
+            check(
+                worker.free_slots == worker.nthreads - len(worker.runs) >= 0,
+                f"worker {worker.name}: {len(worker.runs)} runs on {worker.nthreads} threads",
+            )
+            for run_id, run in worker.runs.items():
+                task = self.tasks.get(run.key)
+                if task is not None and task.run_id == run_id:
+                    check(
+                        task.state == PROCESSING and task.worker_id == worker.worker_id,
+                        f"run {run_id} of {run.key} on the wrong worker",
+                    )
+            for key in worker.has:
+                task = self.tasks.get(key)
+                check(
+                    task is not None and task.state == MEMORY and worker.worker_id in task.who_has,
+                    f"worker {worker.name} holds {key} unknown to who_has",
+                )
+        for key, task in self.tasks.items():
+            if task.state == PROCESSING:
+                worker = self.workers.get(task.worker_id)  # type: ignore[arg-type]
+                check(worker is not None, f"{key} processing on a lost worker")
+                assert worker is not None
+                run = worker.runs.get(task.run_id)
+                check(run is not None and run.key == key, f"{key} has no lease")
+            else:
+                check(task.worker_id is None and task.run_id == 0, f"{key} keeps a stale run")
+            if task.state == MEMORY:
+                check(bool(task.who_has), f"{key} in memory nowhere")
+                for worker_id in task.who_has:
+                    check(key in self.workers[worker_id].has, f"{key} who_has out of sync")
+            else:
+                check(not task.who_has, f"{key} ({task.state}) still has holders")
+            if task.state == WAITING:
+                check(bool(task.waiting_on), f"{key} waiting on nothing")
+            if task.state in (READY, PROCESSING):
+                for dep_key in task.dependencies:
+                    check(self.tasks[dep_key].state == MEMORY, f"{key} runs without {dep_key}")
+            for dep_key in task.dependencies:
+                dep = self.tasks.get(dep_key)
+                if task.state != ERRED or dep is not None:
+                    check(dep is not None and key in dep.dependents, f"{key}: broken dep link")
+            for dependent_key in task.dependents:
+                check(dependent_key in self.tasks, f"{key}: dangling dependent {dependent_key}")
+            for client in task.wanted_by:
+                check(key in self.clients.get(client, ()), f"{key}: client books out of sync")
+        for client, keys in self.clients.items():
+            for key in keys:
+                check(key in self.tasks and client in self.tasks[key].wanted_by, f"{client}:{key}")

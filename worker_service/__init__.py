@@ -1,0 +1,7 @@
+"""The apportion worker: runs tasks in threads within its declared resources."""
+
+from .ledger import Ledger
+from .store import ResultStore
+from .worker import Worker, run_worker
+
+__all__ = ["Ledger", "ResultStore", "Worker", "run_worker"]

@@ -1,0 +1,54 @@
+"""The worker's own books: it never runs more than it declared.
+
+The scheduler only assigns what fits, so an assignment that does not fit here
+means the two disagree; the worker refuses it rather than over-run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from apportion.resources import Quanta, to_quanta
+
+
+class OverCommitted(RuntimeError):
+    pass
+
+
+class Ledger:
+    def __init__(self, declared: Mapping[str, float], nthreads: int) -> None:
+        self.declared: Quanta = to_quanta(declared)
+        self.nthreads = nthreads
+        self.held: dict[int, Quanta] = {}
+
+    def acquire(self, run_id: int, resources: Mapping[str, float]) -> None:
+        if run_id in self.held:
+            raise OverCommitted(f"run {run_id} already holds resources")
+        need = to_quanta(resources)
+        if len(self.held) >= self.nthreads:
+            raise OverCommitted(f"all {self.nthreads} threads are busy")
+        used = self.used()
+        for name, amount in need.items():
+            if used.get(name, 0) + amount > self.declared.get(name, 0):
+                raise OverCommitted(
+                    f"{name}: {amount} wanted, {self.declared.get(name, 0) - used.get(name, 0)} free"
+                )
+        self.held[run_id] = need
+
+    def release(self, run_id: int) -> None:
+        del self.held[run_id]  # KeyError here would mean a double release
+
+    def used(self) -> Quanta:
+        used: Quanta = {}
+        for need in self.held.values():
+            for name, amount in need.items():
+                used[name] = used.get(name, 0) + amount
+        return used
+
+    def validate(self) -> None:
+        used = self.used()
+        for name, amount in used.items():
+            if amount > self.declared.get(name, 0) or amount < 0:
+                raise AssertionError(f"worker holds {name}={amount} of {self.declared.get(name, 0)}")
+        if len(self.held) > self.nthreads:
+            raise AssertionError(f"{len(self.held)} runs on {self.nthreads} threads")

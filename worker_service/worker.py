@@ -1,0 +1,397 @@
+"""A worker process: one stream to the scheduler, a thread pool, a result store.
+
+Lifecycle: ``start()`` serves the Worker service (peers fetch results from
+it), then connects to the scheduler and registers. If the stream breaks, the
+worker waits for the tasks it was running to return (their results are now
+orphans), drops its results, and registers again with backoff. ``close()``
+stops taking work, closes the stream and the server; tasks still running in
+threads are abandoned (Python threads cannot be interrupted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from apportion import serialize
+from apportion.grpc_server import ServingHealth, bind, insecure_channel, make_server
+from apportion.task_context import TaskContext, set_task_context
+from apportion.transfer import ChannelPool, ResultUnavailable
+from protos import apportion_pb2 as pb
+from protos import apportion_pb2_grpc as pb_grpc
+
+from .ledger import Ledger, OverCommitted
+from .servicer import WorkerServicer
+from .store import ResultStore
+
+log = logging.getLogger("worker_service")
+
+WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
+MAX_BACKOFF_S = 5.0
+
+
+@dataclass(slots=True)
+class _Reports:
+    finished: list[pb.TaskFinished] = field(default_factory=list)
+    failed: list[pb.TaskFailed] = field(default_factory=list)
+    missing: list[pb.TaskMissingInputs] = field(default_factory=list)
+    heartbeat: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.finished or self.failed or self.missing or self.heartbeat)
+
+
+def advertised_host(scheduler_address: str) -> str:
+    """The local address that routes to the scheduler (what peers should dial)."""
+    host = scheduler_address.rsplit(":", 1)[0].strip("[]")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))  # UDP connect sends nothing
+            return str(probe.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
+class Worker:
+    def __init__(
+        self,
+        scheduler_address: str,
+        *,
+        resources: Mapping[str, float] | None = None,
+        nthreads: int = 1,
+        name: str | None = None,
+        host: str | None = None,
+        port: int = 0,
+    ) -> None:
+        self.scheduler_address = scheduler_address
+        self.resources = dict(resources or {})
+        self.nthreads = nthreads
+        self.host = host or advertised_host(scheduler_address)
+        self.port = port
+        self._name = name
+        self.store = ResultStore()
+        self.ledger = Ledger(self.resources, nthreads)
+        self._pool = ThreadPoolExecutor(nthreads, thread_name_prefix="apportion-task")
+        self._server = make_server()
+        pb_grpc.add_WorkerServicer_to_server(WorkerServicer(self.store), self._server)
+        self._health = ServingHealth(self._server, [WORKER_SERVICE])
+        self._peers = ChannelPool()
+        self._running: dict[int, asyncio.Task[None]] = {}
+        self._cancelled: set[int] = set()
+        self._reports = _Reports()
+        self._wake_writer = asyncio.Event()
+        self._registered = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._main: asyncio.Task[None] | None = None
+        self.worker_id = 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def name(self) -> str:
+        return self._name or self.address
+
+    # ----------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self.port = bind(self._server, self.host, self.port)
+        await self._server.start()
+        await self._health.set(True)
+        self._main = asyncio.create_task(self._connect_forever())
+
+    async def wait_registered(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._registered.wait(), timeout)
+
+    async def close(self) -> None:
+        self._stopping.set()
+        if self._main is not None:
+            self._main.cancel()
+            await asyncio.gather(self._main, return_exceptions=True)
+        for task in list(self._running.values()):
+            task.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+        await self._health.set(False)
+        await self._server.stop(0.5)
+        await self._peers.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---------------------------------------------------------- connection
+
+    async def _connect_forever(self) -> None:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                await self._session()
+                backoff = 0.1
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    log.error("the scheduler refused this worker: %s", exc.details())
+                    raise SystemExit(2) from None
+                log.warning("scheduler %s unreachable (%s); retrying in %.1fs",
+                            self.scheduler_address, exc.code().name, backoff)
+            self._registered.clear()
+            await self._orphan_everything()
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    async def _orphan_everything(self) -> None:
+        """After losing the scheduler: let running code return, then forget it all."""
+        running = list(self._running.values())
+        if running:
+            log.info("waiting for %d running task(s) before registering again", len(running))
+            await asyncio.gather(*running, return_exceptions=True)
+        self.store.clear()
+        self._reports = _Reports()
+        self._cancelled.clear()
+
+    async def _session(self) -> None:
+        async with insecure_channel(self.scheduler_address) as channel:
+            stub = pb_grpc.SchedulerStub(channel)
+            call = stub.WorkerStream()
+            await call.write(
+                pb.WorkerToScheduler(
+                    register=pb.RegisterWorker(
+                        name=self.name,
+                        address=self.address,
+                        nthreads=self.nthreads,
+                        resources=self.resources,
+                        pid=os.getpid(),
+                    )
+                )
+            )
+            first = await call.read()
+            if first is grpc.aio.EOF:
+                raise ConnectionError("the scheduler closed the stream before registering us")
+            assert isinstance(first, pb.SchedulerToWorker)
+            self.worker_id = first.registered.worker_id
+            interval = first.registered.heartbeat_interval_s or 2.0
+            log.info("registered with %s as worker %d (%s)", self.scheduler_address,
+                     self.worker_id, self.address)
+            self._registered.set()
+            writer = asyncio.create_task(self._write_reports(call))
+            heartbeat = asyncio.create_task(self._heartbeat(interval))
+            try:
+                while True:
+                    msg = await call.read()
+                    if msg is grpc.aio.EOF:
+                        log.warning("the scheduler closed our stream")
+                        return
+                    assert isinstance(msg, pb.SchedulerToWorker)
+                    self._on_instructions(msg.instructions)
+            finally:
+                writer.cancel()
+                heartbeat.cancel()
+                await asyncio.gather(writer, heartbeat, return_exceptions=True)
+                call.cancel()
+
+    async def _heartbeat(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self._reports.heartbeat = True
+            self._wake_writer.set()
+
+    async def _write_reports(self, call: Any) -> None:
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer.clear()
+            reports, self._reports = self._reports, _Reports()
+            if not reports:
+                continue
+            await call.write(
+                pb.WorkerToScheduler(
+                    reports=pb.WorkerReports(
+                        finished=reports.finished,
+                        failed=reports.failed,
+                        missing_inputs=reports.missing,
+                        heartbeat=reports.heartbeat,
+                    )
+                )
+            )
+
+    def _on_instructions(self, instructions: pb.WorkerInstructions) -> None:
+        for ref in instructions.release:
+            self.store.release(ref.key, ref.run_id)
+        for ref in instructions.cancel:
+            if ref.run_id in self._running:
+                self._cancelled.add(ref.run_id)
+        for assignment in instructions.assign:
+            self._running[assignment.run_id] = asyncio.create_task(self._run(assignment))
+
+    # ------------------------------------------------------------ running
+
+    async def _run(self, a: pb.TaskAssignment) -> None:
+        resources = dict(a.resources)
+        try:
+            self.ledger.acquire(a.run_id, resources)
+        except OverCommitted as exc:
+            self._fail(a, serialize.error_info(exc))
+            del self._running[a.run_id]
+            return
+        try:
+            values, fetched, missing = await self._gather_inputs(a)
+            if missing:
+                self._reports.missing.append(
+                    pb.TaskMissingInputs(key=a.key, run_id=a.run_id, inputs=missing)
+                )
+            elif a.run_id in self._cancelled:
+                self._fail(a, serialize.error_info(asyncio.CancelledError("cancelled")))
+            else:
+                loop = asyncio.get_running_loop()
+                ok, outcome = await loop.run_in_executor(
+                    self._pool, self._execute, a.key, a.payload, values, resources
+                )
+                if a.run_id in self._cancelled:
+                    self._fail(a, serialize.error_info(asyncio.CancelledError("cancelled")))
+                elif ok:
+                    assert isinstance(outcome, bytes)
+                    self.store.put(a.key, a.run_id, outcome)
+                    self._reports.finished.append(
+                        pb.TaskFinished(
+                            key=a.key,
+                            run_id=a.run_id,
+                            nbytes=len(outcome),
+                            fetched_keys=[k for k, _ in fetched],
+                            fetched_nbytes=[n for _, n in fetched],
+                        )
+                    )
+                else:
+                    assert isinstance(outcome, serialize.ErrorInfo)
+                    self._fail(a, outcome)
+        finally:
+            self.ledger.release(a.run_id)
+            self._cancelled.discard(a.run_id)
+            self._running.pop(a.run_id, None)
+            self._wake_writer.set()
+
+    def _fail(self, a: pb.TaskAssignment, error: serialize.ErrorInfo) -> None:
+        self._reports.failed.append(
+            pb.TaskFailed(
+                key=a.key,
+                run_id=a.run_id,
+                error=pb.TaskError(
+                    type_name=error.type_name,
+                    message=error.message,
+                    traceback=error.traceback,
+                    exception=error.exception,
+                ),
+            )
+        )
+        self._wake_writer.set()
+
+    async def _gather_inputs(
+        self, a: pb.TaskAssignment
+    ) -> tuple[dict[str, bytes | bytearray], list[tuple[str, int]], list[pb.MissingInput]]:
+        values: dict[str, bytes | bytearray] = {}
+        fetched: list[tuple[str, int]] = []
+        missing: list[pb.MissingInput] = []
+        for item in a.inputs:
+            local = self.store.get(item.key)
+            if local is not None:
+                values[item.key] = local
+                continue
+            tried: list[str] = []
+            for address in item.addresses:
+                if address != self.address:  # our own copy would have been local
+                    try:
+                        data = await self._peers.fetch(address, item.key)
+                    except ResultUnavailable as exc:
+                        log.warning("task %s: input %s", a.key, exc)
+                    else:
+                        self.store.put(item.key, 0, data)
+                        values[item.key] = data
+                        fetched.append((item.key, len(data)))
+                        break
+                tried.append(address)
+            else:
+                missing.extend(pb.MissingInput(key=item.key, address=t) for t in tried or [""])
+        return values, fetched, missing
+
+    def _execute(
+        self,
+        key: str,
+        payload: bytes,
+        inputs: dict[str, bytes | bytearray],
+        resources: dict[str, float],
+    ) -> tuple[bool, bytes | serialize.ErrorInfo]:
+        """Runs in a pool thread: unpickle, call, pickle. Never raises."""
+        try:
+            fn, args, kwargs = serialize.loads(payload)
+        except BaseException as exc:  # a garbage payload must not kill the worker
+            return False, _wrapped(exc, f"cannot unpickle the function of task {key!r}")
+        try:
+            if inputs:
+                values = {k: serialize.loads(v) for k, v in inputs.items()}
+                args = serialize.substitute_inputs(args, values)
+                kwargs = serialize.substitute_inputs(kwargs, values)
+            set_task_context(TaskContext(key, self.address, self.name, resources))
+            try:
+                result = fn(*args, **kwargs)
+            finally:
+                set_task_context(None)
+        except BaseException as exc:  # the task's own error, reported with its type
+            return False, serialize.error_info(exc)
+        try:
+            return True, serialize.dumps(result)
+        except BaseException as exc:
+            return False, _wrapped(
+                exc,
+                f"the result of task {key!r} (a {type(result).__qualname__}) cannot be pickled",
+                serialize.SerializationError,
+            )
+
+
+def _wrapped(
+    exc: BaseException, message: str, kind: type[Exception] = serialize.SerializationError
+) -> serialize.ErrorInfo:
+    wrapper = kind(f"{message}: {type(exc).__name__}: {exc}")
+    wrapper.__cause__ = exc
+    info = serialize.error_info(wrapper)
+    return info
+
+
+async def run_worker(
+    scheduler_address: str,
+    *,
+    resources: Mapping[str, float],
+    nthreads: int,
+    name: str | None,
+    host: str | None = None,
+    port: int = 0,
+    handle_signals: bool = True,
+) -> None:
+    """Run one worker until SIGINT/SIGTERM."""
+    from apportion.grpc_server import install_stop_signals
+
+    worker = Worker(
+        scheduler_address, resources=resources, nthreads=nthreads, name=name, host=host, port=port
+    )
+    await worker.start()
+    print(f"apportion worker {worker.name} serving on {worker.address}", flush=True)
+    stop = asyncio.Event()
+    if handle_signals:
+        install_stop_signals(stop)
+    assert worker._main is not None
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({stopper, worker._main}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    await worker.close()
+    if worker._main in done and not stop.is_set():
+        worker._main.result()  # re-raise why the worker gave up (SystemExit)
