@@ -82,12 +82,14 @@ def scheduler(
 def worker(
     scheduler_address: Annotated[str, typer.Argument(help="The scheduler, HOST:PORT.")],
     resources: Annotated[
-        str | None, typer.Option(help='Resources of each worker process, e.g. "GPU=2 MEMORY=100e9".')
+        str | None,
+        typer.Option(help='Resources of each worker process, e.g. "GPU=2 MEMORY=100e9".'),
     ] = None,
     nthreads: Annotated[int | None, typer.Option(help="Threads per worker process.")] = None,
     nworkers: Annotated[int | None, typer.Option(help="Worker processes to start.")] = None,
-    name: Annotated[str | None, typer.Option(help="Worker name (suffixed -0, -1... if several).")]
-    = None,
+    name: Annotated[
+        str | None, typer.Option(help="Worker name (suffixed -0, -1... if several).")
+    ] = None,
     host: Annotated[str | None, typer.Option(help="Address to serve results on.")] = None,
 ) -> None:
     """Run worker processes that execute tasks within their declared resources."""
@@ -141,10 +143,21 @@ def _worker_settings(
 
 def _supervise(scheduler_address: str, settings: WorkerSettings) -> int:
     """Run ``nworkers`` single worker processes; restart any that crash."""
+
     def spawn(index: int) -> subprocess.Popen[bytes]:
-        args = [sys.executable, "-m", "apportion", "worker", scheduler_address,
-                "--nthreads", str(settings.nthreads), "--nworkers", "1",
-                "--resources", format_resources(settings.resources)]
+        args = [
+            sys.executable,
+            "-m",
+            "apportion",
+            "worker",
+            scheduler_address,
+            "--nthreads",
+            str(settings.nthreads),
+            "--nworkers",
+            "1",
+            "--resources",
+            format_resources(settings.resources),
+        ]
         if settings.name:
             args += ["--name", f"{settings.name}-{index}"]
         if settings.host:
@@ -248,5 +261,3 @@ def _print_status(info: dict[str, Any]) -> None:
 
 def main() -> None:
     app()
-
-

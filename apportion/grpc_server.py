@@ -60,7 +60,7 @@ def bind(server: grpc.aio.Server, host: str, port: int) -> int:
     """Bind ``host:port`` (port 0 picks one) and return the port, or raise OSError."""
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(target)
+        bound: int = server.add_insecure_port(target)
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {host}:{port}: {exc}") from exc
     if bound == 0:

@@ -37,7 +37,8 @@ class ErrorInfo:
 
 
 def dumps(obj: object) -> bytes:
-    return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    data: bytes = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return data
 
 
 def loads(data: bytes | bytearray | memoryview) -> Any:

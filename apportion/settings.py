@@ -36,7 +36,8 @@ class _ResourcesFromEnv(PydanticBaseSettingsSource):
         found = {
             name[len(RESOURCES_ENV_PREFIX) :]: value
             for name, value in os.environ.items()
-            if name.upper().startswith(RESOURCES_ENV_PREFIX) and len(name) > len(RESOURCES_ENV_PREFIX)
+            if name.upper().startswith(RESOURCES_ENV_PREFIX)
+            and len(name) > len(RESOURCES_ENV_PREFIX)
         }
         return {"resources": found} if found else {}
 

@@ -17,13 +17,14 @@ class Annotations:
     retries: int | None = None
 
 
-_current: contextvars.ContextVar[Annotations] = contextvars.ContextVar(
-    "apportion_annotations", default=Annotations()
+_NONE = Annotations()
+_current: contextvars.ContextVar[Annotations | None] = contextvars.ContextVar(
+    "apportion_annotations", default=None
 )
 
 
 def current_annotations() -> Annotations:
-    return _current.get()
+    return _current.get() or _NONE
 
 
 @contextmanager
@@ -37,7 +38,7 @@ def annotate(
     Nested blocks merge resources, the inner block winning for a name it
     repeats. An explicit ``resources=`` on a submit replaces the block's.
     """
-    outer = _current.get()
+    outer = current_annotations()
     merged = Annotations(
         resources={**outer.resources, **check_resources(resources)},
         priority=outer.priority if priority is None else priority,

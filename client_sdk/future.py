@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
@@ -50,10 +51,8 @@ class Future:
         return self.client.core.result(self.key).__await__()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # at interpreter shutdown
             self.client._unref(self.key)
-        except Exception:
-            pass  # interpreter shutdown
 
     def __repr__(self) -> str:
         return f"<Future {self.key} {self.status}>"

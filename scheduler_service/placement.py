@@ -27,7 +27,9 @@ class Candidate(Protocol):
 
 def fits(need: Quanta, free: Quanta) -> bool:
     """True when ``free`` covers every amount in ``need``."""
-    for name, amount in need.items():
+    # A plain loop: this is the placement hot path, and all() over a
+    # generator costs about twice as much per call.
+    for name, amount in need.items():  # noqa: SIM110
         if free.get(name, 0) < amount:
             return False
     return True
@@ -44,7 +46,11 @@ def pick_worker(
         if worker.free_slots <= 0 or not fits(need, worker.free):
             continue
         busy = (worker.nthreads - worker.free_slots) / worker.nthreads
-        key = (-(input_bytes.get(worker.worker_id, 0) if input_bytes else 0), busy, worker.worker_id)
+        key = (
+            -(input_bytes.get(worker.worker_id, 0) if input_bytes else 0),
+            busy,
+            worker.worker_id,
+        )
         if best_key is None or key < best_key:
             best, best_key = worker, key
     return best

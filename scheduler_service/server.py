@@ -26,7 +26,9 @@ class SchedulerServer:
     ``validate=True`` checks the state machine's invariants after every event.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 8786, *, validate: bool = False) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 8786, *, validate: bool = False
+    ) -> None:
         self.host = host
         self.port = port
         self._server = make_server()

@@ -100,7 +100,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     # ------------------------------------------------------------ workers
 
-    async def WorkerStream(  # noqa: N802 (gRPC method name)
+    async def WorkerStream(
         self,
         request_iterator: object,
         context: grpc.aio.ServicerContext[pb.WorkerToScheduler, pb.SchedulerToWorker],
@@ -132,8 +132,13 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                 )
             )
         )
-        log.info("worker %s joined from %s (%d threads, %s)", name, address, reg.nthreads,
-                 dict(reg.resources))
+        log.info(
+            "worker %s joined from %s (%d threads, %s)",
+            name,
+            address,
+            reg.nthreads,
+            dict(reg.resources),
+        )
         self.dispatch(WorkerJoined(worker_id, name, address, reg.nthreads, resources))
         reader = asyncio.create_task(self._read_worker(worker_id, context, outbox))
         try:
@@ -161,8 +166,11 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                     return
                 assert isinstance(msg, pb.WorkerToScheduler)
                 if msg.WhichOneof("kind") != "reports":
-                    log.warning("worker %d sent %s after registering; closing its stream",
-                                worker_id, msg.WhichOneof("kind"))
+                    log.warning(
+                        "worker %d sent %s after registering; closing its stream",
+                        worker_id,
+                        msg.WhichOneof("kind"),
+                    )
                     return
                 self._apply_reports(worker_id, msg.reports)
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
@@ -186,7 +194,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     # ------------------------------------------------------------ clients
 
-    async def ClientStream(  # noqa: N802 (gRPC method name)
+    async def ClientStream(
         self,
         request_iterator: object,
         context: grpc.aio.ServicerContext[pb.ClientToScheduler, pb.SchedulerToClient],
@@ -247,7 +255,9 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         finally:
             outbox.close()
 
-    def _submit(self, client_id: ClientId, batch: pb.SubmitTasks, outbox: Outbox[ClientUpdate]) -> None:
+    def _submit(
+        self, client_id: ClientId, batch: pb.SubmitTasks, outbox: Outbox[ClientUpdate]
+    ) -> None:
         accepted = []
         for spec in batch.tasks:
             try:
@@ -267,7 +277,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     # ------------------------------------------------------------- unary
 
-    async def GetClusterState(  # noqa: N802 (gRPC method name)
+    async def GetClusterState(
         self, request: pb.GetClusterStateRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ClusterState:
         return wire.cluster_state_to_pb(self._address(), self.state.snapshot())

@@ -163,7 +163,9 @@ class ClusterState:
             case ClientJoined():
                 self.clients.setdefault(event.client_id, set())
             case ClientLeft():
-                self._release_keys(event.client_id, list(self.clients.pop(event.client_id, ())), cmds)
+                self._release_keys(
+                    event.client_id, list(self.clients.pop(event.client_id, ())), cmds
+                )
             case TasksCancelled():
                 self._on_cancelled(event, cmds)
             case KeysReleased():
@@ -334,7 +336,7 @@ class ClusterState:
         worker = self._end_run(event.worker_id, event.run_id)
         if worker is None:
             return
-        for fetched_key, nbytes in event.fetched:
+        for fetched_key, _nbytes in event.fetched:
             fetched = self.tasks.get(fetched_key)
             if fetched is not None and fetched.state == MEMORY:
                 fetched.who_has.add(worker.worker_id)
@@ -658,11 +660,10 @@ class ClusterState:
                 )
         for key, task in self.tasks.items():
             if task.state == PROCESSING:
-                worker = self.workers.get(task.worker_id)  # type: ignore[arg-type]
-                check(worker is not None, f"{key} processing on a lost worker")
-                assert worker is not None
-                run = worker.runs.get(task.run_id)
-                check(run is not None and run.key == key, f"{key} has no lease")
+                holder = self.workers.get(task.worker_id) if task.worker_id is not None else None
+                check(holder is not None, f"{key} processing on a lost worker")
+                lease = holder.runs.get(task.run_id) if holder is not None else None
+                check(lease is not None and lease.key == key, f"{key} has no lease")
             else:
                 check(task.worker_id is None and task.run_id == 0, f"{key} keeps a stale run")
             if task.state == MEMORY:

@@ -30,9 +30,8 @@ class Ledger:
         used = self.used()
         for name, amount in need.items():
             if used.get(name, 0) + amount > self.declared.get(name, 0):
-                raise OverCommitted(
-                    f"{name}: {amount} wanted, {self.declared.get(name, 0) - used.get(name, 0)} free"
-                )
+                free = self.declared.get(name, 0) - used.get(name, 0)
+                raise OverCommitted(f"{name}: {amount} wanted, {free} free")
         self.held[run_id] = need
 
     def release(self, run_id: int) -> None:
@@ -49,6 +48,8 @@ class Ledger:
         used = self.used()
         for name, amount in used.items():
             if amount > self.declared.get(name, 0) or amount < 0:
-                raise AssertionError(f"worker holds {name}={amount} of {self.declared.get(name, 0)}")
+                raise AssertionError(
+                    f"worker holds {name}={amount} of {self.declared.get(name, 0)}"
+                )
         if len(self.held) > self.nthreads:
             raise AssertionError(f"{len(self.held)} runs on {self.nthreads} threads")

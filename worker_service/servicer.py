@@ -17,7 +17,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def __init__(self, store: ResultStore) -> None:
         self._store = store
 
-    async def FetchResult(  # noqa: N802 (gRPC method name)
+    async def FetchResult(
         self, request: pb.FetchResultRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[pb.ResultChunk]:
         data = self._store.get(request.key)

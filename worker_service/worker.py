@@ -145,8 +145,12 @@ class Worker:
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     log.error("the scheduler refused this worker: %s", exc.details())
                     raise SystemExit(2) from None
-                log.warning("scheduler %s unreachable (%s); retrying in %.1fs",
-                            self.scheduler_address, exc.code().name, backoff)
+                log.warning(
+                    "scheduler %s unreachable (%s); retrying in %.1fs",
+                    self.scheduler_address,
+                    exc.code().name,
+                    backoff,
+                )
             self._registered.clear()
             await self._orphan_everything()
             await asyncio.sleep(backoff * (0.5 + random.random()))
@@ -183,8 +187,12 @@ class Worker:
             assert isinstance(first, pb.SchedulerToWorker)
             self.worker_id = first.registered.worker_id
             interval = first.registered.heartbeat_interval_s or 2.0
-            log.info("registered with %s as worker %d (%s)", self.scheduler_address,
-                     self.worker_id, self.address)
+            log.info(
+                "registered with %s as worker %d (%s)",
+                self.scheduler_address,
+                self.worker_id,
+                self.address,
+            )
             self._registered.set()
             writer = asyncio.create_task(self._write_reports(call))
             heartbeat = asyncio.create_task(self._heartbeat(interval))
