@@ -66,7 +66,9 @@ def scheduler(
     """Run the scheduler until interrupted."""
     from scheduler_service import run_scheduler
 
-    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    overrides: dict[str, Any] = {
+        k: v for k, v in {"host": host, "port": port}.items() if v is not None
+    }
     try:
         settings = SchedulerSettings(**overrides)
     except ValidationError as exc:

@@ -100,7 +100,8 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     # ------------------------------------------------------------ workers
 
-    async def WorkerStream(
+    # read/write style (context.read/write), not the iterator style the stubs assume
+    async def WorkerStream(  # type: ignore[override]
         self,
         request_iterator: object,
         context: grpc.aio.ServicerContext[pb.WorkerToScheduler, pb.SchedulerToWorker],
@@ -194,7 +195,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     # ------------------------------------------------------------ clients
 
-    async def ClientStream(
+    async def ClientStream(  # type: ignore[override]
         self,
         request_iterator: object,
         context: grpc.aio.ServicerContext[pb.ClientToScheduler, pb.SchedulerToClient],
