@@ -112,6 +112,9 @@ class LocalCluster:
 
 def _spawn(args: list[str], quiet: bool = False) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # A local cluster is quiet unless asked (as Dask's silence_logs): warnings
+    # and errors still reach stderr.
+    env.setdefault("APPORTION_LOG_LEVEL", "WARNING")
     return subprocess.Popen(
         [sys.executable, "-m", "apportion", *args],
         stdout=subprocess.PIPE if not quiet else subprocess.DEVNULL,
