@@ -75,7 +75,7 @@ def scheduler(
         fail(_settings_error(exc))
     setup_logging()
     try:
-        asyncio.run(run_scheduler(settings.host, settings.port))
+        asyncio.run(run_scheduler(settings.host, settings.port, validate=settings.check_invariants))
     except OSError as exc:
         fail(str(exc))
 

@@ -54,6 +54,8 @@ class SchedulerSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8786, ge=0, le=65535)
+    #: Check the scheduler's books after every event (for tests; costs time).
+    check_invariants: bool = False
 
 
 class WorkerSettings(BaseSettings):

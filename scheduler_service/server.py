@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections.abc import Callable
 
 from apportion.grpc_server import ServingHealth, bind, install_stop_signals, make_server
 from protos import apportion_pb2 as pb
@@ -27,12 +29,19 @@ class SchedulerServer:
     """
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 8786, *, validate: bool = False
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8786,
+        *,
+        validate: bool = False,
+        on_invariant_error: Callable[[], None] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self._server = make_server()
-        self.servicer = SchedulerServicer(lambda: self.address, validate=validate)
+        self.servicer = SchedulerServicer(
+            lambda: self.address, validate=validate, on_invariant_error=on_invariant_error
+        )
         pb_grpc.add_SchedulerServicer_to_server(self.servicer, self._server)
         self._health = ServingHealth(self._server, [SCHEDULER_SERVICE])
 
@@ -58,9 +67,25 @@ class SchedulerServer:
         await self.stop()
 
 
-async def run_scheduler(host: str, port: int, *, handle_signals: bool = True) -> None:
-    """Serve until SIGINT/SIGTERM. Prints the bound address on stdout first."""
-    server = SchedulerServer(host, port)
+INVARIANT_EXIT_CODE = 70
+
+
+def _die_on_invariant_error() -> None:
+    os._exit(INVARIANT_EXIT_CODE)
+
+
+async def run_scheduler(
+    host: str, port: int, *, validate: bool = False, handle_signals: bool = True
+) -> None:
+    """Serve until SIGINT/SIGTERM. Prints the bound address on stdout first.
+
+    With ``validate`` (tests set ``APPORTION_SCHEDULER__CHECK_INVARIANTS=1``) the books
+    are checked after every event, and a broken invariant ends the process with
+    status 70 so that no test can miss it.
+    """
+    server = SchedulerServer(
+        host, port, validate=validate, on_invariant_error=_die_on_invariant_error
+    )
     await server.start()
     print(f"apportion scheduler listening on {server.address}", flush=True)
     stop = asyncio.Event()

@@ -41,7 +41,7 @@ from .events import (
     WorkerJoined,
     WorkerLeft,
 )
-from .state import ClusterState
+from .state import ClusterState, InvariantError
 
 log = logging.getLogger("scheduler_service")
 
@@ -74,11 +74,17 @@ class Outbox(Generic[T]):
 
 
 class SchedulerServicer(pb_grpc.SchedulerServicer):
-    def __init__(self, address: Callable[[], str], validate: bool = False) -> None:
+    def __init__(
+        self,
+        address: Callable[[], str],
+        validate: bool = False,
+        on_invariant_error: Callable[[], None] | None = None,
+    ) -> None:
         self.state = ClusterState()
         self._address = address
         # Check the books after every event; on in tests, off in production.
         self._validate = validate
+        self._on_invariant_error = on_invariant_error
         self._worker_outboxes: dict[WorkerId, Outbox[Command]] = {}
         self._client_outboxes: dict[ClientId, Outbox[ClientUpdate]] = {}
         self._worker_ids = itertools.count(1)
@@ -96,7 +102,14 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                 if worker_box is not None:
                     worker_box.put(cmd)
         if self._validate:
-            self.state.validate()
+            try:
+                self.state.validate()
+            except InvariantError:
+                # The books are wrong: carrying on would hide the fault.
+                log.critical("scheduler invariant broken after %r", event, exc_info=True)
+                if self._on_invariant_error is None:
+                    raise
+                self._on_invariant_error()
 
     # ------------------------------------------------------------ workers
 

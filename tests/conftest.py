@@ -79,7 +79,8 @@ class Processes:
     def start(
         self, *args: str, env: dict[str, str] | None = None, capture: bool = False
     ) -> subprocess.Popen[bytes]:
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # Every scheduler a test starts checks its books after every event.
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", APPORTION_SCHEDULER__CHECK_INVARIANTS="1")
         if env:
             full_env.update(env)
         proc = subprocess.Popen(
@@ -146,6 +147,8 @@ def scheduler_address(processes: Processes) -> Iterator[str]:
     address = processes.scheduler()
     yield address
     assert_all_released(address)
+    scheduler = processes.procs[0]
+    assert scheduler.poll() is None, f"the scheduler died with status {scheduler.returncode}"
 
 
 @pytest.fixture
