@@ -132,6 +132,11 @@ def _worker_settings(
     }
     try:
         parsed = parse_resources(resources) if resources is not None else None
+        if parsed is not None:
+            # Passed in, the environment's resources are not even read (a bad
+            # one there must not stop a worker whose flag overrides it): see
+            # _ResourcesFromEnv.
+            overrides["resources"] = parsed
         settings = WorkerSettings(**overrides)
     except ResourceSpecError as exc:
         fail(str(exc))

@@ -33,6 +33,11 @@ class _ResourcesFromEnv(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
+        # Given explicitly (the --resources flag, an init argument, which
+        # pydantic-settings >= 2.3 shows here as current_state): it wins as a
+        # whole, and a bad environment value it overrides is not an error.
+        if "resources" in getattr(self, "current_state", {}):
+            return {}
         found = {
             name[len(RESOURCES_ENV_PREFIX) :]: value
             for name, value in os.environ.items()

@@ -55,6 +55,8 @@ class _KeyState:
     error: serialize.ErrorInfo | None = None
     waiting_reason: str = ""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: This client asked to cancel the task this state belongs to.
+    cancel_sent: bool = False
 
 
 def _address_of(address: Any) -> str:
@@ -78,6 +80,10 @@ class _ClientCore:
         self._call: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._peers = ChannelPool()
+        # Per key: "cancelled" answers still due for cancels this client sent.
+        # One may arrive after the key was submitted again (a new task), and
+        # must not cancel that one.
+        self._cancel_echoes: Counter[str] = Counter()
         self.closed = False
         self.lost: str | None = None
 
@@ -130,7 +136,10 @@ class _ClientCore:
     def submit(self, specs: list[pb.TaskSpec]) -> None:
         fresh = []
         for spec in specs:
-            if spec.key not in self.keys:
+            existing = self.keys.get(spec.key)
+            # The scheduler forgets a cancelled task at once, so a key whose
+            # task was cancelled names no task any more: submitting makes one.
+            if existing is None or existing.status == "cancelled":
                 self.keys[spec.key] = _KeyState()
                 fresh.append(spec)
         if self.lost is not None:
@@ -143,6 +152,9 @@ class _ClientCore:
     def cancel(self, keys: list[str]) -> None:
         for key in keys:
             state = self.keys.get(key)
+            if state is not None and state.status != "cancelled":
+                state.cancel_sent = True
+                self._cancel_echoes[key] += 1
             if state is not None and state.status == "pending":
                 state.status = "cancelled"
                 state.changed.set()
@@ -185,9 +197,15 @@ class _ClientCore:
 
     def _apply(self, update: pb.TaskUpdate) -> None:
         state = self.keys.get(update.key)
+        status = _STATUS.get(update.status, "pending")
+        if status == "cancelled" and self._cancel_echoes[update.key] > 0:
+            self._cancel_echoes[update.key] -= 1
+            if self._cancel_echoes[update.key] == 0:
+                del self._cancel_echoes[update.key]
+            if state is not None and not state.cancel_sent:
+                return  # the answer to cancelling the task this key named before
         if state is None:
             return  # released by us meanwhile
-        status = _STATUS.get(update.status, "pending")
         state.status = status
         if status == "pending":
             state.changed.clear()
@@ -224,7 +242,8 @@ class _ClientCore:
                 if state.error.type_name == "client_sdk.exceptions.SchedulerConnectionError":
                     raise SchedulerConnectionError(state.error.message)
                 raise rebuild_exception(state.error)
-            for address in state.addresses:
+            tried = state.addresses
+            for address in tried:
                 try:
                     data = await self._peers.fetch(address, key)
                 except ResultUnavailable as exc:
@@ -232,8 +251,10 @@ class _ClientCore:
                     continue
                 return serialize.loads(data)
             # Every holder failed: the scheduler will notice the lost worker
-            # and recompute; wait for the next state change.
-            if state.changed.is_set() and state.status == "finished":
+            # and recompute; wait for the next state change. If that change
+            # already came while we were fetching (new holders), do not clear
+            # it, or we would wait for one that never comes.
+            if state.changed.is_set() and state.status == "finished" and state.addresses == tried:
                 state.changed.clear()
                 await asyncio.sleep(0.05)
         raise AssertionError("unreachable")

@@ -23,7 +23,11 @@ N_FILES = 40
 
 def load(filename: str) -> dict[str, object]:
     time.sleep(0.02)  # pretend to read a file
-    return {"filename": filename, "values": list(range(100)), "worker": get_task_context().worker_name}
+    return {
+        "filename": filename,
+        "values": list(range(100)),
+        "worker": get_task_context().worker_name,
+    }
 
 
 def process(data: dict[str, object]) -> dict[str, object]:

@@ -1,0 +1,229 @@
+"""The ``apportion`` command line: --resources forms, the environment, bad input,
+--nworkers, and ``status``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+from client_sdk import Client
+from tests.conftest import (
+    APPORTION,
+    Processes,
+    cluster_state,
+    read_line,
+    wait_for,
+    wait_for_workers,
+)
+from tests.e2e.helpers import max_overlap, timed_sleep
+
+UNREACHABLE = "127.0.0.1:1"  # nothing listens there: a worker that started would hang
+
+
+def process_slot(seconds: float) -> tuple[int, float, float]:
+    start, end = timed_sleep(seconds)
+    return os.getpid(), start, end
+
+
+def _declared(address: str) -> list[dict[str, float]]:
+    return [dict(w.resources) for w in cluster_state(address).workers]
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [APPORTION, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        env=dict(os.environ, **(env or {})),
+    )
+
+
+def test_resources_flag_accepts_spaces_and_commas(
+    processes: Processes, scheduler_address: str
+) -> None:
+    processes.worker(scheduler_address, "--resources", "A=1 B=2,C=3")
+    with Client(scheduler_address) as client:
+        (worker,) = client.scheduler_info()["workers"].values()
+    assert worker["resources"] == {"A": 1, "B": 2, "C": 3}
+
+
+def test_resources_from_the_environment_keep_their_case(
+    processes: Processes, scheduler_address: str
+) -> None:
+    processes.worker(scheduler_address, env={"APPORTION_WORKER__RESOURCES__GPU": "2"})
+    assert _declared(scheduler_address) == [{"GPU": 2}]
+
+
+def test_resources_flag_wins_over_the_environment(
+    processes: Processes, scheduler_address: str
+) -> None:
+    env = {"APPORTION_WORKER__RESOURCES__GPU": "2"}
+    processes.worker(scheduler_address, "--resources", "GPU=5", env=env)
+    assert _declared(scheduler_address) == [{"GPU": 5}]
+
+
+@pytest.mark.parametrize(
+    ("spec", "named"),
+    [
+        ("GPU", ["GPU"]),
+        ("=2", ["=2"]),
+        ("GPU=nan", ["GPU", "nan"]),
+        ("GPU=-1", ["GPU", "-1"]),
+        ("GPU=abc", ["GPU", "abc"]),
+        ("A=1 GPU=inf", ["GPU", "inf"]),
+    ],
+)
+def test_bad_resources_exit_2_with_one_line_before_starting(spec: str, named: list[str]) -> None:
+    result = _run("worker", UNREACHABLE, "--resources", spec)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for text in named:
+        assert text in lines[0]
+    assert "serving on" not in result.stdout  # nothing started
+
+
+def test_bad_resource_in_the_environment_exits_2() -> None:
+    result = _run("worker", UNREACHABLE, env={"APPORTION_WORKER__RESOURCES__GPU": "lots"})
+    assert result.returncode == 2, result
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "GPU" in result.stderr and "lots" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_nworkers_starts_processes_that_each_get_the_resources(
+    processes: Processes, scheduler_address: str
+) -> None:
+    supervisor = processes.worker(
+        scheduler_address,
+        "--nworkers",
+        "3",
+        "--nthreads",
+        "2",
+        "--resources",
+        "process=1",
+        wait=False,
+    )
+    wait_for_workers(scheduler_address, 3)
+    workers = cluster_state(scheduler_address).workers
+    assert len(workers) == 3
+    assert all(dict(w.resources) == {"process": 1} and w.nthreads == 2 for w in workers)
+    with Client(scheduler_address) as client:
+        futures = [client.submit(process_slot, 0.3, resources={"process": 1}) for _ in range(9)]
+        results = client.gather(futures)
+    pids = {pid for pid, _, _ in results}
+    assert len(pids) == 3
+    assert supervisor.pid not in pids
+    assert max_overlap([(s, e) for _, s, e in results]) == 3
+    for pid in pids:  # each process ran at most one task at once
+        assert max_overlap([(s, e) for p, s, e in results if p == pid]) == 1
+
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(20) == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    wait_for(lambda: not cluster_state(scheduler_address).workers, 10, "the workers to leave")
+
+
+def test_status_json_is_shaped_like_scheduler_info(
+    processes: Processes, scheduler_address: str
+) -> None:
+    processes.worker(scheduler_address, "--resources", "GPU=2 MEMORY=1e9", "--name", "alpha")
+    processes.worker(scheduler_address, "--nthreads", "3", "--name", "beta")
+    result = _run("status", scheduler_address, "--json")
+    assert result.returncode == 0, result
+    info = json.loads(result.stdout)  # one JSON object, nothing else
+    assert isinstance(info, dict)
+    with Client(scheduler_address) as client:
+        expected = client.scheduler_info()
+    assert info == expected
+    assert info["address"] == scheduler_address
+    by_name = {w["name"]: w for w in info["workers"].values()}
+    assert by_name["alpha"]["resources"] == {"GPU": 2, "MEMORY": 1e9}
+    assert by_name["alpha"]["used_resources"] == {"GPU": 0, "MEMORY": 0}
+    assert by_name["beta"]["nthreads"] == 3
+    assert set(info["workers"]) == {w.address for w in cluster_state(scheduler_address).workers}
+
+
+def test_status_prints_a_table_naming_the_workers(
+    processes: Processes, scheduler_address: str
+) -> None:
+    processes.worker(scheduler_address, "--resources", "GPU=2", "--name", "alpha")
+    processes.worker(scheduler_address, "--name", "beta")
+    result = _run("status", scheduler_address)
+    assert result.returncode == 0, result
+    assert "alpha" in result.stdout and "beta" in result.stdout
+    assert "GPU" in result.stdout
+    assert scheduler_address in result.stdout
+
+
+def test_status_of_an_unreachable_scheduler_fails_in_one_line() -> None:
+    result = _run("status", UNREACHABLE)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert UNREACHABLE in result.stderr
+
+
+def test_worker_settings_from_the_environment(processes: Processes, scheduler_address: str) -> None:
+    env = {"APPORTION_WORKER__NTHREADS": "3", "APPORTION_WORKER__RESOURCES__tpu_v4": "0.5"}
+    processes.worker(scheduler_address, env=env)
+    (worker,) = cluster_state(scheduler_address).workers
+    assert worker.nthreads == 3
+    assert dict(worker.resources) == {"tpu_v4": 0.5}
+
+
+def test_resources_flag_wins_over_a_bad_environment_value(
+    processes: Processes, scheduler_address: str
+) -> None:
+    env = {"APPORTION_WORKER__RESOURCES__GPU": "lots"}
+    processes.worker(scheduler_address, "--resources", "GPU=1", env=env)
+    assert _declared(scheduler_address) == [{"GPU": 1}]
+
+
+def test_nworkers_supervisor_restarts_a_crashed_worker(
+    processes: Processes, scheduler_address: str
+) -> None:
+    supervisor = processes.worker(scheduler_address, "--nworkers", "2", wait=False)
+    wait_for_workers(scheduler_address, 2)
+    before = {w.address for w in cluster_state(scheduler_address).workers}
+    with Client(scheduler_address) as client:
+        victim, _, _ = client.submit(process_slot, 0.0).result(timeout=30)
+        assert victim != supervisor.pid
+        os.kill(victim, signal.SIGKILL)
+
+        def replaced() -> bool:
+            now = {w.address for w in cluster_state(scheduler_address).workers}
+            return len(now) == 2 and now != before
+
+        wait_for(replaced, 20, "the supervisor to replace the killed worker")
+        results = client.gather([client.submit(process_slot, 0.3) for _ in range(4)])
+    assert victim not in {pid for pid, _, _ in results}
+    assert supervisor.poll() is None
+
+
+def test_local_runs_a_cluster_until_sigterm(processes: Processes) -> None:
+    local = processes.start("local", "--workers", "2", "--port", "0", "--resources", "GPU=1")
+    line = read_line(local, 30)
+    assert "scheduler at" in line, line
+    address = line.split("scheduler at ", 1)[1].split(",", 1)[0]
+    wait_for_workers(address, 2)
+    with Client(address) as client:
+        futures = [client.submit(process_slot, 0.2, resources={"GPU": 1}) for _ in range(4)]
+        results = client.gather(futures)
+        info = client.scheduler_info()
+    assert len({pid for pid, _, _ in results}) == 2
+    assert max_overlap([(s, e) for _, s, e in results]) == 2
+    assert all(w["resources"] == {"GPU": 1} for w in info["workers"].values())
+    local.send_signal(signal.SIGTERM)
+    assert local.wait(20) == 0
+    for pid in {pid for pid, _, _ in results}:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
