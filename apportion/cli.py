@@ -267,4 +267,24 @@ def _print_status(info: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    app()
+    """Entry point. Usage errors (a bad flag, a missing argument) become one
+    line on stderr and status 2, like every other bad input."""
+    try:
+        result = app(standalone_mode=False)
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        raise SystemExit(130) from None
+    except Exception as exc:
+        # Click's usage errors, which typer vendors privately: matched by
+        # their interface rather than an import of typer's internals.
+        format_message = getattr(exc, "format_message", None)
+        if format_message is None or not hasattr(exc, "exit_code"):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        command = "apportion" if ctx is None or ctx.parent is None else f"apportion {ctx.info_name}"
+        hint = f" (see '{command} --help')"
+        typer.echo(f"apportion: error: {format_message()}{hint}", err=True)
+        raise SystemExit(2) from None
+    if isinstance(result, int):
+        raise SystemExit(result)

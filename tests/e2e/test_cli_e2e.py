@@ -90,6 +90,26 @@ def test_bad_resources_exit_2_with_one_line_before_starting(spec: str, named: li
     assert "serving on" not in result.stdout  # nothing started
 
 
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["worker", UNREACHABLE, "--nthreads", "abc"], "--nthreads"),
+        (["worker", UNREACHABLE, "--nthreads", "0"], "nthreads"),
+        (["worker"], "scheduler_address"),
+        (["worker", "no-port-here"], "HOST:PORT"),
+        (["scheduler", "--port", "99999"], "port"),
+        (["no-such-command"], "no-such-command"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(args: list[str], named: str) -> None:
+    result = _run(*args)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert named in lines[0]
+    assert "Traceback" not in result.stderr
+
+
 def test_bad_resource_in_the_environment_exits_2() -> None:
     result = _run("worker", UNREACHABLE, env={"APPORTION_WORKER__RESOURCES__GPU": "lots"})
     assert result.returncode == 2, result
