@@ -207,23 +207,30 @@ class ClusterState:
         )
 
     def _enter_graph(self, task: TaskRecord, cmds: list[Command]) -> None:
-        for dep_key in task.dependencies:
-            dep = self.tasks.get(dep_key)
-            if dep is None:
-                self._err(
-                    task,
-                    ErrorInfo(
-                        type_name="client_sdk.exceptions.MissingDependencyError",
-                        message=f"task {task.key!r} depends on {dep_key!r}, "
-                        "which the scheduler does not know (released or never submitted)",
-                        traceback="",
-                        exception=b"",
-                    ),
-                    cmds,
-                )
-                return
+        # An input the scheduler does not know errs the task for good. So does
+        # an input with the task's own key: that is a released key, not this
+        # new task (linking it would leave the task waiting on itself forever).
+        missing = [k for k in task.dependencies if k == task.key or k not in self.tasks]
+        if missing:
+            # Keep, and link, only the inputs that exist, as for any erred
+            # task: a key of a missing name submitted later is a task this one
+            # never refers to (validate() checks every kept link).
+            task.dependencies = tuple(k for k in task.dependencies if k not in missing)
         for dep_key in task.dependencies:
             self.tasks[dep_key].dependents.add(task.key)
+        if missing:
+            self._err(
+                task,
+                ErrorInfo(
+                    type_name="client_sdk.exceptions.MissingDependencyError",
+                    message=f"task {task.key!r} depends on {missing[0]!r}, "
+                    "which the scheduler does not know (released or never submitted)",
+                    traceback="",
+                    exception=b"",
+                ),
+                cmds,
+            )
+            return
         self._make_runnable(task, cmds)
 
     def _on_cancelled(self, event: TasksCancelled, cmds: list[Command]) -> None:
@@ -233,17 +240,33 @@ class ClusterState:
                 self._cancel(task, cmds)
 
     def _cancel(self, task: TaskRecord, cmds: list[Command]) -> None:
-        for dependent_key in list(task.dependents):
-            dependent = self.tasks.get(dependent_key)
-            if dependent is not None:
-                self._cancel(dependent, cmds)
-        if self.tasks.get(task.key) is not task:
-            return  # forgotten while its dependents were cancelled
-        for client in task.wanted_by:
-            cmds.append(ClientUpdate(client, task.key, "cancelled"))
-            self.clients.get(client, set()).discard(task.key)
-        task.wanted_by.clear()
-        self._forget(task, cmds)
+        # Cancel the dependents first, then the task: each after all that
+        # depend on it (depth-first post-order). A work list rather than
+        # recursion, so that a long chain of tasks cannot hit Python's
+        # recursion limit in the middle of an event.
+        order: list[TaskRecord] = []
+        visited: set[str] = set()
+        stack: list[tuple[TaskRecord, bool]] = [(task, False)]
+        while stack:
+            current, expanded = stack.pop()
+            if expanded:
+                order.append(current)
+                continue
+            if current.key in visited:
+                continue
+            visited.add(current.key)
+            stack.append((current, True))
+            for dependent_key in current.dependents:
+                if dependent_key not in visited:
+                    stack.append((self.tasks[dependent_key], False))
+        for current in order:
+            if self.tasks.get(current.key) is not current:
+                continue  # forgotten while its dependents were cancelled
+            for client in current.wanted_by:
+                cmds.append(ClientUpdate(client, current.key, "cancelled"))
+                self.clients.get(client, set()).discard(current.key)
+            current.wanted_by.clear()
+            self._forget(current, cmds)
 
     def _release_keys(self, client: ClientId, keys: Iterable[str], cmds: list[Command]) -> None:
         wanted = self.clients.get(client)
@@ -292,6 +315,13 @@ class ClusterState:
                 task.worker_id = None
                 task.run_id = 0
                 self._make_runnable(task, cmds)
+        # Tasks queued for capacity that only this worker had now wait for a
+        # worker to join: their clients are told why, as for a new task.
+        for heap in self._ready.values():
+            for _, _, gen, key in heap:
+                queued = self.tasks.get(key)
+                if queued is not None and queued.state == READY and queued.ready_gen == gen:
+                    self._tell_why_waiting(queued, cmds)
 
     def _lost_data(self, task: TaskRecord, cmds: list[Command]) -> None:
         """The last copy of a result is gone: recompute it if anyone still needs it."""
@@ -408,7 +438,11 @@ class ClusterState:
         stack = [task]
         while stack:
             current = stack.pop()
-            if current.state == ERRED:
+            if current.state in (ERRED, MEMORY):
+                # A result already computed stays valid when an input of it
+                # fails later (on a recompute): it keeps its holders, and its
+                # clients are not told "error" after "finished". Should it be
+                # needed again, _make_runnable errs it then.
                 continue
             if current.state == PROCESSING:
                 # An input erred while this task was running (after a recompute
@@ -424,7 +458,42 @@ class ClusterState:
     # ----------------------------------------------------------- lifecycle
 
     def _make_runnable(self, task: TaskRecord, cmds: list[Command]) -> None:
-        """Queue ``task`` once its inputs are in memory, recomputing lost ones."""
+        """Queue ``task`` once its inputs are in memory, recomputing lost ones.
+
+        Released inputs (and theirs, transitively) are made runnable first,
+        each after its own inputs, walking a work list rather than recursing
+        so that recomputing a long chain cannot hit Python's recursion limit.
+        """
+        order: list[TaskRecord] = []
+        visited: set[str] = set()
+        stack: list[tuple[TaskRecord, bool]] = [(task, False)]
+        while stack:
+            current, expanded = stack.pop()
+            if expanded:
+                order.append(current)
+                continue
+            if current.key in visited:
+                continue
+            visited.add(current.key)
+            stack.append((current, True))
+            deps = [self.tasks[k] for k in current.dependencies]
+            if any(dep.state == ERRED for dep in deps):
+                continue  # current errs: no use recomputing its other inputs
+            for dep in reversed(deps):
+                if dep.state == RELEASED and dep.key not in visited:
+                    stack.append((dep, False))
+        for current in order:
+            if current.state == ERRED or (current is not task and current.state != RELEASED):
+                # An input of it erred while the inputs were being queued
+                # (_err reached it through their dependents), or it is queued
+                # already, through another path.
+                continue
+            self._queue_if_inputs_ready(current, cmds)
+
+    def _queue_if_inputs_ready(self, task: TaskRecord, cmds: list[Command]) -> None:
+        """WAITING on the inputs not in memory, READY if none, ERRED if one erred.
+
+        Released inputs have been made runnable before (see _make_runnable)."""
         task.waiting_on.clear()
         for dep_key in task.dependencies:
             dep = self.tasks[dep_key]
@@ -435,8 +504,6 @@ class ClusterState:
                 self._err(task, dep.error, cmds)
                 return
             task.waiting_on.add(dep_key)
-            if dep.state == RELEASED:
-                self._make_runnable(dep, cmds)
         if task.waiting_on:
             task.state = WAITING
         else:
@@ -449,6 +516,10 @@ class ClusterState:
         if heap is None:
             heap = self._ready[task.shape] = []
         heapq.heappush(heap, (-task.priority, task.seq, task.ready_gen, task.key))
+        self._tell_why_waiting(task, cmds)
+
+    def _tell_why_waiting(self, task: TaskRecord, cmds: list[Command]) -> None:
+        """Tell a ready task's clients, once, if no connected worker can hold it."""
         if task.shape in self._feasibility:
             reason = self._feasibility[task.shape]
         else:
@@ -473,43 +544,64 @@ class ClusterState:
         return False
 
     def _drop_if_unneeded(self, task: TaskRecord, cmds: list[Command]) -> None:
-        """Forget a task nobody refers to; drop a result nobody will read."""
-        if not task.wanted_by and not task.dependents:
-            self._forget(task, cmds)
-        elif task.state == MEMORY and not self._needs_data(task):
-            self._release_data(task, cmds)
-            task.state = RELEASED
-        elif task.state in (WAITING, READY, PROCESSING) and not self._needs_data(task):
-            # Nothing wants it any more: stop it, but keep it for dependents
-            # that are done and may need it recomputed later.
-            if task.state == PROCESSING:
-                self._cancel_run(task, cmds)
-            task.state = RELEASED
-            task.waiting_on.clear()
-            for dep_key in task.dependencies:
-                dep = self.tasks.get(dep_key)
-                if dep is not None:
-                    self._drop_if_unneeded(dep, cmds)
+        """Forget a task nobody refers to; drop a result nobody will read.
+
+        Then the same for its inputs, transitively: through a work list rather
+        than recursion, so that releasing the end of a long chain of tasks
+        cannot hit Python's recursion limit in the middle of an event.
+        """
+        stack = [task]
+        while stack:
+            task = stack.pop()
+            if self.tasks.get(task.key) is not task:
+                continue  # forgotten meanwhile
+            if not task.wanted_by and not task.dependents:
+                stack.extend(reversed(self._forget_record(task, cmds)))
+            elif task.state == MEMORY and not self._needs_data(task):
+                self._release_data(task, cmds)
+                task.state = RELEASED
+            elif task.state in (WAITING, READY, PROCESSING) and not self._needs_data(task):
+                # Nothing wants it any more: stop it, but keep it for dependents
+                # that are done and may need it recomputed later.
+                if task.state == PROCESSING:
+                    self._cancel_run(task, cmds)
+                task.state = RELEASED
+                task.waiting_on.clear()
+                stack.extend(
+                    dep
+                    for k in reversed(task.dependencies)
+                    if (dep := self.tasks.get(k)) is not None
+                )
 
     def _forget(self, task: TaskRecord, cmds: list[Command]) -> None:
+        for dep in self._forget_record(task, cmds):
+            self._drop_if_unneeded(dep, cmds)
+
+    def _forget_record(self, task: TaskRecord, cmds: list[Command]) -> list[TaskRecord]:
+        """Forget ``task``; return its inputs, for the caller to drop if unneeded."""
         if self.tasks.get(task.key) is not task:
-            return
+            return []
         if task.state == PROCESSING:
             self._cancel_run(task, cmds)
         elif task.state == MEMORY:
             self._release_data(task, cmds)
         # A READY task's heap entry goes stale once the record is gone.
         del self.tasks[task.key]
-        for dep_key in task.dependencies:
-            dep = self.tasks.get(dep_key)
-            if dep is not None:
-                dep.dependents.discard(task.key)
-                self._drop_if_unneeded(dep, cmds)
+        # Unlink from every input before dropping any of them: dropping one
+        # may forget another input whose dependents would still name this
+        # (deleted) task, and _needs_data would look it up (KeyError).
+        deps = [dep for k in task.dependencies if (dep := self.tasks.get(k)) is not None]
+        for dep in deps:
+            dep.dependents.discard(task.key)
+        return deps
 
     def _cancel_run(self, task: TaskRecord, cmds: list[Command]) -> None:
         """Tell the worker to stop caring about a run; the lease stays until it ends."""
         assert task.worker_id is not None
-        cmds.append(CancelRun(task.worker_id, task.key, task.run_id))
+        if task.worker_id in self.workers:
+            # Not to a worker that has left (while _on_worker_left recomputes
+            # lost data, a run there can be reached before it is re-placed).
+            cmds.append(CancelRun(task.worker_id, task.key, task.run_id))
         task.worker_id = None
         task.run_id = 0
 
@@ -674,9 +766,18 @@ class ClusterState:
                 check(not task.who_has, f"{key} ({task.state}) still has holders")
             if task.state == WAITING:
                 check(bool(task.waiting_on), f"{key} waiting on nothing")
-            if task.state in (READY, PROCESSING):
+            if task.state == READY:
                 for dep_key in task.dependencies:
                     check(self.tasks[dep_key].state == MEMORY, f"{key} runs without {dep_key}")
+            if task.state == PROCESSING:
+                # A running task whose input's last copy was lost since keeps
+                # running (it may hold the input already) while the input is
+                # recomputed; if the recompute errs, _err stops the run.
+                for dep_key in task.dependencies:
+                    check(
+                        self.tasks[dep_key].state in (MEMORY, WAITING, READY, PROCESSING),
+                        f"{key} runs without {dep_key} ({self.tasks[dep_key].state})",
+                    )
             for dep_key in task.dependencies:
                 dep = self.tasks.get(dep_key)
                 if task.state != ERRED or dep is not None:

@@ -1,0 +1,188 @@
+"""Parsing and checking resource amounts, and their fixed-point accounting."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from apportion.resources import (
+    QUANTA_PER_UNIT,
+    ResourceSpecError,
+    check_amount,
+    check_resources,
+    format_resources,
+    from_quanta,
+    parse_resources,
+    to_quanta,
+)
+
+# ------------------------------------------------------------ parse_resources
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("A=1 B=2,C=3", {"A": 1.0, "B": 2.0, "C": 3.0}),
+        ("GPU=0.5", {"GPU": 0.5}),
+        ("MEMORY=100e9", {"MEMORY": 100e9}),
+        ("GPU=2 MEMORY=100e9", {"GPU": 2.0, "MEMORY": 1e11}),
+        ("A=1,B=2", {"A": 1.0, "B": 2.0}),
+        ("  A=1 ,\tB=2\n", {"A": 1.0, "B": 2.0}),
+        ("A=0", {"A": 0.0}),
+        ("", {}),
+        ("   ", {}),
+    ],
+)
+def test_parse_forms(text: str, expected: dict[str, float]) -> None:
+    assert parse_resources(text) == expected
+
+
+def test_names_keep_their_case() -> None:
+    parsed = parse_resources("gpu=1 GPU=2 Gpu=3 myResource=4")
+    assert parsed == {"gpu": 1.0, "GPU": 2.0, "Gpu": 3.0, "myResource": 4.0}
+    assert list(parsed) == ["gpu", "GPU", "Gpu", "myResource"]
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("GPU", "'GPU'"),
+        ("A=1 GPU", "'GPU'"),
+        ("=2", "'=2'"),
+        ("GPU=nan", "GPU='nan'"),
+        ("GPU=inf", "GPU='inf'"),
+        ("GPU=-inf", "GPU='-inf'"),
+        ("GPU=-1", "GPU='-1'"),
+        ("GPU=abc", "GPU='abc'"),
+        ("GPU=", "GPU=''"),
+        ("A=1,GPU=1=2", "GPU='1=2'"),
+    ],
+)
+def test_bad_pairs_raise_naming_the_pair(text: str, names: str) -> None:
+    with pytest.raises(ResourceSpecError) as info:
+        parse_resources(text)
+    message = str(info.value)
+    assert names in message
+    assert "\n" not in message
+    assert isinstance(info.value, ValueError)
+
+
+def test_bad_pair_messages_say_what_is_wrong() -> None:
+    with pytest.raises(ResourceSpecError, match="expected NAME=VALUE"):
+        parse_resources("GPU")
+    with pytest.raises(ResourceSpecError, match="the name is empty"):
+        parse_resources("=1")
+    with pytest.raises(ResourceSpecError, match="finite number >= 0"):
+        parse_resources("A=-0.5")
+    with pytest.raises(ResourceSpecError, match="not a number"):
+        parse_resources("A=two")
+
+
+def test_first_bad_pair_is_named() -> None:
+    with pytest.raises(ResourceSpecError, match="B='x'"):
+        parse_resources("A=1 B=x C=-1")
+
+
+# ------------------------------------------------------------ check_resources
+
+
+def test_check_resources_accepts_numbers_and_numeric_strings() -> None:
+    assert check_resources({"GPU": 1, "MEM": 2.5, "X": "3", "Z": 0}) == {
+        "GPU": 1.0,
+        "MEM": 2.5,
+        "X": 3.0,
+        "Z": 0.0,
+    }
+    assert check_resources(None) == {}
+    assert check_resources({}) == {}
+    out = check_resources({"gpu": 1, "GPU": 2})
+    assert out == {"gpu": 1.0, "GPU": 2.0}
+    assert all(type(v) is float for v in out.values())
+
+
+@pytest.mark.parametrize(
+    ("resources", "fragment"),
+    [
+        ({"GPU": -1}, "GPU=-1"),
+        ({"GPU": math.nan}, "GPU=nan"),
+        ({"GPU": math.inf}, "GPU=inf"),
+        ({"GPU": "abc"}, "GPU='abc'"),
+        ({"GPU": None}, "GPU=None"),
+        ({"GPU": True}, "GPU=True"),
+        ({"GPU": [1]}, "GPU=[1]"),
+        ({"": 1}, "the name is empty"),
+        ({"  ": 1}, "the name is empty"),
+        ({1: 1}, "the name is empty"),
+    ],
+)
+def test_check_resources_rejects(resources: dict[object, object], fragment: str) -> None:
+    with pytest.raises(ResourceSpecError) as info:
+        check_resources(resources)  # type: ignore[arg-type]
+    assert fragment in str(info.value)
+
+
+def test_check_resources_needs_a_mapping() -> None:
+    with pytest.raises(ResourceSpecError, match="mapping"):
+        check_resources([("GPU", 1)])  # type: ignore[arg-type]
+    with pytest.raises(ResourceSpecError, match="mapping"):
+        check_resources("GPU=1")  # type: ignore[arg-type]
+
+
+def test_check_amount_returns_float() -> None:
+    assert check_amount("A", "1e3") == 1000.0
+    assert check_amount("A", 0) == 0.0
+
+
+# ------------------------------------------------------------------ quanta
+
+
+def test_to_quanta_is_fixed_point_and_drops_zeros() -> None:
+    assert QUANTA_PER_UNIT == 10**9
+    assert to_quanta({"GPU": 1}) == {"GPU": 1_000_000_000}
+    assert to_quanta({"GPU": 0.5, "A": 0.1, "B": 0.2}) == {
+        "GPU": 500_000_000,
+        "A": 100_000_000,
+        "B": 200_000_000,
+    }
+    assert to_quanta({"MEMORY": 100e9}) == {"MEMORY": 100 * 10**18}
+    assert to_quanta({"Z": 0, "tiny": 1e-10}) == {}
+    assert to_quanta({"nano": 1e-9}) == {"nano": 1}
+    assert all(type(v) is int for v in to_quanta({"A": 0.3, "B": 7}).values())
+
+
+def test_fixed_point_sums_are_exact_where_floats_are_not() -> None:
+    assert 0.1 + 0.2 - 0.3 != 0
+    a, b, c = (to_quanta({"X": v})["X"] for v in (0.1, 0.2, 0.3))
+    assert a + b - c == 0
+    total = to_quanta({"X": 1})["X"]
+    for _ in range(10):
+        total -= to_quanta({"X": 0.1})["X"]
+    assert total == 0
+
+
+def test_from_quanta_round_trips() -> None:
+    for value in (0.0001, 0.1, 0.3, 0.5, 1.0, 2.5, 7.0, 100e9, 123.456789):
+        assert from_quanta(to_quanta({"X": value})) == {"X": value}
+    assert from_quanta({}) == {}
+    assert from_quanta({"A": 1}) == {"A": 1e-9}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.decimals(min_value=0, max_value=10**6, places=9, allow_nan=False))
+def test_to_quanta_is_exact_to_nine_places(value: object) -> None:
+    amount = float(value)  # type: ignore[arg-type]
+    quanta = to_quanta({"X": amount}).get("X", 0)
+    assert quanta == round(Fraction(str(value)) * QUANTA_PER_UNIT)
+    assert from_quanta({"X": quanta})["X"] == pytest.approx(amount, rel=1e-15, abs=1e-18)
+
+
+def test_format_resources() -> None:
+    assert format_resources({"MEMORY": 1e11, "GPU": 2.0}) == "GPU=2 MEMORY=1e+11"
+    assert parse_resources(format_resources({"GPU": 0.5, "MEMORY": 1e11})) == {
+        "GPU": 0.5,
+        "MEMORY": 1e11,
+    }

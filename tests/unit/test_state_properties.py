@@ -1,0 +1,342 @@
+"""Random event sequences against the scheduler's state machine.
+
+A hypothesis rule-based machine joins and loses workers, submits tasks with
+random (also fractional) resource needs and dependencies on earlier keys,
+reports the end of the runs it was given (finished, erred, missing inputs,
+stale and duplicate reports), cancels and releases keys, and lets clients
+leave. ``validate()`` runs after every event, and the commands that come back
+are checked against what a worker and a client could observe.
+
+At the end one worker that declares enough of everything joins and every run
+is completed until none is left: each task a client still wants must then be
+finished or erred, and every lease back.
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
+
+from apportion.resources import Quanta, to_quanta
+from apportion.serialize import ErrorInfo
+from scheduler_service.events import (
+    AssignTask,
+    CancelRun,
+    ClientJoined,
+    ClientLeft,
+    ClientUpdate,
+    Command,
+    Event,
+    KeysReleased,
+    ReleaseData,
+    TaskErred,
+    TaskFinished,
+    TaskMissingInputs,
+    TasksCancelled,
+    TasksSubmitted,
+    TaskSubmission,
+    WorkerJoined,
+    WorkerLeft,
+)
+from scheduler_service.placement import infeasibility_reason
+from scheduler_service.state import ERRED, MEMORY, READY, ClusterState
+
+BOOM = ErrorInfo(type_name="RuntimeError", message="boom", traceback="", exception=b"")
+NAMES = ("A", "B", "GPU")
+CLIENTS = ("c1", "c2")
+KEYS = tuple(f"k{i}" for i in range(10))
+BIG = 100  # the final worker's amount of every resource
+
+# The first value of each list is the one hypothesis tries most: plain tasks,
+# workers with a unit of what they declare.
+need_amounts = st.sampled_from([0.5, 1, 0.1, 0.2, 0.25, 0.3, 1.5, 2])
+worker_amounts = st.sampled_from([2, 1, 0, 0.5, 0.3, 3])  # 0: not declared
+needs = st.dictionaries(st.sampled_from(NAMES), need_amounts, max_size=2)
+declared = st.fixed_dictionaries(dict.fromkeys(NAMES, worker_amounts))
+
+
+def addr(worker_id: int) -> str:
+    return f"w{worker_id}:1"
+
+
+class ClusterMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = ClusterState()
+        self.workers: set[int] = set()
+        self.next_worker = 1
+        #: runs given out whose end has not been reported, on live workers
+        self.live: dict[int, AssignTask] = {}
+        #: run ids the scheduler called off (they still report their end)
+        self.cancelled: set[int] = set()
+        #: runs whose end was reported, or whose worker was lost
+        self.gone: list[AssignTask] = []
+        #: (client, key) -> last status a client was told
+        self.told: dict[tuple[str, str], str] = {}
+        #: (client, key) -> the last update that client got
+        self.last: dict[tuple[str, str], ClientUpdate] = {}
+
+    # ------------------------------------------------------------ plumbing
+
+    def handle(self, event: Event) -> list[Command]:
+        cmds = self.state.handle(event)
+        self.state.validate()
+        for cmd in cmds:
+            self.check(cmd)
+        self.check_waiting_reasons()
+        return cmds
+
+    def check_waiting_reasons(self) -> None:
+        """A client of a queued task that no worker can hold was told why."""
+        declared = [w.declared for w in self.state.workers.values()]
+        for key, task in self.state.tasks.items():
+            if task.state != READY or infeasibility_reason(task.resources, declared) is None:
+                continue
+            for client in task.wanted_by:
+                last = self.last.get((client, key))
+                assert last is not None and last.status == "pending", (client, key, last)
+                assert last.waiting_reason, (client, key, last)
+
+    def check(self, cmd: Command) -> None:
+        match cmd:
+            case AssignTask():
+                assert cmd.worker_id in self.workers, cmd
+                assert cmd.run_id not in self.live and cmd.run_id not in self.cancelled
+                task = self.state.tasks[cmd.key]
+                assert cmd.resources == task.resources
+                # At most one run of a key that is not called off.
+                others = [
+                    r for r, a in self.live.items() if a.key == cmd.key and r not in self.cancelled
+                ]
+                assert not others, (cmd, others)
+                for loc in cmd.inputs:
+                    assert loc.addresses, cmd
+                    assert {addr(w) for w in self.workers} >= set(loc.addresses), cmd
+                self.live[cmd.run_id] = cmd
+            case CancelRun():
+                run = self.live.get(cmd.run_id)
+                assert run is not None and (run.worker_id, run.key) == (cmd.worker_id, cmd.key)
+                assert cmd.run_id not in self.cancelled, "called off twice"
+                self.cancelled.add(cmd.run_id)
+            case ReleaseData():
+                assert cmd.worker_id in self.workers, cmd
+            case ClientUpdate():
+                previous = self.told.get((cmd.client_id, cmd.key))
+                if cmd.status == "error":
+                    assert previous != "finished", f"{cmd.key}: error after finished"
+                if cmd.status == "finished":
+                    assert cmd.addresses
+                    assert {addr(w) for w in self.workers} >= set(cmd.addresses)
+                self.told[(cmd.client_id, cmd.key)] = cmd.status
+                self.last[(cmd.client_id, cmd.key)] = cmd
+
+    def end(self, run: AssignTask) -> None:
+        del self.live[run.run_id]
+        self.cancelled.discard(run.run_id)
+        self.gone.append(run)
+
+    def forget_told(self, client: str, keys: tuple[str, ...] | None = None) -> None:
+        for told_client, key in list(self.told):
+            if told_client == client and (keys is None or key in keys):
+                del self.told[(told_client, key)]
+
+    # -------------------------------------------------------------- workers
+
+    # Hypothesis tries rules with fewer arguments first, so the rules that
+    # build work up (join, submit, finish) take one argument and the rules
+    # that tear it down take two.
+
+    @precondition(lambda self: len(self.workers) < 4)
+    @rule(data=st.data())
+    def join(self, data: st.DataObject) -> None:
+        nthreads = data.draw(st.integers(1, 3), label="nthreads")
+        resources = data.draw(declared, label="resources")
+        worker_id = self.next_worker
+        self.next_worker += 1
+        self.workers.add(worker_id)
+        self.handle(
+            WorkerJoined(
+                worker_id, f"w{worker_id}", addr(worker_id), nthreads, to_quanta(resources)
+            )
+        )
+
+    @precondition(lambda self: self.workers)
+    @rule(data=st.data(), twice=st.booleans())
+    def lose(self, data: st.DataObject, twice: bool) -> None:
+        worker_id = data.draw(st.sampled_from(sorted(self.workers)))
+        self.workers.discard(worker_id)
+        for run in [r for r in self.live.values() if r.worker_id == worker_id]:
+            self.end(run)
+        self.handle(WorkerLeft(worker_id))
+        if twice:
+            assert self.handle(WorkerLeft(worker_id)) == []
+
+    # -------------------------------------------------------------- clients
+
+    @rule(data=st.data())
+    def submit(self, data: st.DataObject) -> None:
+        client = data.draw(st.sampled_from(CLIENTS), label="client")
+        # Inputs are keys that exist now; rarely any key, which may be unknown
+        # (the task errs) or the task's own, released key.
+        known = sorted(self.state.tasks)
+        if data.draw(st.integers(0, 9), label="any inputs") == 9:
+            dep_keys = st.lists(st.sampled_from(KEYS), max_size=2)
+        elif known:
+            dep_keys = st.lists(st.sampled_from(known), max_size=3)
+        else:
+            dep_keys = st.just([])
+        specs = data.draw(
+            st.lists(
+                st.tuples(
+                    st.sampled_from(KEYS),
+                    needs,
+                    dep_keys,
+                    st.integers(-1, 1),
+                    st.integers(0, 1),
+                ),
+                min_size=1,
+                max_size=3,
+            ),
+            label="(key, resources, dependencies, priority, retries)",
+        )
+        tasks = tuple(
+            TaskSubmission(key, key.encode(), to_quanta(resources), tuple(deps), priority, retries)
+            for key, resources, deps, priority, retries in specs
+        )
+        self.handle(TasksSubmitted(client, tasks))
+
+    @rule(data=st.data(), kind=st.sampled_from(["release", "cancel", "leave"]))
+    def client_drops(self, data: st.DataObject, kind: str) -> None:
+        """KeysReleased, TasksCancelled, or ClientLeft (and maybe back)."""
+        client = data.draw(st.sampled_from(CLIENTS), label="client")
+        if kind == "leave":
+            self.forget_told(client)
+            self.handle(ClientLeft(client))
+            assert client not in self.state.clients
+            if data.draw(st.booleans(), label="rejoin"):
+                self.handle(ClientJoined(client))
+            return
+        keys = tuple(data.draw(st.lists(st.sampled_from(KEYS), max_size=3), label="keys"))
+        if kind == "release":
+            self.forget_told(client, keys)
+            self.handle(KeysReleased(client, keys))
+        else:
+            cmds = self.handle(TasksCancelled(client, keys))
+            for key in keys:
+                assert key not in self.state.tasks
+            for cmd in cmds:
+                if isinstance(cmd, ClientUpdate):
+                    assert cmd.status == "cancelled"
+
+    # ---------------------------------------------------------- run reports
+
+    def _pick_run(self, data: st.DataObject) -> AssignTask:
+        run_id = data.draw(st.sampled_from(sorted(self.live)))
+        return self.live[run_id]
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def finish(self, data: st.DataObject) -> None:
+        run = self._pick_run(data)
+        nbytes = data.draw(st.integers(0, 1000), label="nbytes")
+        fetched = (
+            data.draw(st.lists(st.sampled_from(run.inputs), unique=True)) if run.inputs else []
+        )
+        called_off = run.run_id in self.cancelled
+        self.end(run)
+        cmds = self.handle(
+            TaskFinished(
+                run.worker_id,
+                run.key,
+                run.run_id,
+                nbytes,
+                tuple((loc.key, loc.nbytes) for loc in fetched),
+            )
+        )
+        if called_off:
+            # Not the current run: its result is dropped by run id, so that a
+            # newer result stored under the same key survives.
+            assert ReleaseData(run.worker_id, run.key, run.run_id) in cmds
+        else:
+            task = self.state.tasks[run.key]
+            held = task.state == MEMORY and run.worker_id in task.who_has
+            assert held or ReleaseData(run.worker_id, run.key) in cmds
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), message=st.sampled_from(["boom", "bang"]))
+    def fail(self, data: st.DataObject, message: str) -> None:
+        run = self._pick_run(data)
+        self.end(run)
+        error = ErrorInfo("RuntimeError", message, "", b"")
+        for cmd in self.handle(TaskErred(run.worker_id, run.key, run.run_id, error)):
+            if isinstance(cmd, ClientUpdate) and cmd.status == "error":
+                assert cmd.error is not None
+                if cmd.key == run.key:
+                    assert cmd.error == error
+
+    @precondition(lambda self: any(run.inputs for run in self.live.values()))
+    @rule(data=st.data(), elsewhere=st.booleans())
+    def missing_inputs(self, data: st.DataObject, elsewhere: bool) -> None:
+        with_inputs = sorted(r for r, run in self.live.items() if run.inputs)
+        run = self.live[data.draw(st.sampled_from(with_inputs))]
+        locs = data.draw(st.lists(st.sampled_from(run.inputs), min_size=1, unique=True))
+        # The address a fetch failed from: a holder the scheduler named, or
+        # (rarely) one it did not, which must change nothing about holders.
+        missing = tuple(
+            (loc.key, addr(0) if elsewhere else data.draw(st.sampled_from(loc.addresses)))
+            for loc in locs
+        )
+        self.end(run)
+        self.handle(TaskMissingInputs(run.worker_id, run.key, run.run_id, missing))
+
+    @precondition(lambda self: self.gone)
+    @rule(data=st.data(), kind=st.sampled_from(["finished", "erred", "missing"]))
+    def stale_report(self, data: st.DataObject, kind: str) -> None:
+        """A second report of an ended run, or a late one from a lost worker."""
+        run = data.draw(st.sampled_from(self.gone))
+        before = self.state.snapshot()
+        event: Event
+        if kind == "finished":
+            event = TaskFinished(run.worker_id, run.key, run.run_id, 1)
+        elif kind == "erred":
+            event = TaskErred(run.worker_id, run.key, run.run_id, BOOM)
+        else:
+            event = TaskMissingInputs(run.worker_id, run.key, run.run_id, ())
+        assert self.handle(event) == []
+        assert self.state.snapshot() == before
+
+    # -------------------------------------------------------------- the end
+
+    def teardown(self) -> None:
+        """Everything that can run eventually runs."""
+        big: Quanta = to_quanta(dict.fromkeys(NAMES, BIG))
+        worker_id = self.next_worker
+        self.workers.add(worker_id)
+        self.handle(WorkerJoined(worker_id, "big", addr(worker_id), 4, big))
+        for _ in range(200):
+            if not self.live:
+                break
+            for run in sorted(self.live.values(), key=lambda r: r.run_id):
+                self.end(run)
+                self.handle(TaskFinished(run.worker_id, run.key, run.run_id, 10))
+        assert not self.live, "runs keep coming"
+        for key, task in self.state.tasks.items():
+            if task.wanted_by:
+                assert task.state in (MEMORY, ERRED), f"{key} stuck in {task.state}"
+            for client in task.wanted_by:
+                expected = "finished" if task.state == MEMORY else "error"
+                assert self.told.get((client, key)) == expected, (client, key)
+        for worker in self.state.workers.values():
+            assert worker.runs == {}
+            assert worker.free == worker.declared
+            assert worker.free_slots == worker.nthreads
+
+
+ClusterMachine.TestCase.settings = settings(
+    max_examples=200,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestClusterMachine = ClusterMachine.TestCase
