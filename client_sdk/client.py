@@ -55,8 +55,6 @@ class _KeyState:
     error: serialize.ErrorInfo | None = None
     waiting_reason: str = ""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    #: This client asked to cancel the task this state belongs to.
-    cancel_sent: bool = False
 
 
 def _address_of(address: Any) -> str:
@@ -80,10 +78,6 @@ class _ClientCore:
         self._call: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._peers = ChannelPool()
-        # Per key: "cancelled" answers still due for cancels this client sent.
-        # One may arrive after the key was submitted again (a new task), and
-        # must not cancel that one.
-        self._cancel_echoes: Counter[str] = Counter()
         self.closed = False
         self.lost: str | None = None
 
@@ -151,11 +145,10 @@ class _ClientCore:
 
     def cancel(self, keys: list[str]) -> None:
         for key in keys:
+            # Marked here, at once: the scheduler does not answer the one who
+            # cancelled (the task is gone, or released for this client only).
             state = self.keys.get(key)
-            if state is not None and state.status != "cancelled":
-                state.cancel_sent = True
-                self._cancel_echoes[key] += 1
-            if state is not None and state.status == "pending":
+            if state is not None:
                 state.status = "cancelled"
                 state.changed.set()
         self._send(pb.ClientToScheduler(cancel=pb.KeyList(keys=keys)))
@@ -197,15 +190,11 @@ class _ClientCore:
 
     def _apply(self, update: pb.TaskUpdate) -> None:
         state = self.keys.get(update.key)
-        status = _STATUS.get(update.status, "pending")
-        if status == "cancelled" and self._cancel_echoes[update.key] > 0:
-            self._cancel_echoes[update.key] -= 1
-            if self._cancel_echoes[update.key] == 0:
-                del self._cancel_echoes[update.key]
-            if state is not None and not state.cancel_sent:
-                return  # the answer to cancelling the task this key named before
         if state is None:
             return  # released by us meanwhile
+        status = _STATUS.get(update.status, "pending")
+        if state.status == "cancelled":
+            return  # cancelled here; a late update for the old task changes nothing
         state.status = status
         if status == "pending":
             state.changed.clear()

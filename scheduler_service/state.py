@@ -236,10 +236,28 @@ class ClusterState:
     def _on_cancelled(self, event: TasksCancelled, cmds: list[Command]) -> None:
         for key in event.keys:
             task = self.tasks.get(key)
-            if task is not None:
-                self._cancel(task, cmds)
+            if task is None:
+                continue
+            if task.wanted_by - {event.client_id}:
+                # Other clients still want it: cancelling only releases it for
+                # this one (as Dask's cancel without force=True).
+                self._release_keys(event.client_id, [key], cmds)
+            else:
+                self._cancel(task, cmds, event.client_id, frozenset(event.keys))
 
-    def _cancel(self, task: TaskRecord, cmds: list[Command]) -> None:
+    def _cancel(
+        self,
+        task: TaskRecord,
+        cmds: list[Command],
+        requester: ClientId = "",
+        named: frozenset[str] = frozenset(),
+    ) -> None:
+        """Cancel ``task`` and everything that depends on it, for every client.
+
+        The requester already marked the keys it ``named`` cancelled and is
+        not told again: an answer arriving after it submitted one of those keys
+        anew would be mistaken for the new task's fate.
+        """
         # Cancel the dependents first, then the task: each after all that
         # depend on it (depth-first post-order). A work list rather than
         # recursion, so that a long chain of tasks cannot hit Python's
@@ -263,7 +281,8 @@ class ClusterState:
             if self.tasks.get(current.key) is not current:
                 continue  # forgotten while its dependents were cancelled
             for client in current.wanted_by:
-                cmds.append(ClientUpdate(client, current.key, "cancelled"))
+                if not (client == requester and current.key in named):
+                    cmds.append(ClientUpdate(client, current.key, "cancelled"))
                 self.clients.get(client, set()).discard(current.key)
             current.wanted_by.clear()
             self._forget(current, cmds)

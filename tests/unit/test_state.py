@@ -515,7 +515,7 @@ def test_cancelled_run_keeps_its_lease_until_the_worker_reports() -> None:
     sim.submit("y", A=1)
     cmds = sim(TasksCancelled("c", ("x",)))
     assert CancelRun(1, "x", run.run_id) in cmds
-    assert updates(cmds) == [ClientUpdate("c", "x", "cancelled")]
+    assert updates(cmds) == []  # the canceller marked x itself
     assert "x" not in sim.state.tasks
     # The code has not returned yet: A stays held and y must wait.
     assert sim.used(1) == {"A": 1.0}
@@ -545,12 +545,26 @@ def test_cancel_cancels_dependents_and_a_ready_task() -> None:
     sim.submit("b", deps=("a",))
     sim.submit("other")
     cmds = sim(TasksCancelled("c", ("a", "other")))
-    assert sorted(u.key for u in updates(cmds) if u.status == "cancelled") == ["a", "b", "other"]
+    # The canceller is told only of what it did not name: the dependent b.
+    assert updates(cmds) == [ClientUpdate("c", "b", "cancelled")]
     assert sim.state.tasks == {}
     # "other" was ready, never assigned: nothing to report for it.
     sim.finish("a")
     sim.assert_idle()
     assert sim.state.tasks == {}
+
+
+def test_cancel_by_one_client_only_releases_a_task_another_client_wants() -> None:
+    sim = Sim()
+    sim.join(1)
+    sim.submit("a")
+    sim(TasksSubmitted("other", (TaskSubmission("a", b"a", {}),)))
+    cmds = sim(TasksCancelled("c", ("a",)))
+    assert cmds == []
+    assert sim.state.tasks["a"].wanted_by == {"other"}
+    assert sim.state.tasks["a"].state == PROCESSING
+    cmds = sim.finish("a")
+    assert [(u.client_id, u.status) for u in updates(cmds)] == [("other", "finished")]
 
 
 def test_cancelling_a_finished_task_releases_its_data() -> None:
@@ -1056,7 +1070,7 @@ def test_long_chain_is_cancelled_without_deep_recursion() -> None:
         cmds = sim(TasksCancelled("c", ("t0",)))
     assert sim.state.tasks == {}
     cancelled = [u.key for u in updates(cmds)]
-    assert sorted(cancelled) == sorted(keys)
+    assert sorted(cancelled) == sorted(keys[1:])  # all but the one it named
     assert cancelled[0] == keys[-1]  # dependents first
 
 

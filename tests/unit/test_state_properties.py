@@ -222,12 +222,27 @@ class ClusterMachine(RuleBasedStateMachine):
             self.forget_told(client, keys)
             self.handle(KeysReleased(client, keys))
         else:
+            # Keys other clients also want are only released for this one.
+            shared = {
+                key
+                for key in keys
+                if key in self.state.tasks and self.state.tasks[key].wanted_by - {client}
+            }
+            self.forget_told(client, keys)  # the canceller marks them itself
             cmds = self.handle(TasksCancelled(client, keys))
             for key in keys:
-                assert key not in self.state.tasks
+                if key in shared:
+                    # Released for this client; gone for all if another named
+                    # key it depends on was cancelled.
+                    task = self.state.tasks.get(key)
+                    assert task is None or client not in task.wanted_by
+                else:
+                    assert key not in self.state.tasks
             for cmd in cmds:
                 if isinstance(cmd, ClientUpdate):
                     assert cmd.status == "cancelled"
+                    # The canceller is not told of the keys it named.
+                    assert not (cmd.client_id == client and cmd.key in keys), cmd
 
     # ---------------------------------------------------------- run reports
 
