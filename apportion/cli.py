@@ -62,12 +62,18 @@ def _settings_error(exc: ValidationError) -> str:
 def scheduler(
     host: Annotated[str | None, typer.Option(help="Interface to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on (0 picks one).")] = None,
+    starvation_after: Annotated[
+        float | None,
+        typer.Option(help="Seconds before a waiting task gets a worker reserved (default 2)."),
+    ] = None,
 ) -> None:
     """Run the scheduler until interrupted."""
-    from scheduler_service import run_scheduler
+    from scheduler_service import SchedulingPolicy, run_scheduler
 
     overrides: dict[str, Any] = {
-        k: v for k, v in {"host": host, "port": port}.items() if v is not None
+        k: v
+        for k, v in {"host": host, "port": port, "starvation_after": starvation_after}.items()
+        if v is not None
     }
     try:
         settings = SchedulerSettings(**overrides)
@@ -75,7 +81,12 @@ def scheduler(
         fail(_settings_error(exc))
     setup_logging()
     try:
-        asyncio.run(run_scheduler(settings.host, settings.port, validate=settings.check_invariants))
+        policy = SchedulingPolicy(starvation_after=settings.starvation_after)
+        asyncio.run(
+            run_scheduler(
+                settings.host, settings.port, policy=policy, validate=settings.check_invariants
+            )
+        )
     except OSError as exc:
         fail(str(exc))
 

@@ -59,6 +59,9 @@ class SchedulerSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8786, ge=0, le=65535)
+    #: Seconds a task may wait for capacity a worker has in total before that
+    #: worker is reserved for it (no starvation).
+    starvation_after: float = Field(2.0, ge=0, allow_inf_nan=False)
     #: Check the scheduler's books after every event (for tests; costs time).
     check_invariants: bool = False
 

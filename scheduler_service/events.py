@@ -38,6 +38,17 @@ class WorkerJoined:
 
 
 @dataclass(frozen=True, slots=True)
+class Tick:
+    """The clock, as an event: the state machine never reads it itself.
+
+    ``now`` is monotonic seconds; the servicer sends one a few times a second
+    while tasks wait, so that waiting times (starvation) are measured.
+    """
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerLeft:
     worker_id: WorkerId
 
@@ -98,7 +109,8 @@ class KeysReleased:
 
 
 Event = (
-    WorkerJoined
+    Tick
+    | WorkerJoined
     | WorkerLeft
     | TaskFinished
     | TaskErred

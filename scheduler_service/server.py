@@ -15,6 +15,7 @@ from apportion.grpc_server import ServingHealth, bind, install_stop_signals, mak
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
 
+from .policy import SchedulingPolicy
 from .servicer import SchedulerServicer
 
 log = logging.getLogger("scheduler_service")
@@ -35,13 +36,18 @@ class SchedulerServer:
         *,
         validate: bool = False,
         on_invariant_error: Callable[[], None] | None = None,
+        policy: SchedulingPolicy | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self._server = make_server()
         self.servicer = SchedulerServicer(
-            lambda: self.address, validate=validate, on_invariant_error=on_invariant_error
+            lambda: self.address,
+            validate=validate,
+            on_invariant_error=on_invariant_error,
+            policy=policy,
         )
+        self._clock: asyncio.Task[None] | None = None
         pb_grpc.add_SchedulerServicer_to_server(self.servicer, self._server)
         self._health = ServingHealth(self._server, [SCHEDULER_SERVICE])
 
@@ -52,12 +58,16 @@ class SchedulerServer:
     async def start(self) -> None:
         self.port = bind(self._server, self.host, self.port)
         await self._server.start()
+        self._clock = asyncio.create_task(self.servicer.keep_time())
         await self._health.set(True)
         log.info("scheduler listening on %s", self.address)
 
     async def stop(self, grace: float = 1.0) -> None:
         await self._health.set(False)
         await self._server.stop(grace)
+        if self._clock is not None:
+            self._clock.cancel()
+            await asyncio.gather(self._clock, return_exceptions=True)
 
     async def __aenter__(self) -> SchedulerServer:
         await self.start()
@@ -75,7 +85,12 @@ def _die_on_invariant_error() -> None:
 
 
 async def run_scheduler(
-    host: str, port: int, *, validate: bool = False, handle_signals: bool = True
+    host: str,
+    port: int,
+    *,
+    policy: SchedulingPolicy | None = None,
+    validate: bool = False,
+    handle_signals: bool = True,
 ) -> None:
     """Serve until SIGINT/SIGTERM. Prints the bound address on stdout first.
 
@@ -84,7 +99,7 @@ async def run_scheduler(
     status 70 so that no test can miss it.
     """
     server = SchedulerServer(
-        host, port, validate=validate, on_invariant_error=_die_on_invariant_error
+        host, port, validate=validate, on_invariant_error=_die_on_invariant_error, policy=policy
     )
     await server.start()
     print(f"apportion scheduler listening on {server.address}", flush=True)

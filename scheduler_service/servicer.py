@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -37,15 +38,19 @@ from .events import (
     TaskMissingInputs,
     TasksCancelled,
     TasksSubmitted,
+    Tick,
     WorkerId,
     WorkerJoined,
     WorkerLeft,
 )
+from .policy import SchedulingPolicy
 from .state import ClusterState, InvariantError
 
 log = logging.getLogger("scheduler_service")
 
 HEARTBEAT_INTERVAL_S = 2.0
+#: How often the clock reaches the state machine: the resolution of waiting times.
+TICK_INTERVAL_S = 0.25
 
 T = TypeVar("T")
 
@@ -79,8 +84,9 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         address: Callable[[], str],
         validate: bool = False,
         on_invariant_error: Callable[[], None] | None = None,
+        policy: SchedulingPolicy | None = None,
     ) -> None:
-        self.state = ClusterState()
+        self.state = ClusterState(policy)
         self._address = address
         # Check the books after every event; on in tests, off in production.
         self._validate = validate
@@ -110,6 +116,12 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                 if self._on_invariant_error is None:
                     raise
                 self._on_invariant_error()
+
+    async def keep_time(self, interval: float = TICK_INTERVAL_S) -> None:
+        """Feed the clock to the state machine (it never reads one itself)."""
+        while True:
+            self.dispatch(Tick(time.monotonic()))
+            await asyncio.sleep(interval)
 
     # ------------------------------------------------------------ workers
 

@@ -49,12 +49,14 @@ from .events import (
     TasksCancelled,
     TasksSubmitted,
     TaskSubmission,
+    Tick,
     WorkerId,
     WorkerJoined,
     WorkerLeft,
     WorkerSnapshot,
 )
-from .placement import infeasibility_reason, pick_worker
+from .placement import fits, infeasibility_reason, pick_worker
+from .policy import SchedulingPolicy
 
 WAITING = "waiting"
 READY = "ready"
@@ -91,6 +93,9 @@ class WorkerRecord:
     #: keys whose results this worker holds
     has: set[str] = field(default_factory=set)
 
+    #: a starving task this worker is kept for: nothing else starts here
+    reserved_for: str | None = None
+
     def held(self) -> Quanta:
         return {name: self.declared[name] - self.free[name] for name in self.declared}
 
@@ -114,6 +119,8 @@ class TaskRecord:
     worker_id: WorkerId | None = None
     run_id: int = 0
     ready_gen: int = 0
+    #: when it last became ready (the latest Tick's time then)
+    ready_since: float = 0.0
     error: ErrorInfo | None = None
     waiting_reason: str = ""
 
@@ -129,9 +136,14 @@ def _status_of(task: TaskRecord) -> str:
 class ClusterState:
     """All the scheduler knows, changed only through :meth:`handle`."""
 
-    def __init__(self) -> None:
+    def __init__(self, policy: SchedulingPolicy | None = None) -> None:
+        self.policy = policy or SchedulingPolicy()
+        #: the latest Tick's time (monotonic seconds)
+        self.now = 0.0
         self.tasks: dict[str, TaskRecord] = {}
         self.workers: dict[WorkerId, WorkerRecord] = {}
+        #: starving task key -> the worker kept for it (mirrors reserved_for)
+        self.reservations: dict[str, WorkerId] = {}
         self.clients: dict[ClientId, set[str]] = {}
         # Ready tasks grouped by resource shape, so a task whose resource is
         # exhausted never holds back one whose resource is free. Each heap is
@@ -140,6 +152,9 @@ class ClusterState:
         self._seq = itertools.count(1)
         self._run_ids = itertools.count(1)
         self._gens = itertools.count(1)
+        # When a task of each waiting shape last started: a shape whose tasks
+        # keep starting is queued, not starved.
+        self._last_start: dict[Shape, float] = {}
         # Why each resource shape cannot run on any connected worker (None: it can).
         self._feasibility: dict[Shape, str | None] = {}
 
@@ -148,6 +163,8 @@ class ClusterState:
     def handle(self, event: Event) -> list[Command]:
         cmds: list[Command] = []
         match event:
+            case Tick():
+                self.now = max(self.now, event.now)
             case TasksSubmitted():
                 self._on_submitted(event, cmds)
             case TaskFinished():
@@ -317,6 +334,8 @@ class ClusterState:
         if worker is None:
             return
         self._feasibility.clear()
+        if worker.reserved_for is not None:
+            del self.reservations[worker.reserved_for]
         # Take the worker out of every holder set first, so nothing below can
         # point at it; then recompute what was lost, then re-place its runs.
         lost: list[TaskRecord] = []
@@ -531,6 +550,7 @@ class ClusterState:
     def _push_ready(self, task: TaskRecord, cmds: list[Command]) -> None:
         task.state = READY
         task.ready_gen = next(self._gens)
+        task.ready_since = self.now
         heap = self._ready.get(task.shape)
         if heap is None:
             heap = self._ready[task.shape] = []
@@ -641,8 +661,14 @@ class ClusterState:
 
     # ----------------------------------------------------------- placement
 
+    @property
+    def has_ready_tasks(self) -> bool:
+        return bool(self._ready)
+
     def _schedule(self, cmds: list[Command]) -> None:
         """Place ready tasks, best (priority, submission order) first, across shapes."""
+        self._place_reserved(cmds)
+        reserved = bool(self.reservations)
         if not self._ready or not any(w.free_slots for w in self.workers.values()):
             return
         blocked: set[Shape] = set()
@@ -655,18 +681,71 @@ class ClusterState:
                 entry = self._peek(heap)
                 if entry is None:
                     del self._ready[shape]
+                    self._last_start.pop(shape, None)
                 elif best_entry is None or entry < best_entry:
                     best_shape, best_entry = shape, entry
             if best_shape is None or best_entry is None:
                 return
             task = self.tasks[best_entry[3]]
-            worker = pick_worker(task.resources, self.workers.values(), self._input_bytes(task))
+            candidates = (
+                self.workers.values()
+                if not reserved
+                else [w for w in self.workers.values() if w.reserved_for in (None, task.key)]
+            )
+            worker = pick_worker(task.resources, candidates, self._input_bytes(task))
             if worker is None:
                 # Every task of this shape needs the same amounts, so none fits.
                 blocked.add(best_shape)
+                if self._reserve_for(task):
+                    reserved = True
                 continue
             heapq.heappop(self._ready[best_shape])
             self._assign(task, self.workers[worker.worker_id], cmds)
+
+    def _place_reserved(self, cmds: list[Command]) -> None:
+        """Start starving tasks whose reserved worker now has room; drop
+        reservations whose task is no longer waiting."""
+        for key, worker_id in list(self.reservations.items()):
+            task = self.tasks.get(key)
+            worker = self.workers[worker_id]
+            if task is None or task.state != READY:
+                del self.reservations[key]
+                worker.reserved_for = None
+            elif worker.free_slots > 0 and fits(task.resources, worker.free):
+                self._assign(task, worker, cmds)  # its heap entry goes stale
+
+    def _reserve_for(self, task: TaskRecord) -> bool:
+        """Reserve a worker for ``task`` if it has starved; True if one was.
+
+        Starved: waiting longer than the bound, with no task of its shape
+        started meanwhile. Small tasks that start all the time are queued
+        behind each other, not starved, and take no reservation that would
+        block the big task they starve.
+        """
+        since = max(task.ready_since, self._last_start.get(task.shape, task.ready_since))
+        if self.now - since < self.policy.starvation_after:
+            return False
+        if task.key in self.reservations:
+            return False
+        best: WorkerRecord | None = None
+        best_key: tuple[float, int, int] | None = None
+        for worker in self.workers.values():
+            if worker.reserved_for is not None or not fits(task.resources, worker.declared):
+                continue
+            # The worker closest to having room: least missing, relative to
+            # the need, then fewest runs to wait for, then the oldest.
+            shortfall = sum(
+                max(0, need - worker.free.get(name, 0)) / need
+                for name, need in task.resources.items()
+            )
+            key = (shortfall, len(worker.runs), worker.worker_id)
+            if best_key is None or key < best_key:
+                best, best_key = worker, key
+        if best is None:
+            return False
+        best.reserved_for = task.key
+        self.reservations[task.key] = best.worker_id
+        return True
 
     def _peek(self, heap: list[tuple[int, int, int, str]]) -> tuple[int, int, int, str] | None:
         while heap:
@@ -694,6 +773,10 @@ class ClusterState:
             free[name] -= amount
         worker.free_slots -= 1
         worker.runs[run_id] = Run(task.key, task.resources)
+        self._last_start[task.shape] = self.now
+        kept_on = self.reservations.pop(task.key, None)
+        if kept_on is not None:
+            self.workers[kept_on].reserved_for = None
         task.state = PROCESSING
         task.worker_id = worker.worker_id
         task.run_id = run_id
@@ -768,6 +851,15 @@ class ClusterState:
                 check(
                     task is not None and task.state == MEMORY and worker.worker_id in task.who_has,
                     f"worker {worker.name} holds {key} unknown to who_has",
+                )
+        for key, worker_id in self.reservations.items():
+            kept = self.workers.get(worker_id)
+            check(kept is not None and kept.reserved_for == key, f"reservation of {key} broken")
+        for worker in self.workers.values():
+            if worker.reserved_for is not None:
+                check(
+                    self.reservations.get(worker.reserved_for) == worker.worker_id,
+                    f"worker {worker.name} kept for {worker.reserved_for} unknown",
                 )
         for key, task in self.tasks.items():
             if task.state == PROCESSING:

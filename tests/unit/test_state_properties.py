@@ -36,6 +36,7 @@ from scheduler_service.events import (
     TasksCancelled,
     TasksSubmitted,
     TaskSubmission,
+    Tick,
     WorkerJoined,
     WorkerLeft,
 )
@@ -64,6 +65,7 @@ class ClusterMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.state = ClusterState()
+        self.now = 0.0
         self.workers: set[int] = set()
         self.next_worker = 1
         #: runs given out whose end has not been reported, on live workers
@@ -205,6 +207,12 @@ class ClusterMachine(RuleBasedStateMachine):
             for key, resources, deps, priority, retries in specs
         )
         self.handle(TasksSubmitted(client, tasks))
+
+    @rule(seconds=st.sampled_from([0.1, 0.5, 1.0, 2.5]))
+    def tick(self, seconds: float) -> None:
+        """Time passes: starving tasks get workers reserved."""
+        self.now += seconds
+        self.handle(Tick(self.now))
 
     @rule(data=st.data(), kind=st.sampled_from(["release", "cancel", "leave"]))
     def client_drops(self, data: st.DataObject, kind: str) -> None:
