@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
-from apportion.resources import Quanta
+from apportion.resources import Quanta, from_quanta
 
 
 class Candidate(Protocol):
@@ -66,20 +66,20 @@ def infeasibility_reason(need: Quanta, declared_by_worker: Iterable[Quanta]) -> 
     Names each resource whose need exceeds the most any worker declares; if
     each alone is offered somewhere but never together, says so.
     """
-    from apportion.resources import from_quanta
-
     declared = list(declared_by_worker)
     if any(fits(need, d) for d in declared):
         return None
-    if not declared:
+    if not declared and not need:
         return "no workers are connected"
     short = []
     for name, amount in sorted(need.items()):
-        most = max(d.get(name, 0) for d in declared)
+        most = max((d.get(name, 0) for d in declared), default=0)
         if most < amount:
             want = from_quanta({name: amount})[name]
             have = from_quanta({name: most})[name]
             short.append(f"{name}={want:g} (the most any worker offers is {name}={have:g})")
+    if short and not declared:
+        return "no workers are connected; it needs " + "; ".join(short)
     if short:
         return "no worker offers " + "; ".join(short)
     wanted = " ".join(f"{n}={v:g}" for n, v in sorted(from_quanta(need).items()))

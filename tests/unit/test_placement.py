@@ -156,7 +156,9 @@ def test_feasible_need_has_no_reason() -> None:
 
 
 def test_reason_without_workers() -> None:
-    assert infeasibility_reason(q(A=1), []) == "no workers are connected"
+    assert infeasibility_reason(q(A=1), []) == (
+        "no workers are connected; it needs A=1 (the most any worker offers is A=0)"
+    )
     assert infeasibility_reason({}, []) == "no workers are connected"
 
 
