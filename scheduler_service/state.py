@@ -24,7 +24,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from apportion.resources import Quanta
@@ -123,6 +123,31 @@ class TaskRecord:
     ready_since: float = 0.0
     error: ErrorInfo | None = None
     waiting_reason: str = ""
+
+
+def _post_order(
+    start: TaskRecord, neighbours: Callable[[TaskRecord], list[TaskRecord]]
+) -> list[TaskRecord]:
+    """``start`` and all it reaches through ``neighbours``, each after every
+    task it reaches (depth-first post-order). A work list, not recursion, so
+    that a long chain of tasks cannot hit Python's recursion limit in the
+    middle of an event."""
+    order: list[TaskRecord] = []
+    visited: set[str] = set()
+    stack: list[tuple[TaskRecord, bool]] = [(start, False)]
+    while stack:
+        current, expanded = stack.pop()
+        if expanded:
+            order.append(current)
+            continue
+        if current.key in visited:
+            continue
+        visited.add(current.key)
+        stack.append((current, True))
+        for neighbour in reversed(neighbours(current)):
+            if neighbour.key not in visited:
+                stack.append((neighbour, False))
+    return order
 
 
 def _status_of(task: TaskRecord) -> str:
@@ -276,24 +301,8 @@ class ClusterState:
         anew would be mistaken for the new task's fate.
         """
         # Cancel the dependents first, then the task: each after all that
-        # depend on it (depth-first post-order). A work list rather than
-        # recursion, so that a long chain of tasks cannot hit Python's
-        # recursion limit in the middle of an event.
-        order: list[TaskRecord] = []
-        visited: set[str] = set()
-        stack: list[tuple[TaskRecord, bool]] = [(task, False)]
-        while stack:
-            current, expanded = stack.pop()
-            if expanded:
-                order.append(current)
-                continue
-            if current.key in visited:
-                continue
-            visited.add(current.key)
-            stack.append((current, True))
-            for dependent_key in current.dependents:
-                if dependent_key not in visited:
-                    stack.append((self.tasks[dependent_key], False))
+        # depend on it.
+        order = _post_order(task, lambda current: [self.tasks[k] for k in current.dependents])
         for current in order:
             if self.tasks.get(current.key) is not current:
                 continue  # forgotten while its dependents were cancelled
@@ -502,24 +511,14 @@ class ClusterState:
         each after its own inputs, walking a work list rather than recursing
         so that recomputing a long chain cannot hit Python's recursion limit.
         """
-        order: list[TaskRecord] = []
-        visited: set[str] = set()
-        stack: list[tuple[TaskRecord, bool]] = [(task, False)]
-        while stack:
-            current, expanded = stack.pop()
-            if expanded:
-                order.append(current)
-                continue
-            if current.key in visited:
-                continue
-            visited.add(current.key)
-            stack.append((current, True))
+
+        def released_inputs(current: TaskRecord) -> list[TaskRecord]:
             deps = [self.tasks[k] for k in current.dependencies]
             if any(dep.state == ERRED for dep in deps):
-                continue  # current errs: no use recomputing its other inputs
-            for dep in reversed(deps):
-                if dep.state == RELEASED and dep.key not in visited:
-                    stack.append((dep, False))
+                return []  # current errs: no use recomputing its other inputs
+            return [dep for dep in deps if dep.state == RELEASED]
+
+        order = _post_order(task, released_inputs)
         for current in order:
             if current.state == ERRED or (current is not task and current.state != RELEASED):
                 # An input of it erred while the inputs were being queued

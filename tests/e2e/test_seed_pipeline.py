@@ -6,6 +6,7 @@ import time
 
 from client_sdk import Client, get_task_context
 from tests.conftest import Processes, assert_all_released
+from tests.e2e.helpers import max_overlap
 
 
 def load(i: int) -> list[int]:
@@ -28,15 +29,6 @@ def process(data: list[int]) -> dict[str, object]:
 def aggregate(parts: list[dict[str, object]]) -> tuple[int, str, dict[str, float]]:
     ctx = get_task_context()
     return sum(int(p["sum"]) for p in parts), ctx.worker_address, ctx.resources  # type: ignore[call-overload]
-
-
-def max_overlap(intervals: list[tuple[float, float]]) -> int:
-    edges = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
-    best = current = 0
-    for _, step in edges:
-        current += step
-        best = max(best, current)
-    return best
 
 
 def test_seed_pipeline_respects_gpu_and_memory(
