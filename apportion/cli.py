@@ -66,13 +66,22 @@ def scheduler(
         float | None,
         typer.Option(help="Seconds before a waiting task gets a worker reserved (default 2)."),
     ] = None,
+    placement: Annotated[
+        str | None,
+        typer.Option(help="spread: least busy fitting worker first (default); pack: busiest."),
+    ] = None,
 ) -> None:
     """Run the scheduler until interrupted."""
     from scheduler_service import SchedulingPolicy, run_scheduler
 
     overrides: dict[str, Any] = {
         k: v
-        for k, v in {"host": host, "port": port, "starvation_after": starvation_after}.items()
+        for k, v in {
+            "host": host,
+            "port": port,
+            "starvation_after": starvation_after,
+            "placement": placement,
+        }.items()
         if v is not None
     }
     try:
@@ -81,7 +90,9 @@ def scheduler(
         fail(_settings_error(exc))
     setup_logging()
     try:
-        policy = SchedulingPolicy(starvation_after=settings.starvation_after)
+        policy = SchedulingPolicy(
+            starvation_after=settings.starvation_after, placement=settings.placement
+        )
         asyncio.run(
             run_scheduler(
                 settings.host, settings.port, policy=policy, validate=settings.check_invariants

@@ -1,9 +1,15 @@
 """Resource amounts: parsing user input and exact accounting.
 
-Users write amounts as numbers (``2``, ``0.5``, ``100e9``). The scheduler
-accounts them in fixed point, as integer multiples of one nano-unit, so that
-adding and removing leases returns to exactly zero: 0.1 + 0.2 - 0.3 is 0 in
-fixed point and 5.6e-17 in floating point.
+Users write amounts as numbers (``2``, ``0.5``, ``100e9``) or, as strings, as
+byte sizes with a unit, case-insensitive and with an optional space:
+``"64GiB"``, ``"100GB"``, ``"1.5 GiB"``. Decimal units (B, kB, MB, GB, TB, PB)
+are powers of 1000 and binary ones (KiB, MiB, GiB, TiB, PiB) powers of 1024;
+either way the amount becomes a plain number of bytes. Negative, NaN and
+infinite amounts are refused.
+
+The scheduler accounts amounts in fixed point, as integer multiples of one
+nano-unit, so that adding and removing leases returns to exactly zero:
+0.1 + 0.2 - 0.3 is 0 in fixed point and 5.6e-17 in floating point.
 """
 
 from __future__ import annotations
@@ -19,6 +25,20 @@ Quanta = dict[str, int]
 
 _SEPARATORS = re.compile(r"[\s,]+")
 
+#: A number, then optionally a unit: ``"64GiB"``, ``"1.5 gib"``, ``"100e9"``.
+_AMOUNT = re.compile(
+    r"\s*(?P<number>[+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*(?P<unit>[a-z]*)\s*",
+    re.IGNORECASE,
+)
+
+#: Bytes per unit, keyed by the unit in lower case.
+_UNITS = {
+    "b": 1,
+    **{f"{prefix}b": 1000**power for power, prefix in enumerate("kmgtp", 1)},
+    **{f"{prefix}ib": 1024**power for power, prefix in enumerate("kmgtp", 1)},
+}
+_UNIT_NAMES = "B, kB, MB, GB, TB, PB, KiB, MiB, GiB, TiB, PiB"
+
 
 class ResourceSpecError(ValueError):
     """A resource name or amount that cannot be used, naming what was wrong."""
@@ -30,10 +50,21 @@ def check_amount(name: str, value: object) -> float:
         raise ResourceSpecError(f"resource {name!r}={value!r}: the name is empty")
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ResourceSpecError(f"resource {name}={value!r}: the amount is not a number")
+    number, factor = value, 1
+    match = _AMOUNT.fullmatch(value) if isinstance(value, str) else None
+    if match and match["unit"]:
+        unit = match["unit"]
+        if unit.lower() not in _UNITS:
+            raise ResourceSpecError(
+                f"resource {name}={value!r}: unknown unit {unit!r} (use {_UNIT_NAMES})"
+            )
+        number, factor = match["number"], _UNITS[unit.lower()]
     try:
-        amount = float(value)
+        amount = float(number) * factor
     except ValueError:
         raise ResourceSpecError(f"resource {name}={value!r}: the amount is not a number") from None
+    except OverflowError:  # an int too large for a float
+        amount = math.inf
     if not math.isfinite(amount) or amount < 0:
         raise ResourceSpecError(
             f"resource {name}={value!r}: the amount must be a finite number >= 0"

@@ -9,7 +9,7 @@ source below). Command-line flags win over the environment.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic.fields import FieldInfo
@@ -62,6 +62,8 @@ class SchedulerSettings(BaseSettings):
     #: Seconds a task may wait for capacity a worker has in total before that
     #: worker is reserved for it (no starvation).
     starvation_after: float = Field(2.0, ge=0, allow_inf_nan=False)
+    #: "spread" (least busy fitting worker first) or "pack" (busiest first).
+    placement: Literal["spread", "pack"] = "spread"
     #: Check the scheduler's books after every event (for tests; costs time).
     check_invariants: bool = False
 

@@ -29,7 +29,7 @@ def current_annotations() -> Annotations:
 
 @contextmanager
 def annotate(
-    resources: Mapping[str, float] | None = None,
+    resources: Mapping[str, float | str] | None = None,
     priority: int | None = None,
     retries: int | None = None,
 ) -> Iterator[Annotations]:

@@ -10,6 +10,7 @@ written as batches on the client's one stream to the scheduler.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -348,6 +349,11 @@ class Client:
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
+        if loop.is_running():
+            # Results still being awaited (the rest of a gather that failed
+            # early, a result() that timed out) end here, not with the loop.
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(_cancel_others(), loop).result(5)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
         loop.close()
@@ -457,7 +463,7 @@ class Client:
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        resources: Mapping[str, float] | None,
+        resources: Mapping[str, float | str] | None,
         key: str | None,
         retries: int | None,
         priority: int | None,
@@ -501,7 +507,7 @@ class Client:
         self,
         fn: Callable[..., Any],
         *args: Any,
-        resources: Mapping[str, float] | None = None,
+        resources: Mapping[str, float | str] | None = None,
         key: str | None = None,
         retries: int | None = None,
         priority: int | None = None,
@@ -517,7 +523,7 @@ class Client:
         self,
         fn: Callable[..., Any],
         *iterables: Iterable[Any],
-        resources: Mapping[str, float] | None = None,
+        resources: Mapping[str, float | str] | None = None,
         key: str | list[str] | None = None,
         retries: int | None = None,
         priority: int | None = None,
@@ -596,6 +602,14 @@ class Client:
             return None
 
         return self._maybe_async(run(), timeout)
+
+
+async def _cancel_others() -> None:
+    current = asyncio.current_task()
+    others = [t for t in asyncio.all_tasks() if t is not current]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
 
 
 async def _ready(value: T) -> T:

@@ -36,7 +36,7 @@ class LocalCluster:
         self,
         n_workers: int = 1,
         nthreads: int = 1,
-        resources: Mapping[str, float] | None = None,
+        resources: Mapping[str, float | str] | None = None,
         *,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -59,7 +59,7 @@ class LocalCluster:
 
     def add_worker(
         self,
-        resources: Mapping[str, float] | None = None,
+        resources: Mapping[str, float | str] | None = None,
         nthreads: int | None = None,
         name: str | None = None,
         *,

@@ -2,8 +2,10 @@
 
 Among the workers whose *free* amount of every resource the task needs covers
 the need (and that have a free thread), prefer the one already holding most of
-the task's input bytes, then the least loaded, then the one that joined first,
-so that the same inputs always give the same answer.
+the task's input bytes, then the least loaded ("spread", the default) or the
+most loaded ("pack": fills busy workers first, so whole workers fall idle),
+then the one that joined first, so that the same inputs always give the same
+answer.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def pick_worker(
     need: Quanta,
     workers: Iterable[Candidate],
     input_bytes: Mapping[int, int] | None = None,
+    pack: bool = False,
 ) -> Candidate | None:
     best: Candidate | None = None
     best_key: tuple[int, float, int] | None = None
@@ -46,6 +49,8 @@ def pick_worker(
         if worker.free_slots <= 0 or not fits(need, worker.free):
             continue
         busy = (worker.nthreads - worker.free_slots) / worker.nthreads
+        if pack:
+            busy = -busy
         key = (
             -(input_bytes.get(worker.worker_id, 0) if input_bytes else 0),
             busy,

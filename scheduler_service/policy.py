@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+Placement = Literal["spread", "pack"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -11,3 +14,6 @@ class SchedulingPolicy:
     #: but not free, before that worker is reserved for it: smaller tasks stop
     #: being placed there until it starts (no starvation).
     starvation_after: float = 2.0
+    #: "spread" places each task on the least busy fitting worker; "pack" on
+    #: the busiest, filling workers one by one so that whole ones stay free.
+    placement: Placement = "spread"

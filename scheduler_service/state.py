@@ -163,6 +163,7 @@ class ClusterState:
 
     def __init__(self, policy: SchedulingPolicy | None = None) -> None:
         self.policy = policy or SchedulingPolicy()
+        self._pack = self.policy.placement == "pack"
         #: the latest Tick's time (monotonic seconds)
         self.now = 0.0
         self.tasks: dict[str, TaskRecord] = {}
@@ -691,7 +692,7 @@ class ClusterState:
                 if not reserved
                 else [w for w in self.workers.values() if w.reserved_for in (None, task.key)]
             )
-            worker = pick_worker(task.resources, candidates, self._input_bytes(task))
+            worker = pick_worker(task.resources, candidates, self._input_bytes(task), self._pack)
             if worker is None:
                 # Every task of this shape needs the same amounts, so none fits.
                 blocked.add(best_shape)

@@ -93,8 +93,8 @@ class Processes:
         self.procs.append(proc)
         return proc
 
-    def scheduler(self) -> str:
-        proc = self.start("scheduler", "--port", "0")
+    def scheduler(self, *args: str) -> str:
+        proc = self.start("scheduler", "--port", "0", *args)
         line = read_line(proc, START_TIMEOUT)
         assert "listening on" in line, line
         return line.rsplit(" ", 1)[-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from fractions import Fraction
 
 import pytest
@@ -135,6 +136,119 @@ def test_check_resources_needs_a_mapping() -> None:
 def test_check_amount_returns_float() -> None:
     assert check_amount("A", "1e3") == 1000.0
     assert check_amount("A", 0) == 0.0
+
+
+# ------------------------------------------------------------------- units
+
+GIB = 1024**3
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("64GiB", 68719476736.0),
+        ("100GB", 1e11),
+        ("1.5 GiB", 1610612736.0),
+        ("100e9", 1e11),
+        ("2", 2.0),
+        ("0.5", 0.5),
+        ("0GB", 0.0),
+        ("512B", 512.0),
+        ("1kB", 1e3),
+        ("1KB", 1e3),
+        ("1MB", 1e6),
+        ("1TB", 1e12),
+        ("1PB", 1e15),
+        ("1KiB", 1024.0),
+        ("1MiB", 1024.0**2),
+        ("1TiB", 1024.0**4),
+        ("1PiB", 1024.0**5),
+        ("64gib", 64.0 * GIB),
+        ("64GIB", 64.0 * GIB),
+        ("100gb", 1e11),
+        (" 1.5  GiB ", 1.5 * GIB),
+        (".5GiB", 0.5 * GIB),
+        ("1e3GB", 1e12),
+    ],
+)
+def test_amounts_with_units_are_bytes(value: str, expected: float) -> None:
+    amount = check_amount("MEMORY", value)
+    assert amount == expected
+    assert type(amount) is float
+
+
+def test_units_through_parse_resources() -> None:
+    assert parse_resources("MEMORY=64GiB GPU=2") == {"MEMORY": 68719476736.0, "GPU": 2.0}
+    assert parse_resources("A=1.5GiB,B=100GB") == {"A": 1610612736.0, "B": 1e11}
+
+
+def test_units_through_check_resources() -> None:
+    # client.submit(resources=...), annotate, LocalCluster and WorkerSettings all use this.
+    assert check_resources({"MEMORY": "70GB"}) == {"MEMORY": 7e10}
+    assert check_resources({"MEMORY": "32GiB", "GPU": 1}) == {"MEMORY": 32.0 * GIB, "GPU": 1.0}
+
+
+def test_units_survive_fixed_point_exactly() -> None:
+    assert from_quanta(to_quanta(parse_resources("MEMORY=64GiB"))) == {"MEMORY": 64.0 * GIB}
+    assert to_quanta({"MEMORY": check_amount("MEMORY", "1PiB")}) == {"MEMORY": 1024**5 * 10**9}
+
+
+def test_unknown_unit_message() -> None:
+    with pytest.raises(ResourceSpecError) as info:
+        parse_resources("MEMORY=10XB")
+    assert str(info.value) == (
+        "resource MEMORY='10XB': unknown unit 'XB' "
+        "(use B, kB, MB, GB, TB, PB, KiB, MiB, GiB, TiB, PiB)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("-1GB", "finite number >= 0"),
+        ("-0.5 GiB", "finite number >= 0"),
+        ("1e308PB", "finite number >= 0"),
+        ("nan", "finite number >= 0"),
+        ("NaN", "finite number >= 0"),
+        ("inf", "finite number >= 0"),
+        ("-Infinity", "finite number >= 0"),
+        (math.nan, "finite number >= 0"),
+        (-math.inf, "finite number >= 0"),
+        (-3, "finite number >= 0"),
+        (10**400, "finite number >= 0"),
+        ("", "not a number"),
+        ("   ", "not a number"),
+        ("GiB", "not a number"),
+        ("nanGB", "not a number"),
+        ("infGB", "not a number"),
+        ("1 2GB", "not a number"),
+        ("GB1", "not a number"),
+        ("10XB", "unknown unit 'XB'"),
+        ("5 apples", "unknown unit 'apples'"),
+        ("1 GiBs", "unknown unit 'GiBs'"),
+        ("1e", "unknown unit 'e'"),
+        ("1Gb/s", "not a number"),
+    ],
+)
+def test_bad_amounts_are_refused_everywhere(value: object, fragment: str) -> None:
+    for check in (
+        lambda: check_amount("MEMORY", value),
+        lambda: check_resources({"MEMORY": value}),
+    ):
+        with pytest.raises(ResourceSpecError) as info:
+            check()
+        message = str(info.value)
+        assert fragment in message
+        assert message.startswith(f"resource MEMORY={value!r}: ")
+        assert "\n" not in message
+    if isinstance(value, str) and value.strip() and " " not in value:
+        with pytest.raises(ResourceSpecError, match=re.escape(fragment)):
+            parse_resources(f"GPU=1 MEMORY={value}")
+
+
+def test_bool_is_still_refused_with_units_around() -> None:
+    with pytest.raises(ResourceSpecError, match="not a number"):
+        check_amount("MEMORY", True)
 
 
 # ------------------------------------------------------------------ quanta
