@@ -250,10 +250,22 @@ class _ClientCore:
         raise AssertionError("unreachable")
 
     async def cluster_state(self) -> pb.ClusterState:
-        assert self._channel is not None
-        stub = pb_grpc.SchedulerStub(self._channel)
-        state: pb.ClusterState = await stub.GetClusterState(pb.GetClusterStateRequest(), timeout=10)
+        state: pb.ClusterState = await self.unary("GetClusterState", pb.GetClusterStateRequest())
         return state
+
+    async def unary(self, method: str, request: Any, timeout: float = 10) -> Any:
+        """A unary call on the scheduler; gRPC errors become SDK exceptions here."""
+        assert self._channel is not None
+        call = getattr(pb_grpc.SchedulerStub(self._channel), method)
+        try:
+            return await call(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.NOT_FOUND:
+                raise KeyError(exc.details()) from None
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValueError(exc.details()) from None
+            raise SchedulerConnectionError(f"{method}: {code.name}: {exc.details()}") from None
 
 
 def _coalesce(messages: list[pb.ClientToScheduler]) -> Iterable[pb.ClientToScheduler]:
@@ -277,22 +289,32 @@ def _coalesce(messages: list[pb.ClientToScheduler]) -> Iterable[pb.ClientToSched
         yield current
 
 
+def worker_info(w: pb.WorkerInfo) -> dict[str, Any]:
+    return {
+        "name": w.name,
+        "nthreads": w.nthreads,
+        "resources": dict(w.resources),
+        "used_resources": dict(w.used_resources),
+        "running": w.running,
+    }
+
+
 def cluster_info(state: pb.ClusterState) -> dict[str, Any]:
     """``GetClusterState`` as the dict that ``Client.scheduler_info()`` returns."""
     return {
         "address": state.address,
-        "workers": {
-            w.address: {
-                "name": w.name,
-                "nthreads": w.nthreads,
-                "resources": dict(w.resources),
-                "used_resources": {k: v for k, v in w.used_resources.items()},
-                "running": w.running,
-            }
-            for w in state.workers
-        },
+        "workers": {w.address: worker_info(w) for w in state.workers},
         "tasks": dict(state.task_counts),
     }
+
+
+@dataclass(frozen=True, slots=True)
+class _TaskOptions:
+    resources: dict[str, float]
+    retries: int
+    priority: int
+    workers: tuple[str, ...]
+    allow_other_workers: bool
 
 
 # --------------------------------------------------------------------- client
@@ -458,24 +480,36 @@ class Client:
 
     # --------------------------------------------------------------- submit
 
-    def _spec(
+    def _options(
         self,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
         resources: Mapping[str, float | str] | None,
-        key: str | None,
         retries: int | None,
         priority: int | None,
-    ) -> pb.TaskSpec:
-        if not callable(fn):
-            raise TypeError(f"submit() needs a callable, not {type(fn).__name__}")
+        workers: str | Iterable[str] | None,
+        allow_other_workers: bool,
+    ) -> _TaskOptions:
+        """Resolve annotate() defaults and check the options, once per call."""
         notes = current_annotations()
         needs = check_resources(resources) if resources is not None else notes.resources
         retries = notes.retries if retries is None else retries
         priority = notes.priority if priority is None else priority
         if retries is not None and retries < 0:
             raise ValueError(f"retries must be >= 0, not {retries}")
+        names = (workers,) if isinstance(workers, str) else tuple(workers or ())
+        if allow_other_workers and not names:
+            raise ValueError("allow_other_workers=True needs workers=[...] to prefer")
+        return _TaskOptions(needs, retries or 0, priority or 0, names, allow_other_workers)
+
+    def _spec(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: str | None,
+        options: _TaskOptions,
+    ) -> pb.TaskSpec:
+        if not callable(fn):
+            raise TypeError(f"submit() needs a callable, not {type(fn).__name__}")
         deps: dict[str, None] = {}
         args, kwargs = self._refs_for_futures((args, kwargs), deps)
         payload = serialize.dump_call(fn, args, kwargs)
@@ -485,10 +519,12 @@ class Client:
         return pb.TaskSpec(
             key=key,
             payload=payload,
-            resources=needs,
+            resources=options.resources,
             dependencies=list(deps),
-            priority=priority or 0,
-            retries=retries or 0,
+            priority=options.priority,
+            retries=options.retries,
+            workers=options.workers,
+            allow_other_workers=options.allow_other_workers,
         )
 
     def _refs_for_futures(self, obj: Any, deps: dict[str, None]) -> Any:
@@ -511,10 +547,18 @@ class Client:
         key: str | None = None,
         retries: int | None = None,
         priority: int | None = None,
+        workers: str | Iterable[str] | None = None,
+        allow_other_workers: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Run ``fn(*args, **kwargs)`` on a worker that has ``resources`` free."""
-        spec = self._spec(fn, args, kwargs, resources, key, retries, priority)
+        """Run ``fn(*args, **kwargs)`` on a worker that has ``resources`` free.
+
+        ``workers`` (names or addresses) restricts where it may run; with
+        ``allow_other_workers=True`` they are only preferred. Resources are
+        never loosened either way.
+        """
+        options = self._options(resources, retries, priority, workers, allow_other_workers)
+        spec = self._spec(fn, args, kwargs, key, options)
         future = Future(spec.key, self)
         self._call_soon(self.core.submit, [spec])
         return _ready(future) if self.asynchronous else future
@@ -527,9 +571,12 @@ class Client:
         key: str | list[str] | None = None,
         retries: int | None = None,
         priority: int | None = None,
+        workers: str | Iterable[str] | None = None,
+        allow_other_workers: bool = False,
         **kwargs: Any,
     ) -> Any:
         """One task per element (zipped across ``iterables``), submitted as one batch."""
+        options = self._options(resources, retries, priority, workers, allow_other_workers)
         argsets = list(zip(*iterables, strict=False))
         keys: list[str | None]
         if isinstance(key, list):
@@ -541,8 +588,7 @@ class Client:
         else:
             keys = [None] * len(argsets)
         specs = [
-            self._spec(fn, tuple(a), kwargs, resources, k, retries, priority)
-            for a, k in zip(argsets, keys, strict=True)
+            self._spec(fn, tuple(a), kwargs, k, options) for a, k in zip(argsets, keys, strict=True)
         ]
         futures = [Future(spec.key, self) for spec in specs]
         self._call_soon(self.core.submit, specs)
@@ -569,6 +615,34 @@ class Client:
 
         async def run() -> None:
             self.core.cancel(keys)
+
+        return self._maybe_async(run())
+
+    def set_resources(self, worker: str, resources: Mapping[str, float | str]) -> Any:
+        """Change what ``worker`` (an address or a name) declares, while it runs.
+
+        Raising starts waiting tasks at once; lowering below what running tasks
+        hold lets them finish and starts nothing new that needs more than fits.
+        Returns the worker's entry as in ``scheduler_info()["workers"]``.
+        """
+        amounts = check_resources(resources)
+
+        async def run() -> dict[str, Any]:
+            reply = await self.core.unary(
+                "SetWorkerResources",
+                pb.SetWorkerResourcesRequest(worker=worker, resources=amounts),
+            )
+            return worker_info(reply.worker)
+
+        return self._maybe_async(run())
+
+    def explain(self, future: Future | str) -> Any:
+        """One sentence on why a task is not running (or what it is doing)."""
+        key = future.key if isinstance(future, Future) else future
+
+        async def run() -> str:
+            reply = await self.core.unary("ExplainTask", pb.ExplainTaskRequest(key=key))
+            return str(reply.explanation)
 
         return self._maybe_async(run())
 

@@ -7,6 +7,10 @@ The tree, drawn once::
     │   ├── TaskError                       a task raised an exception whose type
     │   │                                   could not be rebuilt here
     │   ├── MissingDependencyError          a task's input is unknown to the scheduler
+    │   ├── KilledWorker                    a task was running on too many workers
+    │   │                                   that died (allowed_failures)
+    │   ├── NoValidWorkerError              no connected worker could hold a task
+    │   │                                   for no_worker_timeout seconds
     │   └── SchedulerConnectionError        the scheduler could not be reached / went away
     ├── concurrent.futures.CancelledError
     │   └── FutureCancelledError (also ApportionError)   the task was cancelled
@@ -44,6 +48,14 @@ class MissingDependencyError(ApportionError):
     pass
 
 
+class KilledWorker(ApportionError):
+    """The task was running on more workers that died than allowed_failures."""
+
+
+class NoValidWorkerError(ApportionError):
+    """No connected worker could hold the task within no_worker_timeout."""
+
+
 class SchedulerConnectionError(ApportionError, ConnectionError):
     pass
 
@@ -57,7 +69,9 @@ class FutureCancelledError(ApportionError, concurrent.futures.CancelledError):
 __all__ = [
     "ApportionError",
     "FutureCancelledError",
+    "KilledWorker",
     "MissingDependencyError",
+    "NoValidWorkerError",
     "ResourceSpecError",
     "SchedulerConnectionError",
     "SerializationError",

@@ -51,6 +51,16 @@ class SchedulerStub:
                 request_serializer=protos_dot_apportion__pb2.GetClusterStateRequest.SerializeToString,
                 response_deserializer=protos_dot_apportion__pb2.ClusterState.FromString,
                 _registered_method=True)
+        self.SetWorkerResources = channel.unary_unary(
+                '/apportion.v1.Scheduler/SetWorkerResources',
+                request_serializer=protos_dot_apportion__pb2.SetWorkerResourcesRequest.SerializeToString,
+                response_deserializer=protos_dot_apportion__pb2.SetWorkerResourcesReply.FromString,
+                _registered_method=True)
+        self.ExplainTask = channel.unary_unary(
+                '/apportion.v1.Scheduler/ExplainTask',
+                request_serializer=protos_dot_apportion__pb2.ExplainTaskRequest.SerializeToString,
+                response_deserializer=protos_dot_apportion__pb2.ExplainTaskReply.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -82,6 +92,21 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetWorkerResources(self, request, context):
+        """Change what a worker declares while it runs (raise: waiting tasks start;
+        lower: running tasks finish, nothing new starts until it fits).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExplainTask(self, request, context):
+        """One sentence on why a task is not running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +124,16 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.GetClusterState,
                     request_deserializer=protos_dot_apportion__pb2.GetClusterStateRequest.FromString,
                     response_serializer=protos_dot_apportion__pb2.ClusterState.SerializeToString,
+            ),
+            'SetWorkerResources': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetWorkerResources,
+                    request_deserializer=protos_dot_apportion__pb2.SetWorkerResourcesRequest.FromString,
+                    response_serializer=protos_dot_apportion__pb2.SetWorkerResourcesReply.SerializeToString,
+            ),
+            'ExplainTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainTask,
+                    request_deserializer=protos_dot_apportion__pb2.ExplainTaskRequest.FromString,
+                    response_serializer=protos_dot_apportion__pb2.ExplainTaskReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +219,60 @@ class Scheduler:
             '/apportion.v1.Scheduler/GetClusterState',
             protos_dot_apportion__pb2.GetClusterStateRequest.SerializeToString,
             protos_dot_apportion__pb2.ClusterState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetWorkerResources(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apportion.v1.Scheduler/SetWorkerResources',
+            protos_dot_apportion__pb2.SetWorkerResourcesRequest.SerializeToString,
+            protos_dot_apportion__pb2.SetWorkerResourcesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apportion.v1.Scheduler/ExplainTask',
+            protos_dot_apportion__pb2.ExplainTaskRequest.SerializeToString,
+            protos_dot_apportion__pb2.ExplainTaskReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,12 @@ class SchedulerStub:
     """
     GetClusterState: _grpc.UnaryUnaryMultiCallable[_apportion_pb2.GetClusterStateRequest, _apportion_pb2.ClusterState]
     """A snapshot of workers, their resources and task counts (operators, CLI)."""
+    SetWorkerResources: _grpc.UnaryUnaryMultiCallable[_apportion_pb2.SetWorkerResourcesRequest, _apportion_pb2.SetWorkerResourcesReply]
+    """Change what a worker declares while it runs (raise: waiting tasks start;
+    lower: running tasks finish, nothing new starts until it fits).
+    """
+    ExplainTask: _grpc.UnaryUnaryMultiCallable[_apportion_pb2.ExplainTaskRequest, _apportion_pb2.ExplainTaskReply]
+    """One sentence on why a task is not running."""
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
@@ -65,6 +71,12 @@ class SchedulerAsyncStub(SchedulerStub):
     """
     GetClusterState: _aio.UnaryUnaryMultiCallable[_apportion_pb2.GetClusterStateRequest, _apportion_pb2.ClusterState]  # type: ignore[assignment]
     """A snapshot of workers, their resources and task counts (operators, CLI)."""
+    SetWorkerResources: _aio.UnaryUnaryMultiCallable[_apportion_pb2.SetWorkerResourcesRequest, _apportion_pb2.SetWorkerResourcesReply]  # type: ignore[assignment]
+    """Change what a worker declares while it runs (raise: waiting tasks start;
+    lower: running tasks finish, nothing new starts until it fits).
+    """
+    ExplainTask: _aio.UnaryUnaryMultiCallable[_apportion_pb2.ExplainTaskRequest, _apportion_pb2.ExplainTaskReply]  # type: ignore[assignment]
+    """One sentence on why a task is not running."""
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------- scheduler"""
@@ -97,6 +109,24 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_apportion_pb2.ClusterState, _abc.Awaitable[_apportion_pb2.ClusterState]]:
         """A snapshot of workers, their resources and task counts (operators, CLI)."""
+
+    @_abc_1.abstractmethod
+    def SetWorkerResources(
+        self,
+        request: _apportion_pb2.SetWorkerResourcesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_apportion_pb2.SetWorkerResourcesReply, _abc.Awaitable[_apportion_pb2.SetWorkerResourcesReply]]:
+        """Change what a worker declares while it runs (raise: waiting tasks start;
+        lower: running tasks finish, nothing new starts until it fits).
+        """
+
+    @_abc_1.abstractmethod
+    def ExplainTask(
+        self,
+        request: _apportion_pb2.ExplainTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_apportion_pb2.ExplainTaskReply, _abc.Awaitable[_apportion_pb2.ExplainTaskReply]]:
+        """One sentence on why a task is not running."""
 
 def add_SchedulerServicer_to_server(servicer: SchedulerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

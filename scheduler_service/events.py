@@ -26,6 +26,18 @@ class TaskSubmission:
     dependencies: tuple[str, ...] = ()
     priority: int = 0
     retries: int = 0
+    #: names or addresses of the workers it may run on (any when empty)
+    workers: tuple[str, ...] = ()
+    #: with ``workers``: only prefer them (resources are never loosened)
+    allow_other_workers: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerResourcesChanged:
+    """An operator changed what a worker declares, while it runs."""
+
+    worker_id: WorkerId
+    resources: Quanta
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +123,7 @@ class KeysReleased:
 Event = (
     Tick
     | WorkerJoined
+    | WorkerResourcesChanged
     | WorkerLeft
     | TaskFinished
     | TaskErred
@@ -170,7 +183,15 @@ class ClientUpdate:
     waiting_reason: str = ""
 
 
-Command = AssignTask | CancelRun | ReleaseData | ClientUpdate
+@dataclass(frozen=True, slots=True)
+class DeclareResources:
+    """Tell a worker what it now declares (its own books must agree)."""
+
+    worker_id: WorkerId
+    resources: Quanta
+
+
+Command = AssignTask | CancelRun | ReleaseData | ClientUpdate | DeclareResources
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ answer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Protocol
 
 from apportion.resources import Quanta, from_quanta
@@ -42,9 +42,15 @@ def pick_worker(
     workers: Iterable[Candidate],
     input_bytes: Mapping[int, int] | None = None,
     pack: bool = False,
+    preferred: Collection[int] | None = None,
 ) -> Candidate | None:
+    """The worker for a task needing ``need``, or None if none has room now.
+
+    ``preferred`` (worker ids): with ``allow_other_workers``, these come first
+    when they have room; the others only otherwise.
+    """
     best: Candidate | None = None
-    best_key: tuple[int, float, int] | None = None
+    best_key: tuple[int, int, float, int] | None = None
     for worker in workers:
         if worker.free_slots <= 0 or not fits(need, worker.free):
             continue
@@ -52,6 +58,7 @@ def pick_worker(
         if pack:
             busy = -busy
         key = (
+            0 if preferred is None or worker.worker_id in preferred else 1,
             -(input_bytes.get(worker.worker_id, 0) if input_bytes else 0),
             busy,
             worker.worker_id,

@@ -17,3 +17,9 @@ class SchedulingPolicy:
     #: "spread" places each task on the least busy fitting worker; "pack" on
     #: the busiest, filling workers one by one so that whole ones stay free.
     placement: Placement = "spread"
+    #: How many times a task may be running on a worker that dies before it
+    #: errs with KilledWorker (instead of killing worker after worker).
+    allowed_failures: int = 3
+    #: Seconds a task that no connected worker could ever hold may wait before
+    #: it errs with NoValidWorkerError; None waits for a fitting worker forever.
+    no_worker_timeout: float | None = None

@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 
 import grpc
 
+from apportion.resources import from_quanta
 from apportion.serialize import ErrorInfo
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
@@ -30,6 +31,7 @@ from .events import (
     ClientLeft,
     ClientUpdate,
     Command,
+    DeclareResources,
     Event,
     KeysReleased,
     ReleaseData,
@@ -42,6 +44,7 @@ from .events import (
     WorkerId,
     WorkerJoined,
     WorkerLeft,
+    WorkerResourcesChanged,
 )
 from .policy import SchedulingPolicy
 from .state import ClusterState, InvariantError
@@ -303,6 +306,30 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     # ------------------------------------------------------------- unary
 
+    async def SetWorkerResources(
+        self,
+        request: pb.SetWorkerResourcesRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> pb.SetWorkerResourcesReply:
+        worker = self.state.find_worker(request.worker)
+        if worker is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no worker {request.worker!r}")
+        assert worker is not None
+        try:
+            resources = wire.wire_resources(request.resources, f"worker {worker.name}")
+        except wire.WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        log.info("worker %s now declares %s", worker.name, dict(request.resources))
+        self.dispatch(WorkerResourcesChanged(worker.worker_id, resources))
+        snapshot = self.state.snapshot()
+        info = next(w for w in snapshot.workers if w.worker_id == worker.worker_id)
+        return pb.SetWorkerResourcesReply(worker=wire.worker_info_to_pb(info))
+
+    async def ExplainTask(
+        self, request: pb.ExplainTaskRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ExplainTaskReply:
+        return pb.ExplainTaskReply(explanation=self.state.explain(request.key))
+
     async def GetClusterState(
         self, request: pb.GetClusterStateRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ClusterState:
@@ -318,4 +345,6 @@ def _worker_batch(cmds: list[Command]) -> pb.SchedulerToWorker:
             instructions.cancel.append(pb.RunRef(key=cmd.key, run_id=cmd.run_id))
         elif isinstance(cmd, ReleaseData):
             instructions.release.append(pb.RunRef(key=cmd.key, run_id=cmd.run_id))
+        elif isinstance(cmd, DeclareResources):
+            instructions.declared.amounts.update(from_quanta(cmd.resources))
     return pb.SchedulerToWorker(instructions=instructions)

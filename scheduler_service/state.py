@@ -39,6 +39,7 @@ from .events import (
     ClientUpdate,
     ClusterSnapshot,
     Command,
+    DeclareResources,
     Event,
     InputLocation,
     KeysReleased,
@@ -53,6 +54,7 @@ from .events import (
     WorkerId,
     WorkerJoined,
     WorkerLeft,
+    WorkerResourcesChanged,
     WorkerSnapshot,
 )
 from .placement import fits, infeasibility_reason, pick_worker
@@ -65,7 +67,9 @@ MEMORY = "memory"
 RELEASED = "released"
 ERRED = "erred"
 
-Shape = tuple[tuple[str, int], ...]
+#: What makes two waiting tasks interchangeable for placement: their resource
+#: needs and, when strict, the workers they are restricted to.
+Shape = tuple[tuple[tuple[str, int], ...], frozenset[str]]
 
 
 class InvariantError(AssertionError):
@@ -95,6 +99,9 @@ class WorkerRecord:
 
     #: a starving task this worker is kept for: nothing else starts here
     reserved_for: str | None = None
+    #: declared was lowered below what running tasks hold; free may be < 0
+    #: until they end (nothing new that needs the resource starts meanwhile)
+    shrunk: bool = False
 
     def held(self) -> Quanta:
         return {name: self.declared[name] - self.free[name] for name in self.declared}
@@ -121,6 +128,12 @@ class TaskRecord:
     ready_gen: int = 0
     #: when it last became ready (the latest Tick's time then)
     ready_since: float = 0.0
+    #: worker names or addresses it may run on (any when empty)
+    allowed: frozenset[str] = frozenset()
+    #: with ``allowed``: a preference only
+    loose: bool = False
+    #: workers that died while running it (KilledWorker after too many)
+    suspects: list[str] = field(default_factory=list)
     error: ErrorInfo | None = None
     waiting_reason: str = ""
 
@@ -170,6 +183,8 @@ class ClusterState:
         self.workers: dict[WorkerId, WorkerRecord] = {}
         #: starving task key -> the worker kept for it (mirrors reserved_for)
         self.reservations: dict[str, WorkerId] = {}
+        #: every resource name any worker has declared since the start
+        self._names_seen: set[str] = set()
         self.clients: dict[ClientId, set[str]] = {}
         # Ready tasks grouped by resource shape, so a task whose resource is
         # exhausted never holds back one whose resource is free. Each heap is
@@ -191,6 +206,9 @@ class ClusterState:
         match event:
             case Tick():
                 self.now = max(self.now, event.now)
+                self._expire_unplaceable(cmds)
+            case WorkerResourcesChanged():
+                self._on_resources_changed(event, cmds)
             case TasksSubmitted():
                 self._on_submitted(event, cmds)
             case TaskFinished():
@@ -229,6 +247,8 @@ class ClusterState:
                 task.wanted_by.add(client)
                 wanted.add(spec.key)
                 self._enter_graph(task, cmds)
+                if task.state == WAITING:
+                    self._warn_unknown_names(client, task, cmds)
             else:
                 # Same key: the existing task's future comes back.
                 task.wanted_by.add(client)
@@ -237,12 +257,27 @@ class ClusterState:
                     self._make_runnable(task, cmds)
                 cmds.append(self._update_for(client, task))
 
+    def _warn_unknown_names(self, client: ClientId, task: TaskRecord, cmds: list[Command]) -> None:
+        """Tell at once of a resource no worker ever seen declares (a typo,
+        often), even while the task still waits for its inputs. A queued
+        task is told why it waits anyway (_tell_why_waiting)."""
+        unknown = sorted(name for name in task.resources if name not in self._names_seen)
+        if unknown:
+            names = ", ".join(unknown)
+            reason = f"task {task.key!r} needs {names}, which no worker seen so far declares"
+            cmds.append(ClientUpdate(client, task.key, "pending", waiting_reason=reason))
+
     def _new_task(self, spec: TaskSubmission) -> TaskRecord:
         return TaskRecord(
             key=spec.key,
             payload=spec.payload,
             resources=dict(spec.resources),
-            shape=tuple(sorted(spec.resources.items())),
+            shape=(
+                tuple(sorted(spec.resources.items())),
+                frozenset() if spec.allow_other_workers else frozenset(spec.workers),
+            ),
+            allowed=frozenset(spec.workers),
+            loose=spec.allow_other_workers,
             dependencies=tuple(dict.fromkeys(spec.dependencies)),
             priority=spec.priority,
             retries_left=spec.retries,
@@ -337,6 +372,7 @@ class ClusterState:
             free=dict(event.resources),
             free_slots=event.nthreads,
         )
+        self._names_seen.update(event.resources)
         self._feasibility.clear()
 
     def _on_worker_left(self, event: WorkerLeft, cmds: list[Command]) -> None:
@@ -362,7 +398,12 @@ class ClusterState:
             if task is not None and task.run_id == run_id and task.state == PROCESSING:
                 task.worker_id = None
                 task.run_id = 0
-                self._make_runnable(task, cmds)
+                task.state = WAITING  # transient: re-queued or erred just below
+                task.suspects.append(worker.name)
+                if len(task.suspects) > self.policy.allowed_failures:
+                    self._err(task, self._killed_worker(task), cmds)
+                else:
+                    self._make_runnable(task, cmds)
         # Tasks queued for capacity that only this worker had now wait for a
         # worker to join: their clients are told why, as for a new task.
         for heap in self._ready.values():
@@ -370,6 +411,54 @@ class ClusterState:
                 queued = self.tasks.get(key)
                 if queued is not None and queued.state == READY and queued.ready_gen == gen:
                     self._tell_why_waiting(queued, cmds)
+
+    def _killed_worker(self, task: TaskRecord) -> ErrorInfo:
+        workers = ", ".join(task.suspects)
+        return ErrorInfo(
+            type_name="client_sdk.exceptions.KilledWorker",
+            message=f"task {task.key!r} was running on {len(task.suspects)} workers that died "
+            f"({workers}); allowed_failures is {self.policy.allowed_failures}",
+            traceback="",
+            exception=b"",
+        )
+
+    def _on_resources_changed(self, event: WorkerResourcesChanged, cmds: list[Command]) -> None:
+        worker = self.workers.get(event.worker_id)
+        if worker is None:
+            return
+        held = worker.held()
+        declared = dict(event.resources)
+        for name, amount in held.items():
+            if amount:
+                declared.setdefault(name, 0)  # still held until those runs end
+        worker.declared = declared
+        worker.free = {name: declared[name] - held.get(name, 0) for name in declared}
+        worker.shrunk = any(amount < 0 for amount in worker.free.values())
+        self._names_seen.update(event.resources)
+        self._feasibility.clear()
+        cmds.append(DeclareResources(worker.worker_id, dict(declared)))
+
+    def _expire_unplaceable(self, cmds: list[Command]) -> None:
+        """With no_worker_timeout: err tasks no connected worker could ever hold."""
+        timeout = self.policy.no_worker_timeout
+        if timeout is None:
+            return
+        for shape, heap in list(self._ready.items()):
+            if self._feasibility.get(shape) is None:
+                continue
+            for _, _, gen, key in list(heap):
+                task = self.tasks.get(key)
+                if task is None or task.state != READY or task.ready_gen != gen:
+                    continue
+                if self.now - task.ready_since >= timeout:
+                    error = ErrorInfo(
+                        type_name="client_sdk.exceptions.NoValidWorkerError",
+                        message=f"task {key!r} waited {timeout:g}s for a worker that could "
+                        f"hold it: {task.waiting_reason}",
+                        traceback="",
+                        exception=b"",
+                    )
+                    self._err(task, error, cmds)
 
     def _lost_data(self, task: TaskRecord, cmds: list[Command]) -> None:
         """The last copy of a result is gone: recompute it if anyone still needs it."""
@@ -399,6 +488,8 @@ class ClusterState:
         for name, amount in run.resources.items():
             free[name] += amount
         worker.free_slots += 1
+        if worker.shrunk and all(amount >= 0 for amount in free.values()):
+            worker.shrunk = False
         return worker
 
     def _current(self, key: str, run_id: int) -> TaskRecord | None:
@@ -559,12 +650,7 @@ class ClusterState:
 
     def _tell_why_waiting(self, task: TaskRecord, cmds: list[Command]) -> None:
         """Tell a ready task's clients, once, if no connected worker can hold it."""
-        if task.shape in self._feasibility:
-            reason = self._feasibility[task.shape]
-        else:
-            reason = self._feasibility[task.shape] = infeasibility_reason(
-                task.resources, (w.declared for w in self.workers.values())
-            )
+        reason = self._why_never(task)
         if reason is not None and reason != task.waiting_reason:
             task.waiting_reason = reason
             for client in task.wanted_by:
@@ -573,6 +659,28 @@ class ClusterState:
                         client, task.key, "pending", waiting_reason=f"task {task.key!r}: {reason}"
                     )
                 )
+
+    def _why_never(self, task: TaskRecord) -> str | None:
+        """Why no connected worker could ever hold ``task`` (None: one could).
+        Cached per shape until a worker joins, leaves or changes resources."""
+        if task.shape in self._feasibility:
+            return self._feasibility[task.shape]
+        eligible = self._eligible(task)
+        if task.allowed and not task.loose and not eligible:
+            names = ", ".join(sorted(task.allowed))
+            reason: str | None = f"none of the workers it is restricted to ({names}) is connected"
+        else:
+            reason = infeasibility_reason(task.resources, (w.declared for w in eligible))
+        self._feasibility[task.shape] = reason
+        return reason
+
+    def _eligible(self, task: TaskRecord) -> list[WorkerRecord]:
+        """The workers ``task`` may run on: all, or those it is restricted to."""
+        if not task.allowed or task.loose:
+            return list(self.workers.values())
+        return [
+            w for w in self.workers.values() if w.name in task.allowed or w.address in task.allowed
+        ]
 
     def _needs_data(self, task: TaskRecord) -> bool:
         if task.wanted_by:
@@ -687,12 +795,23 @@ class ClusterState:
             if best_shape is None or best_entry is None:
                 return
             task = self.tasks[best_entry[3]]
-            candidates = (
-                self.workers.values()
-                if not reserved
-                else [w for w in self.workers.values() if w.reserved_for in (None, task.key)]
+            candidates: Iterable[WorkerRecord] = (
+                self.workers.values() if not task.allowed or task.loose else self._eligible(task)
             )
-            worker = pick_worker(task.resources, candidates, self._input_bytes(task), self._pack)
+            if reserved:
+                candidates = [w for w in candidates if w.reserved_for in (None, task.key)]
+            preferred = (
+                {
+                    w.worker_id
+                    for w in self.workers.values()
+                    if w.name in task.allowed or w.address in task.allowed
+                }
+                if task.loose and task.allowed
+                else None
+            )
+            worker = pick_worker(
+                task.resources, candidates, self._input_bytes(task), self._pack, preferred
+            )
             if worker is None:
                 # Every task of this shape needs the same amounts, so none fits.
                 blocked.add(best_shape)
@@ -729,7 +848,7 @@ class ClusterState:
             return False
         best: WorkerRecord | None = None
         best_key: tuple[float, int, int] | None = None
-        for worker in self.workers.values():
+        for worker in self._eligible(task):
             if worker.reserved_for is not None or not fits(task.resources, worker.declared):
                 continue
             # The worker closest to having room: least missing, relative to
@@ -795,6 +914,67 @@ class ClusterState:
 
     # ---------------------------------------------------------- inspection
 
+    def find_worker(self, name_or_address: str) -> WorkerRecord | None:
+        for worker in self.workers.values():
+            if name_or_address in (worker.address, worker.name):
+                return worker
+        return None
+
+    def explain(self, key: str) -> str:
+        """One sentence on why task ``key`` is not running (or what it is doing)."""
+        task = self.tasks.get(key)
+        if task is None:
+            return f"task {key!r} is not known to the scheduler (never submitted, or released)"
+        if task.state == PROCESSING:
+            assert task.worker_id is not None
+            return f"task {key!r} is running on {self.workers[task.worker_id].name}"
+        if task.state == MEMORY:
+            names = ", ".join(sorted(self.workers[w].name for w in task.who_has))
+            return f"task {key!r} has finished; its result is held by {names}"
+        if task.state == ERRED:
+            assert task.error is not None
+            return f"task {key!r} erred: {task.error.type_name}: {task.error.message}"
+        if task.state == RELEASED:
+            return f"task {key!r} is not needed by anyone now (its result was released)"
+        if task.state == WAITING:
+            inputs = ", ".join(f"{k!r} ({self.tasks[k].state})" for k in sorted(task.waiting_on))
+            return f"task {key!r} waits for its input(s) {inputs}"
+        reason = self._why_never(task)
+        if reason is not None:
+            return f"task {key!r} cannot run yet: {reason}"
+        return self._explain_busy(task)
+
+    def _explain_busy(self, task: TaskRecord) -> str:
+        """A ready task that fits some worker in total: what is busy, what is ahead."""
+        eligible = [w for w in self._eligible(task) if fits(task.resources, w.declared)]
+        busy: set[str] = set()
+        for worker in eligible:
+            if worker.free_slots <= 0:
+                busy.add("threads")
+            for name, need in task.resources.items():
+                if worker.free.get(name, 0) < need:
+                    busy.add(name)
+        heap = self._ready.get(task.shape, [])
+        mine = (-task.priority, task.seq)
+        ahead = 0
+        for prio, seq, gen, key in heap:
+            other = self.tasks.get(key)
+            if (
+                other is not None
+                and other is not task
+                and other.state == READY
+                and other.ready_gen == gen
+                and (prio, seq) < mine
+            ):
+                ahead += 1
+        what = " and ".join(sorted(busy)) or "capacity"
+        kept = self.reservations.get(task.key)
+        note = f"; {self.workers[kept].name} is reserved for it" if kept is not None else ""
+        return (
+            f"task {task.key!r} waits for {what}, busy on every worker that fits it "
+            f"({len(eligible)}); {ahead} task(s) like it are ahead of it{note}"
+        )
+
     def snapshot(self) -> ClusterSnapshot:
         counts = Counter(task.state for task in self.tasks.values())
         return ClusterSnapshot(
@@ -832,7 +1012,10 @@ class ClusterState:
                     f"worker {worker.name}: {name} free {free} + held {held[name]} "
                     f"!= declared {declared}",
                 )
-                check(free >= 0, f"worker {worker.name}: {name} over-committed (free {free})")
+                check(
+                    free >= 0 or worker.shrunk,
+                    f"worker {worker.name}: {name} over-committed (free {free})",
+                )
             for name in held:
                 check(name in worker.declared, f"worker {worker.name}: holds undeclared {name}")
             check(

@@ -17,6 +17,7 @@ from .events import (
     ClientUpdate,
     ClusterSnapshot,
     TaskSubmission,
+    WorkerSnapshot,
 )
 
 MAX_KEY_LENGTH = 1024
@@ -78,6 +79,8 @@ def submission_from_pb(spec: pb.TaskSpec) -> TaskSubmission:
         dependencies=tuple(spec.dependencies),
         priority=spec.priority,
         retries=spec.retries,
+        workers=tuple(check_key(w, f"worker restriction of {key!r}") for w in spec.workers),
+        allow_other_workers=spec.allow_other_workers,
     )
 
 
@@ -106,20 +109,21 @@ def update_to_pb(cmd: ClientUpdate) -> pb.TaskUpdate:
     return update
 
 
+def worker_info_to_pb(w: WorkerSnapshot) -> pb.WorkerInfo:
+    return pb.WorkerInfo(
+        worker_id=w.worker_id,
+        name=w.name,
+        address=w.address,
+        nthreads=w.nthreads,
+        resources=from_quanta(w.resources),
+        used_resources=from_quanta(w.used),
+        running=w.running,
+    )
+
+
 def cluster_state_to_pb(address: str, snapshot: ClusterSnapshot) -> pb.ClusterState:
     return pb.ClusterState(
         address=address,
-        workers=[
-            pb.WorkerInfo(
-                worker_id=w.worker_id,
-                name=w.name,
-                address=w.address,
-                nthreads=w.nthreads,
-                resources=from_quanta(w.resources),
-                used_resources=from_quanta(w.used),
-                running=w.running,
-            )
-            for w in snapshot.workers
-        ],
+        workers=[worker_info_to_pb(w) for w in snapshot.workers],
         task_counts=snapshot.task_counts,
     )

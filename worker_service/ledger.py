@@ -34,6 +34,13 @@ class Ledger:
                 raise OverCommitted(f"{name}: {amount} wanted, {free} free")
         self.held[run_id] = need
 
+    def declare(self, declared: Mapping[str, float]) -> None:
+        """The operator changed what this worker declares (set-resources).
+
+        Runs already holding more than the new amounts finish; nothing new
+        that needs those resources is admitted until they fit again."""
+        self.declared = to_quanta(declared)
+
     def release(self, run_id: int) -> None:
         del self.held[run_id]  # KeyError here would mean a double release
 
@@ -45,9 +52,12 @@ class Ledger:
         return used
 
     def validate(self) -> None:
+        """Every hold is non-negative and the thread bound holds. (Holds may
+        exceed a declaration lowered while they ran; acquire() refuses new
+        ones that would not fit.)"""
         used = self.used()
         for name, amount in used.items():
-            if amount > self.declared.get(name, 0) or amount < 0:
+            if amount < 0:
                 raise AssertionError(
                     f"worker holds {name}={amount} of {self.declared.get(name, 0)}"
                 )

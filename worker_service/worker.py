@@ -235,6 +235,10 @@ class Worker:
             )
 
     def _on_instructions(self, instructions: pb.WorkerInstructions) -> None:
+        if instructions.HasField("declared"):
+            self.resources = dict(instructions.declared.amounts)
+            self.ledger.declare(self.resources)
+            log.info("now declaring %s", self.resources)
         for ref in instructions.release:
             self.store.release(ref.key, ref.run_id)
         for ref in instructions.cancel:
