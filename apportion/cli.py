@@ -70,6 +70,14 @@ def scheduler(
         str | None,
         typer.Option(help="spread: least busy fitting worker first (default); pack: busiest."),
     ] = None,
+    allowed_failures: Annotated[
+        int | None,
+        typer.Option(help="Worker deaths a task may cause before it errs (default 3)."),
+    ] = None,
+    no_worker_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds before a task no worker can hold errs (default: wait)."),
+    ] = None,
 ) -> None:
     """Run the scheduler until interrupted."""
     from scheduler_service import SchedulingPolicy, run_scheduler
@@ -81,6 +89,8 @@ def scheduler(
             "port": port,
             "starvation_after": starvation_after,
             "placement": placement,
+            "allowed_failures": allowed_failures,
+            "no_worker_timeout": no_worker_timeout,
         }.items()
         if v is not None
     }
@@ -91,7 +101,10 @@ def scheduler(
     setup_logging()
     try:
         policy = SchedulingPolicy(
-            starvation_after=settings.starvation_after, placement=settings.placement
+            starvation_after=settings.starvation_after,
+            placement=settings.placement,
+            allowed_failures=settings.allowed_failures,
+            no_worker_timeout=settings.no_worker_timeout,
         )
         asyncio.run(
             run_scheduler(
@@ -254,21 +267,64 @@ def status(
     """Show workers, their resources and what is in use."""
     from client_sdk.client import cluster_info
     from protos import apportion_pb2 as pb
-    from protos import apportion_pb2_grpc as pb_grpc
 
     check_address(scheduler_address)
-    try:
-        with grpc.insecure_channel(scheduler_address) as channel:
-            state = pb_grpc.SchedulerStub(channel).GetClusterState(
-                pb.GetClusterStateRequest(), timeout=10
-            )
-    except grpc.RpcError as exc:
-        fail(f"cannot reach the scheduler at {scheduler_address}: {exc.code().name}")
+    state = _unary(scheduler_address, "GetClusterState", pb.GetClusterStateRequest())
     info = cluster_info(state)
     if as_json:
         typer.echo(json.dumps(info, sort_keys=True))
         return
     _print_status(info)
+
+
+@app.command("set-resources")
+def set_resources(
+    scheduler_address: Annotated[str, typer.Argument(help="The scheduler, HOST:PORT.")],
+    worker: Annotated[str, typer.Argument(help="The worker's address or name.")],
+    resources: Annotated[str, typer.Argument(help='What it declares from now, e.g. "GPU=4".')],
+) -> None:
+    """Change what a running worker declares."""
+    from protos import apportion_pb2 as pb
+
+    check_address(scheduler_address)
+    try:
+        amounts = parse_resources(resources)
+    except ResourceSpecError as exc:
+        fail(str(exc))
+    reply = _unary(
+        scheduler_address,
+        "SetWorkerResources",
+        pb.SetWorkerResourcesRequest(worker=worker, resources=amounts),
+    )
+    w = reply.worker
+    declared = format_resources(dict(w.resources)) or "nothing"
+    typer.echo(f"{w.name} ({w.address}) now declares {declared}")
+
+
+@app.command()
+def explain(
+    scheduler_address: Annotated[str, typer.Argument(help="The scheduler, HOST:PORT.")],
+    key: Annotated[str, typer.Argument(help="The task's key.")],
+) -> None:
+    """Say in one sentence why a task is not running."""
+    from protos import apportion_pb2 as pb
+
+    check_address(scheduler_address)
+    reply = _unary(scheduler_address, "ExplainTask", pb.ExplainTaskRequest(key=key))
+    typer.echo(reply.explanation)
+
+
+def _unary(scheduler_address: str, method: str, request: Any) -> Any:
+    from protos import apportion_pb2_grpc as pb_grpc
+
+    try:
+        with grpc.insecure_channel(scheduler_address) as channel:
+            return getattr(pb_grpc.SchedulerStub(channel), method)(request, timeout=10)
+    except grpc.RpcError as exc:
+        code = exc.code()
+        if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+            fail(exc.details())
+        fail(f"cannot reach the scheduler at {scheduler_address}: {code.name}")
 
 
 def _print_status(info: dict[str, Any]) -> None:

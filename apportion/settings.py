@@ -64,6 +64,10 @@ class SchedulerSettings(BaseSettings):
     starvation_after: float = Field(2.0, ge=0, allow_inf_nan=False)
     #: "spread" (least busy fitting worker first) or "pack" (busiest first).
     placement: Literal["spread", "pack"] = "spread"
+    #: Deaths of workers running a task before it errs with KilledWorker.
+    allowed_failures: int = Field(3, ge=0, le=1000)
+    #: Seconds a task no worker could ever hold waits before NoValidWorkerError.
+    no_worker_timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
     #: Check the scheduler's books after every event (for tests; costs time).
     check_invariants: bool = False
 
