@@ -404,8 +404,12 @@ class ClusterState:
                     self._err(task, self._killed_worker(task), cmds)
                 else:
                     self._make_runnable(task, cmds)
-        # Tasks queued for capacity that only this worker had now wait for a
-        # worker to join: their clients are told why, as for a new task.
+        self._retell_why_waiting(cmds)
+
+    def _retell_why_waiting(self, cmds: list[Command]) -> None:
+        """After capacity went away (a worker left or declares less): tasks
+        queued for what no worker now has wait for one that has it, and their
+        clients are told why, as for a new task."""
         for heap in self._ready.values():
             for _, _, gen, key in heap:
                 queued = self.tasks.get(key)
@@ -437,6 +441,7 @@ class ClusterState:
         self._names_seen.update(event.resources)
         self._feasibility.clear()
         cmds.append(DeclareResources(worker.worker_id, dict(declared)))
+        self._retell_why_waiting(cmds)
 
     def _expire_unplaceable(self, cmds: list[Command]) -> None:
         """With no_worker_timeout: err tasks no connected worker could ever hold."""
@@ -472,6 +477,7 @@ class ClusterState:
         if self._needs_data(task):
             for client in task.wanted_by:
                 cmds.append(ClientUpdate(client, task.key, "pending"))
+            task.waiting_reason = ""  # told nothing now: tell again if it must wait
             self._make_runnable(task, cmds)
 
     # ------------------------------------------------------- task outcomes

@@ -39,6 +39,7 @@ from scheduler_service.events import (
     Tick,
     WorkerJoined,
     WorkerLeft,
+    WorkerResourcesChanged,
 )
 from scheduler_service.placement import infeasibility_reason
 from scheduler_service.state import ERRED, MEMORY, READY, ClusterState
@@ -196,17 +197,37 @@ class ClusterMachine(RuleBasedStateMachine):
                     dep_keys,
                     st.integers(-1, 1),
                     st.integers(0, 1),
+                    # Restrictions: none; strict to the worker teardown adds
+                    # (so it can still run); a mere preference for w1.
+                    st.sampled_from([((), False), (("big",), False), (("w1",), True)]),
                 ),
                 min_size=1,
                 max_size=3,
             ),
-            label="(key, resources, dependencies, priority, retries)",
+            label="(key, resources, dependencies, priority, retries, restriction)",
         )
         tasks = tuple(
-            TaskSubmission(key, key.encode(), to_quanta(resources), tuple(deps), priority, retries)
-            for key, resources, deps, priority, retries in specs
+            TaskSubmission(
+                key,
+                key.encode(),
+                to_quanta(resources),
+                tuple(deps),
+                priority,
+                retries,
+                workers,
+                loose,
+            )
+            for key, resources, deps, priority, retries, (workers, loose) in specs
         )
         self.handle(TasksSubmitted(client, tasks))
+
+    @precondition(lambda self: self.workers)
+    @rule(data=st.data())
+    def change_capacity(self, data: st.DataObject) -> None:
+        """An operator raises or lowers what a worker declares, mid-run."""
+        worker_id = data.draw(st.sampled_from(sorted(self.workers)))
+        resources = data.draw(declared, label="resources")
+        self.handle(WorkerResourcesChanged(worker_id, to_quanta(resources)))
 
     @rule(seconds=st.sampled_from([0.1, 0.5, 1.0, 2.5]))
     def tick(self, seconds: float) -> None:
