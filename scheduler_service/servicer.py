@@ -346,5 +346,8 @@ def _worker_batch(cmds: list[Command]) -> pb.SchedulerToWorker:
         elif isinstance(cmd, ReleaseData):
             instructions.release.append(pb.RunRef(key=cmd.key, run_id=cmd.run_id))
         elif isinstance(cmd, DeclareResources):
+            # Present even when empty: a worker told to declare nothing must
+            # hear it (an empty map alone would leave the field unset).
+            instructions.declared.SetInParent()
             instructions.declared.amounts.update(from_quanta(cmd.resources))
     return pb.SchedulerToWorker(instructions=instructions)

@@ -448,18 +448,25 @@ class ClusterState:
         timeout = self.policy.no_worker_timeout
         if timeout is None:
             return
-        for shape, heap in list(self._ready.items()):
-            if self._feasibility.get(shape) is None:
+        for heap in list(self._ready.values()):
+            queued = [
+                task
+                for _, _, gen, key in heap
+                if (task := self.tasks.get(key)) is not None
+                and task.state == READY
+                and task.ready_gen == gen
+            ]
+            # One shape, one answer (computed afresh if a worker joined,
+            # left or changed its resources since).
+            reason = self._why_never(queued[0]) if queued else None
+            if reason is None:
                 continue
-            for _, _, gen, key in list(heap):
-                task = self.tasks.get(key)
-                if task is None or task.state != READY or task.ready_gen != gen:
-                    continue
-                if self.now - task.ready_since >= timeout:
+            for task in queued:
+                if self.now - task.ready_since >= timeout and task.state == READY:
                     error = ErrorInfo(
                         type_name="client_sdk.exceptions.NoValidWorkerError",
-                        message=f"task {key!r} waited {timeout:g}s for a worker that could "
-                        f"hold it: {task.waiting_reason}",
+                        message=f"task {task.key!r} waited {timeout:g}s for a worker that "
+                        f"could hold it: {reason}",
                         traceback="",
                         exception=b"",
                     )
@@ -677,6 +684,9 @@ class ClusterState:
             reason: str | None = f"none of the workers it is restricted to ({names}) is connected"
         else:
             reason = infeasibility_reason(task.resources, (w.declared for w in eligible))
+            if reason is not None and task.allowed and not task.loose:
+                names = ", ".join(sorted(task.allowed))
+                reason = f"among the workers it is restricted to ({names}), {reason}"
         self._feasibility[task.shape] = reason
         return reason
 

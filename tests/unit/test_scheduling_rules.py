@@ -201,3 +201,13 @@ def test_undeclared_resource_name_is_reported_at_submit_even_while_waiting_for_i
     assert "TPUU" in update.waiting_reason and "no worker seen so far" in update.waiting_reason
     cmds = sim.submit("u", deps=("input",), GPU=1)
     assert updates(cmds, "u") == []
+
+
+def test_no_worker_timeout_still_applies_after_an_unfitting_worker_joins() -> None:
+    sim = Sim()
+    sim.state = ClusterState(SchedulingPolicy(no_worker_timeout=1.0))
+    sim.join(1)
+    sim.submit("t", TPU=1)
+    sim.join(2, GPU=1)  # clears the cached answer; the task still fits nowhere
+    cmds = sim(Tick(2.0))
+    assert [u.status for u in updates(cmds, "t")] == ["error"]
