@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint protos check-protos venv clean
+.PHONY: demo test lint protos check-protos venv clean bench bench-quick
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,21 @@ demo: $(STAMP)
 ## The test suite (unit, in-process gRPC, and end-to-end with real processes).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+## apportion vs Dask distributed side by side (3 interleaved rounds, medians),
+## then the placement micro-benchmark. Dask is installed only here.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run --rounds 3
+	$(BIN)/python -m bench.placement
+
+bench-quick: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run --rounds 1 --quick
+	$(BIN)/python -m bench.placement --budget 1
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
