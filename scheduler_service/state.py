@@ -185,6 +185,15 @@ class ClusterState:
         self.reservations: dict[str, WorkerId] = {}
         #: every resource name any worker has declared since the start
         self._names_seen: set[str] = set()
+        # What changed since the last placement pass. After a pass, the head of
+        # every waiting shape fits no worker it may use; only a worker that
+        # gained room or a shape that gained a task can change that, so a pass
+        # checks just those (a full pass on a Tick or when a worker leaves).
+        self._recheck_all = True
+        self._dirty_workers: set[WorkerId] = set()
+        self._dirty_shapes: set[Shape] = set()
+        self._ticked = False
+        self._free_slots = 0
         self.clients: dict[ClientId, set[str]] = {}
         # Ready tasks grouped by resource shape, so a task whose resource is
         # exhausted never holds back one whose resource is free. Each heap is
@@ -206,6 +215,7 @@ class ClusterState:
         match event:
             case Tick():
                 self.now = max(self.now, event.now)
+                self._ticked = True  # waiting times grew: a reservation may start
                 self._expire_unplaceable(cmds)
             case WorkerResourcesChanged():
                 self._on_resources_changed(event, cmds)
@@ -372,6 +382,8 @@ class ClusterState:
             free=dict(event.resources),
             free_slots=event.nthreads,
         )
+        self._free_slots += event.nthreads
+        self._dirty_workers.add(event.worker_id)
         self._names_seen.update(event.resources)
         self._feasibility.clear()
 
@@ -379,6 +391,8 @@ class ClusterState:
         worker = self.workers.pop(event.worker_id, None)
         if worker is None:
             return
+        self._free_slots -= worker.free_slots
+        self._recheck_all = True
         self._feasibility.clear()
         if worker.reserved_for is not None:
             del self.reservations[worker.reserved_for]
@@ -441,6 +455,7 @@ class ClusterState:
         self._names_seen.update(event.resources)
         self._feasibility.clear()
         cmds.append(DeclareResources(worker.worker_id, dict(declared)))
+        self._dirty_workers.add(worker.worker_id)
         self._retell_why_waiting(cmds)
 
     def _expire_unplaceable(self, cmds: list[Command]) -> None:
@@ -501,6 +516,8 @@ class ClusterState:
         for name, amount in run.resources.items():
             free[name] += amount
         worker.free_slots += 1
+        self._free_slots += 1
+        self._dirty_workers.add(worker_id)
         if worker.shrunk and all(amount >= 0 for amount in free.values()):
             worker.shrunk = False
         return worker
@@ -659,6 +676,7 @@ class ClusterState:
         if heap is None:
             heap = self._ready[task.shape] = []
         heapq.heappush(heap, (-task.priority, task.seq, task.ready_gen, task.key))
+        self._dirty_shapes.add(task.shape)
         self._tell_why_waiting(task, cmds)
 
     def _tell_why_waiting(self, task: TaskRecord, cmds: list[Command]) -> None:
@@ -792,28 +810,53 @@ class ClusterState:
     def _schedule(self, cmds: list[Command]) -> None:
         """Place ready tasks, best (priority, submission order) first, across shapes."""
         self._place_reserved(cmds)
-        reserved = bool(self.reservations)
-        if not self._ready or not any(w.free_slots for w in self.workers.values()):
+        full, dirty_workers, dirty_shapes = (
+            self._recheck_all,
+            self._dirty_workers,
+            self._dirty_shapes,
+        )
+        ticked, self._ticked = self._ticked, False
+        self._recheck_all, self._dirty_workers, self._dirty_shapes = False, set(), set()
+        if not self._ready or self._free_slots <= 0:
             return
-        blocked: set[Shape] = set()
-        while True:
-            best_shape: Shape | None = None
-            best_entry: tuple[int, int, int, str] | None = None
-            for shape, heap in list(self._ready.items()):
-                if shape in blocked:
-                    continue
-                entry = self._peek(heap)
-                if entry is None:
-                    del self._ready[shape]
-                    self._last_start.pop(shape, None)
-                elif best_entry is None or entry < best_entry:
-                    best_shape, best_entry = shape, entry
-            if best_shape is None or best_entry is None:
-                return
+        if not (full or dirty_workers or dirty_shapes or ticked):
+            return  # nothing gained room, nothing new waits, no time passed
+        reserved = bool(self.reservations)
+        # The head of every shape, best (priority, submission order) first. A
+        # shape whose head fits nowhere is dropped for this pass: all its
+        # tasks need the same, so none fits.
+        heads: list[tuple[tuple[int, int, int, str], Shape]] = []
+        for shape, heap in list(self._ready.items()):
+            entry = self._peek(heap)
+            if entry is None:
+                del self._ready[shape]
+                self._last_start.pop(shape, None)
+            else:
+                heads.append((entry, shape))
+        heapq.heapify(heads)
+        while heads:
+            best_entry, best_shape = heapq.heappop(heads)
             task = self.tasks[best_entry[3]]
-            candidates: Iterable[WorkerRecord] = (
-                self.workers.values() if not task.allowed or task.loose else self._eligible(task)
-            )
+            candidates: Iterable[WorkerRecord]
+            if full or best_shape in dirty_shapes:
+                candidates = (
+                    self.workers.values()
+                    if not task.allowed or task.loose
+                    else self._eligible(task)
+                )
+            else:
+                # Only workers that gained room can take what fitted nowhere.
+                candidates = [
+                    w
+                    for worker_id in dirty_workers
+                    if (w := self.workers.get(worker_id)) is not None
+                    and (
+                        not task.allowed
+                        or task.loose
+                        or w.name in task.allowed
+                        or w.address in task.allowed
+                    )
+                ]
             if reserved:
                 candidates = [w for w in candidates if w.reserved_for in (None, task.key)]
             preferred = (
@@ -829,13 +872,17 @@ class ClusterState:
                 task.resources, candidates, self._input_bytes(task), self._pack, preferred
             )
             if worker is None:
-                # Every task of this shape needs the same amounts, so none fits.
-                blocked.add(best_shape)
                 if self._reserve_for(task):
                     reserved = True
                 continue
-            heapq.heappop(self._ready[best_shape])
+            heap = self._ready[best_shape]
+            heapq.heappop(heap)
             self._assign(task, self.workers[worker.worker_id], cmds)
+            if self._free_slots <= 0:
+                return
+            following = self._peek(heap)
+            if following is not None:
+                heapq.heappush(heads, (following, best_shape))
 
     def _place_reserved(self, cmds: list[Command]) -> None:
         """Start starving tasks whose reserved worker now has room; drop
@@ -846,6 +893,7 @@ class ClusterState:
             if task is None or task.state != READY:
                 del self.reservations[key]
                 worker.reserved_for = None
+                self._dirty_workers.add(worker_id)  # open to every task again
             elif worker.free_slots > 0 and fits(task.resources, worker.free):
                 self._assign(task, worker, cmds)  # its heap entry goes stale
 
@@ -907,6 +955,7 @@ class ClusterState:
         for name, amount in task.resources.items():
             free[name] -= amount
         worker.free_slots -= 1
+        self._free_slots -= 1
         worker.runs[run_id] = Run(task.key, task.resources)
         self._last_start[task.shape] = self.now
         kept_on = self.reservations.pop(task.key, None)
@@ -1051,6 +1100,32 @@ class ClusterState:
                     task is not None and task.state == MEMORY and worker.worker_id in task.who_has,
                     f"worker {worker.name} holds {key} unknown to who_has",
                 )
+        check(
+            self._free_slots == sum(w.free_slots for w in self.workers.values()),
+            "free thread count out of sync",
+        )
+        for heap in self._ready.values():
+            head = next(
+                (
+                    t
+                    for _, _, gen, k in sorted(heap)
+                    if (t := self.tasks.get(k)) is not None
+                    and t.state == READY
+                    and t.ready_gen == gen
+                ),
+                None,
+            )
+            if head is None:
+                continue
+            room = [
+                w
+                for w in self._eligible(head)
+                if w.reserved_for in (None, head.key) and w.free_slots > 0
+            ]
+            check(
+                pick_worker(head.resources, room) is None,
+                f"{head.key} waits though a worker has room for it",
+            )
         for key, worker_id in self.reservations.items():
             kept = self.workers.get(worker_id)
             check(kept is not None and kept.reserved_for == key, f"reservation of {key} broken")
