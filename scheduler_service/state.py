@@ -163,6 +163,11 @@ def _post_order(
     return order
 
 
+def _named(task: TaskRecord, worker: WorkerRecord) -> bool:
+    """``worker`` is one that ``task`` names in ``workers=`` (by name or address)."""
+    return worker.name in task.allowed or worker.address in task.allowed
+
+
 def _status_of(task: TaskRecord) -> str:
     if task.state == MEMORY:
         return "finished"
@@ -712,9 +717,7 @@ class ClusterState:
         """The workers ``task`` may run on: all, or those it is restricted to."""
         if not task.allowed or task.loose:
             return list(self.workers.values())
-        return [
-            w for w in self.workers.values() if w.name in task.allowed or w.address in task.allowed
-        ]
+        return [w for w in self.workers.values() if _named(task, w)]
 
     def _needs_data(self, task: TaskRecord) -> bool:
         if task.wanted_by:
@@ -837,34 +840,22 @@ class ClusterState:
         while heads:
             best_entry, best_shape = heapq.heappop(heads)
             task = self.tasks[best_entry[3]]
+            strict = bool(task.allowed) and not task.loose
             candidates: Iterable[WorkerRecord]
             if full or best_shape in dirty_shapes:
-                candidates = (
-                    self.workers.values()
-                    if not task.allowed or task.loose
-                    else self._eligible(task)
-                )
+                candidates = self._eligible(task) if strict else self.workers.values()
             else:
                 # Only workers that gained room can take what fitted nowhere.
                 candidates = [
                     w
                     for worker_id in dirty_workers
                     if (w := self.workers.get(worker_id)) is not None
-                    and (
-                        not task.allowed
-                        or task.loose
-                        or w.name in task.allowed
-                        or w.address in task.allowed
-                    )
+                    and (not strict or _named(task, w))
                 ]
             if reserved:
                 candidates = [w for w in candidates if w.reserved_for in (None, task.key)]
             preferred = (
-                {
-                    w.worker_id
-                    for w in self.workers.values()
-                    if w.name in task.allowed or w.address in task.allowed
-                }
+                {w.worker_id for w in self.workers.values() if _named(task, w)}
                 if task.loose and task.allowed
                 else None
             )
