@@ -56,6 +56,8 @@ class _KeyState:
     error: serialize.ErrorInfo | None = None
     waiting_reason: str = ""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: a small result sent along with "finished": no fetch needed
+    inline_result: bytes = b""
 
 
 def _address_of(address: Any) -> str:
@@ -199,11 +201,13 @@ class _ClientCore:
         state.status = status
         if status == "pending":
             state.changed.clear()
+            state.inline_result = b""  # lost, being made again: wait for it
             if update.waiting_reason and update.waiting_reason != state.waiting_reason:
                 log.warning("%s; it waits until a worker that fits joins", update.waiting_reason)
             state.waiting_reason = update.waiting_reason
             return
         state.addresses = tuple(update.addresses)
+        state.inline_result = update.inline_result
         if status == "error":
             state.error = serialize.ErrorInfo(
                 update.error.type_name,
@@ -232,6 +236,8 @@ class _ClientCore:
                 if state.error.type_name == "client_sdk.exceptions.SchedulerConnectionError":
                     raise SchedulerConnectionError(state.error.message)
                 raise rebuild_exception(state.error)
+            if state.inline_result:
+                return serialize.loads(state.inline_result)
             tried = state.addresses
             for address in tried:
                 try:

@@ -270,9 +270,14 @@ class TaskFinished(_message.Message):
     NBYTES_FIELD_NUMBER: _builtins.int
     FETCHED_KEYS_FIELD_NUMBER: _builtins.int
     FETCHED_NBYTES_FIELD_NUMBER: _builtins.int
+    INLINE_RESULT_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     run_id: _builtins.int
     nbytes: _builtins.int
+    inline_result: _builtins.bytes
+    """A small result itself (see INLINE_RESULT_BYTES), so that the client that
+    waits for it needs no fetch from this worker; empty for larger ones.
+    """
     @_builtins.property
     def fetched_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Inputs this worker fetched from peers and now also holds."""
@@ -287,10 +292,11 @@ class TaskFinished(_message.Message):
         nbytes: _builtins.int = ...,
         fetched_keys: _abc.Iterable[_builtins.str] | None = ...,
         fetched_nbytes: _abc.Iterable[_builtins.int] | None = ...,
+        inline_result: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fetched_keys", b"fetched_keys", "fetched_nbytes", b"fetched_nbytes", "key", b"key", "nbytes", b"nbytes", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fetched_keys", b"fetched_keys", "fetched_nbytes", b"fetched_nbytes", "inline_result", b"inline_result", "key", b"key", "nbytes", b"nbytes", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -820,11 +826,14 @@ class TaskUpdate(_message.Message):
     NBYTES_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     WAITING_REASON_FIELD_NUMBER: _builtins.int
+    INLINE_RESULT_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     status: Global___TaskStatus.ValueType
     nbytes: _builtins.int
     waiting_reason: _builtins.str
     """For PENDING: why the task is waiting (empty when it simply queued)."""
+    inline_result: _builtins.bytes
+    """For FINISHED: a small result itself (pickled), when the worker sent it."""
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """For FINISHED: the workers holding the result, and its size."""
@@ -842,10 +851,11 @@ class TaskUpdate(_message.Message):
         nbytes: _builtins.int = ...,
         error: Global___TaskError | None = ...,
         waiting_reason: _builtins.str = ...,
+        inline_result: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "error", b"error", "key", b"key", "nbytes", b"nbytes", "status", b"status", "waiting_reason", b"waiting_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "error", b"error", "inline_result", b"inline_result", "key", b"key", "nbytes", b"nbytes", "status", b"status", "waiting_reason", b"waiting_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -73,6 +73,8 @@ class TaskFinished:
     nbytes: int
     #: (key, nbytes) of inputs the worker fetched from peers and now holds too.
     fetched: tuple[tuple[str, int], ...] = ()
+    #: a small result itself, passed on to the clients waiting for it
+    inline_result: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +183,7 @@ class ClientUpdate:
     nbytes: int = 0
     error: ErrorInfo | None = None
     waiting_reason: str = ""
+    inline_result: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

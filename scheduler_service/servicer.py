@@ -212,7 +212,11 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     def _apply_reports(self, worker_id: WorkerId, reports: pb.WorkerReports) -> None:
         for done in reports.finished:
             fetched = tuple(zip(done.fetched_keys, done.fetched_nbytes, strict=False))
-            self.dispatch(TaskFinished(worker_id, done.key, done.run_id, done.nbytes, fetched))
+            self.dispatch(
+                TaskFinished(
+                    worker_id, done.key, done.run_id, done.nbytes, fetched, done.inline_result
+                )
+            )
         for failed in reports.failed:
             self.dispatch(
                 TaskErred(worker_id, failed.key, failed.run_id, wire.error_from_pb(failed.error))

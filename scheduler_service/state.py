@@ -560,7 +560,16 @@ class ClusterState:
         if task.wanted_by:
             addresses = (worker.address,)
             for client in task.wanted_by:
-                cmds.append(ClientUpdate(client, task.key, "finished", addresses, task.nbytes))
+                cmds.append(
+                    ClientUpdate(
+                        client,
+                        task.key,
+                        "finished",
+                        addresses,
+                        task.nbytes,
+                        inline_result=event.inline_result,
+                    )
+                )
         for dependent_key in task.dependents:
             dependent = self.tasks[dependent_key]
             if dependent.state == WAITING:

@@ -103,6 +103,7 @@ def update_to_pb(cmd: ClientUpdate) -> pb.TaskUpdate:
         addresses=cmd.addresses,
         nbytes=cmd.nbytes,
         waiting_reason=cmd.waiting_reason,
+        inline_result=cmd.inline_result,
     )
     if cmd.error is not None:
         update.error.CopyFrom(error_to_pb(cmd.error))

@@ -37,6 +37,9 @@ log = logging.getLogger("worker_service")
 
 WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
 MAX_BACKOFF_S = 5.0
+#: Results up to this size travel with the report (and on to the waiting
+#: client), sparing it one fetch per task; larger ones are fetched in chunks.
+INLINE_RESULT_BYTES = 16 * 1024
 
 
 @dataclass(slots=True)
@@ -282,6 +285,7 @@ class Worker:
                             nbytes=len(outcome),
                             fetched_keys=[k for k, _ in fetched],
                             fetched_nbytes=[n for _, n in fetched],
+                            inline_result=outcome if len(outcome) <= INLINE_RESULT_BYTES else b"",
                         )
                     )
                 else:

@@ -16,6 +16,7 @@ import client_sdk
 from client_sdk import Client, get_task_context
 from tests.conftest import Processes, assert_all_released, cluster_state, wait_for
 from tests.e2e.helpers import timed_sleep, touch_then_sleep
+from worker_service.worker import INLINE_RESULT_BYTES
 
 
 class InventoryError(Exception):
@@ -40,6 +41,11 @@ def raise_value_error(text: str) -> int:
 def double_slowly(x: int, seconds: float) -> tuple[int, str]:
     time.sleep(seconds)
     return 2 * x, get_task_context().worker_name
+
+
+def double_with_padding(x: int) -> tuple[int, str, bytes]:
+    """Too large to travel inline with the report: the client must fetch it."""
+    return 2 * x, get_task_context().worker_name, b"x" * (INLINE_RESULT_BYTES + 1)
 
 
 def _held(address: str, resource: str) -> float:
@@ -122,9 +128,10 @@ def test_worker_killed_mid_run_its_tasks_finish_on_the_other(
 ) -> None:
     doomed = processes.worker(scheduler_address, "--nthreads", "4", "--name", "doomed")
     with Client(scheduler_address) as client:
-        # A finished result that lives only on the doomed worker.
-        early = client.submit(double_slowly, 50, 0.0)
-        assert early.result(timeout=15) == (100, "doomed")
+        # A finished result that lives only on the doomed worker (too large
+        # to have come inline: the client must fetch it from a holder).
+        early = client.submit(double_with_padding, 50)
+        assert early.result(timeout=15)[:2] == (100, "doomed")
         processes.worker(scheduler_address, "--nthreads", "4", "--name", "survivor")
         futures = [client.submit(double_slowly, i, 1.0) for i in range(8)]
 
@@ -138,7 +145,7 @@ def test_worker_killed_mid_run_its_tasks_finish_on_the_other(
         os.kill(doomed.pid, signal.SIGKILL)
         assert doomed.wait(5) == -signal.SIGKILL
         # The lost result is made again on the survivor.
-        assert early.result(timeout=15) == (100, "survivor")
+        assert early.result(timeout=15)[:2] == (100, "survivor")
         results = client.gather(futures)
     assert [r for r, _ in results] == [2 * i for i in range(8)]
     # Every result the client read was made (or remade) by the survivor.
@@ -199,8 +206,8 @@ def test_result_is_found_when_the_recompute_lands_during_a_failed_fetch(
     """
     doomed = processes.worker(scheduler_address, "--name", "doomed")
     with Client(scheduler_address) as client:
-        early = client.submit(double_slowly, 21, 0.0)
-        assert early.result(timeout=15) == (42, "doomed")
+        early = client.submit(double_with_padding, 21)
+        assert early.result(timeout=15)[:2] == (42, "doomed")
         core = client.core
         (doomed_address,) = core.keys[early.key].addresses
         processes.worker(scheduler_address, "--name", "survivor")
@@ -224,7 +231,7 @@ def test_result_is_found_when_the_recompute_lands_during_a_failed_fetch(
             result = pool.submit(early.result, 10)
             assert fetching.wait(10)
             os.kill(doomed.pid, signal.SIGKILL)
-            assert result.result(timeout=20) == (42, "survivor")
+            assert result.result(timeout=20)[:2] == (42, "survivor")
 
 
 def append_line(path: str, value: int) -> int:

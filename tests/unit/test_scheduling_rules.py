@@ -211,3 +211,20 @@ def test_no_worker_timeout_still_applies_after_an_unfitting_worker_joins() -> No
     sim.join(2, GPU=1)  # clears the cached answer; the task still fits nowhere
     cmds = sim(Tick(2.0))
     assert [u.status for u in updates(cmds, "t")] == ["error"]
+
+
+def test_a_small_result_travels_inline_to_the_clients_waiting_for_it() -> None:
+    from scheduler_service.events import TaskFinished
+
+    sim = Sim()
+    sim.join(1)
+    sim.submit("t")
+    run = sim.run_of("t")
+    del sim.runs[run.run_id]
+    cmds = sim(TaskFinished(1, "t", run.run_id, 5, (), b"small"))
+    (update,) = updates(cmds, "t")
+    assert update.status == "finished" and update.inline_result == b"small"
+    # A client asking later is pointed at the holder (the scheduler keeps no data).
+    cmds = sim(TasksSubmitted("late", (TaskSubmission("t", b"t", {}),)))
+    (late,) = updates(cmds, "t")
+    assert late.inline_result == b"" and late.addresses == ("10.0.0.1:7000",)
