@@ -89,7 +89,9 @@ def make_bytes(nbytes: int) -> bytes:
 
 
 def started_at(data: bytes) -> float:
-    return time.time() if len(data) >= 0 else 0.0
+    """When the consumer started: its input had arrived by then."""
+    del data
+    return time.time()
 
 
 def stamp(_: int) -> float:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import threading
 import uuid
@@ -227,7 +226,7 @@ class _ClientCore:
         return state
 
     async def result(self, key: str) -> Any:
-        for _ in itertools.count():
+        while True:
             state = await self.wait(key)
             if state.status == "cancelled":
                 raise FutureCancelledError(key)
@@ -253,7 +252,6 @@ class _ClientCore:
             if state.changed.is_set() and state.status == "finished" and state.addresses == tried:
                 state.changed.clear()
                 await asyncio.sleep(0.05)
-        raise AssertionError("unreachable")
 
     async def cluster_state(self) -> pb.ClusterState:
         state: pb.ClusterState = await self.unary("GetClusterState", pb.GetClusterStateRequest())
