@@ -20,7 +20,7 @@ import grpc
 import typer
 from pydantic import ValidationError
 
-from .resources import ResourceSpecError, parse_resources
+from .resources import ResourceSpecError, format_resources, parse_resources
 from .settings import SchedulerSettings, WorkerSettings
 
 app = typer.Typer(
@@ -185,7 +185,6 @@ def _worker_settings(
 
 def _supervise(scheduler_address: str, settings: WorkerSettings) -> int:
     """Run ``nworkers`` single worker processes; restart any that crash."""
-    from client_sdk.cluster import exact_resources
 
     def spawn(index: int) -> subprocess.Popen[bytes]:
         args = [
@@ -199,7 +198,7 @@ def _supervise(scheduler_address: str, settings: WorkerSettings) -> int:
             "--nworkers",
             "1",
             "--resources",
-            exact_resources(settings.resources),
+            format_resources(settings.resources),
         ]
         if settings.name:
             args += ["--name", f"{settings.name}-{index}"]
@@ -285,7 +284,6 @@ def set_resources(
     resources: Annotated[str, typer.Argument(help='What it declares from now, e.g. "GPU=4".')],
 ) -> None:
     """Change what a running worker declares."""
-    from client_sdk.cluster import exact_resources
     from protos import apportion_pb2 as pb
 
     check_address(scheduler_address)
@@ -299,7 +297,7 @@ def set_resources(
         pb.SetWorkerResourcesRequest(worker=worker, resources=amounts),
     )
     w = reply.worker
-    declared = exact_resources(dict(w.resources)) or "nothing"
+    declared = format_resources(dict(w.resources)) or "nothing"
     typer.echo(f"{w.name} ({w.address}) now declares {declared}")
 
 

@@ -115,5 +115,16 @@ def from_quanta(quanta: Mapping[str, int]) -> dict[str, float]:
 
 
 def format_resources(resources: Mapping[str, float]) -> str:
-    """``{"GPU": 2.0, "MEMORY": 1e11}`` -> ``"GPU=2 MEMORY=1e+11"``."""
-    return " ".join(f"{name}={amount:g}" for name, amount in sorted(resources.items()))
+    """``{"GPU": 2.0, "MEMORY": 1e11}`` -> ``"GPU=2 MEMORY=1e+11"``.
+
+    Short where that reads back exactly, else the full value (``{:g}`` keeps 6
+    digits: 64GiB would come back as 68719500000), so the text can be handed
+    to a child process's ``--resources``.
+    """
+    parts = []
+    for name, amount in sorted(resources.items()):
+        text = f"{amount:g}"
+        if float(text) != amount:
+            text = str(int(amount)) if float(amount).is_integer() else repr(float(amount))
+        parts.append(f"{name}={text}")
+    return " ".join(parts)

@@ -16,25 +16,12 @@ from typing import Any
 
 import grpc
 
-from apportion.resources import check_resources
+from apportion.resources import check_resources, format_resources
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
-
-
-def exact_resources(resources: Mapping[str, float]) -> str:
-    """``"GPU=2 MEMORY=68719476736"``: like ``format_resources``, but every
-    amount parses back exactly (``{:g}`` keeps 6 digits: 64GiB would come back
-    as 68719500000). For ``--resources`` of a child process and for output."""
-    parts = []
-    for name, amount in sorted(resources.items()):
-        text = f"{amount:g}"
-        if float(text) != amount:
-            text = str(int(amount)) if float(amount).is_integer() else repr(float(amount))
-        parts.append(f"{name}={text}")
-    return " ".join(parts)
 
 
 class LocalCluster:
@@ -81,7 +68,7 @@ class LocalCluster:
         """Start one more worker process (by default with the cluster's settings)."""
         res = self.resources if resources is None else check_resources(resources)
         args = ["worker", self.address, "--nthreads", str(nthreads or self.nthreads)]
-        args += ["--resources", exact_resources(res)]
+        args += ["--resources", format_resources(res)]
         if name:
             args += ["--name", name]
         proc = _spawn(args, quiet=True)

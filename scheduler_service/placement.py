@@ -68,10 +68,6 @@ def pick_worker(
     return best
 
 
-def can_ever_fit(need: Quanta, declared: Quanta) -> bool:
-    return fits(need, declared)
-
-
 def infeasibility_reason(need: Quanta, declared_by_worker: Iterable[Quanta]) -> str | None:
     """Why no connected worker could ever hold ``need``, or None if one could.
 

@@ -815,10 +815,6 @@ class ClusterState:
 
     # ----------------------------------------------------------- placement
 
-    @property
-    def has_ready_tasks(self) -> bool:
-        return bool(self._ready)
-
     def _schedule(self, cmds: list[Command]) -> None:
         """Place ready tasks, best (priority, submission order) first, across shapes."""
         self._place_reserved(cmds)

@@ -30,9 +30,3 @@ class ResultStore:
 
     def clear(self) -> None:
         self._results.clear()
-
-    def __len__(self) -> int:
-        return len(self._results)
-
-    def nbytes(self) -> int:
-        return sum(len(r.data) for r in self._results.values())

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apportion.resources import Quanta, to_quanta
-from scheduler_service.placement import can_ever_fit, fits, infeasibility_reason, pick_worker
+from scheduler_service.placement import fits, infeasibility_reason, pick_worker
 
 
 @dataclass
@@ -32,8 +32,8 @@ def test_fits_compares_every_needed_amount() -> None:
     assert not fits(q(A=1), q(B=5))
     assert not fits(q(A=1, B=1), q(A=1, B=0.5))
     assert fits(q(A=0.1) | q(B=0.2), q(A=0.1, B=0.2))
-    assert can_ever_fit(q(GPU=2), q(GPU=2))
-    assert not can_ever_fit(q(GPU=2), q(GPU=1.999999999))
+    assert fits(q(GPU=2), q(GPU=2))
+    assert not fits(q(GPU=2), q(GPU=1.999999999))
 
 
 # --------------------------------------------------------- pick_worker
