@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint protos check-protos venv clean bench bench-quick
+.PHONY: demo test lint protos check-protos venv clean bench bench-quick bench-load
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run --rounds 1 --quick
 	$(BIN)/python -m bench.placement --budget 1
+
+## 100,000 tasks queued by 20 client processes, then run by 2 workers x 2 threads:
+## scheduler memory per queued task, submit and completion rates, every result
+## checked. No Dask needed. BENCH_LOAD_ARGS=--quick for a small run.
+bench-load: $(STAMP)
+	$(BIN)/python -m bench.load $(BENCH_LOAD_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

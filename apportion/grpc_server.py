@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -52,15 +52,27 @@ class ServingHealth:
             await self._servicer.set(name, status)
 
 
-def make_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=SERVER_OPTIONS)
+def make_server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    """A server; ``interceptors`` see every call first (security.AuthInterceptor)."""
+    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors) or None)
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Bind ``host:port`` (port 0 picks one) and return the port, or raise OSError."""
+def bind(
+    server: grpc.aio.Server,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None = None,
+) -> int:
+    """Bind ``host:port`` (port 0 picks one) and return the port, or raise OSError.
+
+    With ``credentials`` (security.TLS.server_credentials) the port speaks TLS only.
+    """
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound: int = server.add_insecure_port(target)
+        if credentials is None:
+            bound: int = server.add_insecure_port(target)
+        else:
+            bound = server.add_secure_port(target, credentials)
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {host}:{port}: {exc}") from exc
     if bound == 0:

@@ -9,6 +9,7 @@ source below). Command-line flags win over the environment.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -21,6 +22,7 @@ from pydantic_settings import (
 )
 
 from .resources import check_resources
+from .security import check_token
 
 WORKER_ENV_PREFIX = "APPORTION_WORKER__"
 RESOURCES_ENV_PREFIX = WORKER_ENV_PREFIX + "RESOURCES__"
@@ -68,6 +70,17 @@ class SchedulerSettings(BaseSettings):
     allowed_failures: int = Field(3, ge=0, le=1000)
     #: Seconds a task no worker could ever hold waits before NoValidWorkerError.
     no_worker_timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
+    #: Seconds a worker may send nothing (it heartbeats several times in that
+    #: span) before it is declared lost and its tasks are placed elsewhere.
+    worker_ttl: float = Field(5.0, gt=0, allow_inf_nan=False)
+    #: Seconds a client whose stream broke may take to reconnect before the
+    #: tasks only it wanted are cancelled and their resources freed.
+    client_grace: float = Field(10.0, ge=0, allow_inf_nan=False)
+    #: Where the journal of accepted tasks lives (None: in memory only).
+    state_dir: Path | None = None
+    #: After a restart from the journal: seconds to let workers re-register and
+    #: offer the results they hold before anything is computed again.
+    recovery_grace: float = Field(3.0, ge=0, allow_inf_nan=False)
     #: Check the scheduler's books after every event (for tests; costs time).
     check_invariants: bool = False
 
@@ -102,3 +115,43 @@ class WorkerSettings(BaseSettings):
             _ResourcesFromEnv(settings_cls),
             _EnvWithoutResources(settings_cls, env_nested_delimiter="__"),
         )
+
+
+class SecuritySettings(BaseSettings):
+    """Tokens and TLS, for every command: ``APPORTION_TOKEN``, ``APPORTION_WORKER_TOKEN``,
+    ``APPORTION_CLIENT_TOKEN``, ``APPORTION_TLS_CA``, ``APPORTION_TLS_CERT``,
+    ``APPORTION_TLS_KEY``. An empty variable counts as unset.
+
+    ``worker_token`` and ``client_token`` replace ``token`` for that role (on
+    the scheduler: what it demands; on a worker or a client: what it sends).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="APPORTION_", extra="ignore")
+
+    # repr=False: a settings object in a log line or traceback shows no secret.
+    token: str | None = Field(default=None, repr=False)
+    worker_token: str | None = Field(default=None, repr=False)
+    client_token: str | None = Field(default=None, repr=False)
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @field_validator("token", "worker_token", "client_token", mode="before")
+    @classmethod
+    def _check_token(cls, value: Any) -> str | None:
+        if value is None or value == "":
+            return None
+        return check_token(str(value))
+
+    @field_validator("tls_ca", "tls_cert", "tls_key", mode="before")
+    @classmethod
+    def _empty_path(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @property
+    def worker_role_token(self) -> str | None:
+        return self.worker_token or self.token
+
+    @property
+    def client_role_token(self) -> str | None:
+        return self.client_token or self.token

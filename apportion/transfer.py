@@ -1,9 +1,11 @@
 """Moving results between processes: chunked streams over the Worker service.
 
-Results are pickled bytes kept by the worker that made (or fetched) them.
-They travel as a stream of chunks, so a value far larger than gRPC's message
-limit moves without any single large message, and the receiver assembles it
-into one preallocated buffer instead of joining copies.
+Results are pickled values (:class:`~apportion.serialize.Frames`: a pickle
+plus its large buffers, uncopied) kept by the worker that made (or fetched)
+them. They travel as a stream of chunks, so a value far larger than gRPC's
+message limit moves without any single large message. The sender cuts chunks
+with memoryview slices; the receiver reads each chunk's bytes in place and
+copies every byte once, into the value's own buffer.
 """
 
 from __future__ import annotations
@@ -15,35 +17,117 @@ import grpc
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
 
-from .grpc_server import insecure_channel
+from .security import ClientSecurity
+from .serialize import Frames
 
 CHUNK_BYTES = 1024 * 1024
+FETCH_RESULT = "/apportion.v1.Worker/FetchResult"
 
 
 class ResultUnavailable(LookupError):
     """The result could not be fetched from that address (gone, or never there)."""
 
 
-def chunks(data: bytes | bytearray) -> Iterator[pb.ResultChunk]:
-    view = memoryview(data)
-    total = len(view)
+def chunks(data: Frames | bytes | bytearray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """``data``'s wire form as serialized ResultChunk messages of ``chunk_bytes`` each.
+
+    The messages are encoded here, not by protobuf: building a ResultChunk
+    copies its ``data`` in, and serializing copies it again. Here each chunk
+    is cut from the stored buffers with memoryview slices and copied once,
+    next to its few header bytes, into the ``bytes`` gRPC sends.
+    """
+    segments = data.segments() if isinstance(data, Frames) else [data]
+    views = [memoryview(s).cast("B") for s in segments]
+    total = sum(v.nbytes for v in views)
     if total == 0:
-        yield pb.ResultChunk(total_size=0, data=b"")
+        yield b""  # an empty ResultChunk: total_size 0, no data
         return
-    for start in range(0, total, CHUNK_BYTES):
-        yield pb.ResultChunk(total_size=total, data=bytes(view[start : start + CHUNK_BYTES]))
+    head = b"\x08" + _encode_varint(total) + b"\x12"
+    pieces: list[memoryview] = []
+    size = 0
+    for view in views:
+        start = 0
+        while start < view.nbytes:
+            piece = view[start : start + chunk_bytes - size]
+            pieces.append(piece)
+            size += piece.nbytes
+            start += piece.nbytes
+            if size == chunk_bytes:
+                yield b"".join([head, _encode_varint(size), *pieces])
+                pieces, size = [], 0
+    if pieces:
+        yield b"".join([head, _encode_varint(size), *pieces])
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _varint(raw: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(raw) or shift > 63:
+            raise ValueError("a ResultChunk with a broken varint")
+        byte = raw[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def chunk_view(raw: bytes) -> tuple[int, memoryview]:
+    """``(total_size, data)`` of a serialized ResultChunk, ``data`` as a view into ``raw``.
+
+    protobuf's parser copies ``data`` (a MiB per chunk) into the message, and
+    reading it copies again; this reads the same wire format
+    (https://protobuf.dev/programming-guides/encoding/) and copies nothing.
+    Unknown fields are skipped, as protobuf would.
+    """
+    view = memoryview(raw)
+    total, data, pos, end = 0, view[0:0], 0, len(raw)
+    while pos < end:
+        tag, pos = _varint(raw, pos)
+        number, wire_type = tag >> 3, tag & 7
+        if wire_type == 0:
+            value, pos = _varint(raw, pos)
+            if number == 1:
+                total = value
+        elif wire_type == 2:
+            length, pos = _varint(raw, pos)
+            if pos + length > end:
+                raise ValueError("a ResultChunk cut short")
+            if number == 2:
+                data = view[pos : pos + length]
+            pos += length
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+        else:
+            raise ValueError(f"a ResultChunk with wire type {wire_type}")
+    if pos > end:
+        raise ValueError("a ResultChunk cut short")
+    return total, data
 
 
 class ChannelPool:
-    """One channel per peer address, reused for every fetch."""
+    """One channel per peer address, reused for every fetch.
 
-    def __init__(self) -> None:
+    ``security``: the token (a worker's, or a client's) and TLS each fetch presents.
+    """
+
+    def __init__(self, security: ClientSecurity | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._security = security or ClientSecurity()
 
     def stub(self, address: str) -> pb_grpc.WorkerStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = insecure_channel(address)
+            channel = self._channels[address] = self._security.aio_channel(address)
         return pb_grpc.WorkerStub(channel)
 
     async def close(self) -> None:
@@ -51,24 +135,37 @@ class ChannelPool:
         for channel in channels.values():
             await channel.close()
 
-    async def fetch(self, address: str, key: str, timeout: float | None = None) -> bytearray:
-        """The pickled result of ``key`` from the worker at ``address``."""
-        buffer: bytearray | None = None
-        offset = 0
+    async def fetch(self, address: str, key: str, timeout: float | None = None) -> Frames:
+        """The pickled result of ``key`` from the worker at ``address``.
+
+        Chunks are kept as they arrive (views into gRPC's own buffers) and
+        assembled once at the end, by :meth:`Frames.parse`, into the value's
+        buffers: one copy of each byte after gRPC's.
+        """
+        views: list[memoryview] = []
+        total = received = -1
         try:
-            call = self.stub(address).FetchResult(pb.FetchResultRequest(key=key), timeout=timeout)
-            async for chunk in call:
-                if buffer is None:
-                    buffer = bytearray(chunk.total_size)
-                end = offset + len(chunk.data)
-                if end > len(buffer):
+            self.stub(address)  # makes the channel on first use
+            fetch_result = self._channels[address].unary_stream(
+                FETCH_RESULT,
+                request_serializer=pb.FetchResultRequest.SerializeToString,
+                response_deserializer=chunk_view,
+            )
+            call = fetch_result(pb.FetchResultRequest(key=key), timeout=timeout)
+            async for total_size, data in call:
+                if total < 0:
+                    total, received = total_size, 0
+                received += data.nbytes
+                if received > total:
                     raise ResultUnavailable(f"{key!r} from {address}: more bytes than announced")
-                buffer[offset:end] = chunk.data
-                offset = end
+                views.append(data)
         except grpc.aio.AioRpcError as exc:
             raise ResultUnavailable(
                 f"{key!r} from {address}: {exc.code().name}: {exc.details()}"
             ) from None
-        if buffer is None or offset != len(buffer):
+        if total < 0 or received != total:
             raise ResultUnavailable(f"{key!r} from {address}: the stream ended early")
-        return buffer
+        try:
+            return Frames.parse(views)
+        except ValueError as exc:
+            raise ResultUnavailable(f"{key!r} from {address}: {exc}") from None

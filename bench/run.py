@@ -1,9 +1,11 @@
 """`make bench`: apportion and Dask distributed side by side, on this machine.
 
 Each workload runs on real scheduler and worker processes (127.0.0.1), three
-interleaved rounds (apportion, Dask, apportion, Dask, ...), and the table shows
-each system's median and the ratio apportion/Dask. Raw figures go to
-bench/results/latest.json.
+interleaved rounds (anchor, apportion, Dask, anchor, apportion, Dask, ...), and
+the table shows each system's median and the ratio apportion/Dask. The anchor
+is a bare grpc.aio server and client (bench/anchor.py): the floor that
+apportion's transport cannot beat, measured in the same rounds. Raw figures go
+to bench/results/latest.json.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import workloads as w
+from bench.anchor import measure_in_subprocess
 from bench.clusters import apportion_cluster, dask_cluster
 
 TWO_GPU_WORKERS = [(2, "GPU=2"), (2, "GPU=2")]
@@ -34,25 +37,33 @@ def _cluster(system: str, workers: list[tuple[int, str]], **kw: Any) -> Any:
     return dask_cluster(workers, **kw)
 
 
-def round_of(system: str, quick: bool) -> Figures:
-    """One round of every workload on ``system``; each on a fresh cluster."""
+WORKLOADS = ("throughput", "latency", "pipeline", "transfer", "scale")
+
+
+def round_of(system: str, quick: bool, only: frozenset[str] = frozenset(WORKLOADS)) -> Figures:
+    """One round of the ``only`` workloads on ``system``; each on a fresh cluster."""
     n = 4000 if quick else w.N_THROUGHPUT
     out: Figures = {}
-    with _cluster(system, TWO_GPU_WORKERS) as client:
-        out["throughput_gpu_tps"] = w.throughput(client, {"GPU": 1}, n)
-        out["throughput_plain_tps"] = w.throughput(client, None, n)
-        out.update(
-            {f"latency_{k}": v for k, v in w.latency(client, 100 if quick else w.N_LATENCY).items()}
-        )
-    if system == "dask":
+    if only & {"throughput", "latency"}:
+        with _cluster(system, TWO_GPU_WORKERS) as client:
+            if "throughput" in only:
+                out["throughput_gpu_tps"] = w.throughput(client, {"GPU": 1}, n)
+                out["throughput_plain_tps"] = w.throughput(client, None, n)
+            if "latency" in only:
+                samples = w.latency(client, 100 if quick else w.N_LATENCY)
+                out.update({f"latency_{k}": v for k, v in samples.items()})
+    if system == "dask" and "throughput" in only:
         with _cluster(system, TWO_GPU_WORKERS, saturation_inf=True) as client:
             out["throughput_plain_saturation_inf_tps"] = w.throughput(client, None, n)
-    with _cluster(system, SEED) as client:
-        out["pipeline_makespan_over_ideal"] = w.pipeline(client)
-    with _cluster(system, TRANSFER) as client:
-        out.update({f"transfer_{k}": v for k, v in w.transfer(client).items()})
-    with _cluster(system, SCALE) as client:
-        out["scale_8_workers_gpu_tps"] = w.throughput(client, {"GPU": 1}, n)
+    if "pipeline" in only:
+        with _cluster(system, SEED) as client:
+            out["pipeline_makespan_over_ideal"] = w.pipeline(client)
+    if "transfer" in only:
+        with _cluster(system, TRANSFER) as client:
+            out.update({f"transfer_{k}": v for k, v in w.transfer(client).items()})
+    if "scale" in only:
+        with _cluster(system, SCALE) as client:
+            out["scale_8_workers_gpu_tps"] = w.throughput(client, {"GPU": 1}, n)
     return out
 
 
@@ -61,13 +72,28 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer tasks (a smoke run)")
     parser.add_argument("--out", default="bench/results/latest.json")
+    parser.add_argument(
+        "--only",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated workloads to run (of {', '.join(WORKLOADS)})",
+    )
+    parser.add_argument(
+        "--systems", default="anchor,apportion,dask", help="which of anchor,apportion,dask"
+    )
     args = parser.parse_args()
+    only = frozenset(args.only.split(","))
+    if unknown := only - set(WORKLOADS):
+        parser.error(f"unknown workload(s) {sorted(unknown)}; pick from {', '.join(WORKLOADS)}")
+    systems = [s for s in ("anchor", "apportion", "dask") if s in args.systems.split(",")]
 
-    raw: dict[str, list[Figures]] = {"apportion": [], "dask": []}
+    raw: dict[str, list[Figures]] = {s: [] for s in systems}
     for i in range(args.rounds):
-        for system in ("apportion", "dask"):
+        for system in systems:
             started = time.perf_counter()
-            raw[system].append(round_of(system, args.quick))
+            if system == "anchor":
+                raw[system].append(measure_in_subprocess())
+            else:
+                raw[system].append(round_of(system, args.quick, only))
             print(
                 f"round {i + 1}/{args.rounds} {system}: {time.perf_counter() - started:.0f}s",
                 file=sys.stderr,
@@ -102,7 +128,7 @@ def _print_table(medians: dict[str, Figures]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    a, d = medians["apportion"], medians["dask"]
+    a, d, floor = (medians.get(s, {}) for s in ("apportion", "dask", "anchor"))
     table = Table(title="apportion vs Dask distributed (medians)")
     for col in ("figure", "apportion", "Dask", "apportion/Dask"):
         table.add_column(col, justify="right" if col != "figure" else "left")
@@ -118,6 +144,34 @@ def _print_table(medians: dict[str, Figures]) -> None:
         ratio = f"{av / dv:.2f}" if av is not None and dv else "-"
         table.add_row(label, _fmt(av), _fmt(dv), ratio)
     Console().print(table)
+
+    anchor = Table(
+        title="the floor: bare grpc.aio on this machine (medians), and apportion against it"
+    )
+    for col in ("figure", "bare grpc.aio", "apportion", "apportion/anchor"):
+        anchor.add_column(col, justify="right" if col != "figure" else "left")
+    for key in sorted(floor):
+        anchor.add_row(f"anchor_{key}", _fmt(floor[key]), "-", "-")
+    for ours, theirs in ANCHOR_PAIRS:
+        if ours in a and theirs in floor:
+            anchor.add_row(
+                f"{ours} / anchor_{theirs}",
+                _fmt(floor[theirs]),
+                _fmt(a[ours]),
+                f"{a[ours] / floor[theirs]:.2f}",
+            )
+    Console().print(anchor)
+
+
+#: apportion figures and the anchor figure each is bounded by.
+ANCHOR_PAIRS = [
+    ("transfer_handoff_MBps", "bulk_MBps"),
+    ("transfer_end_to_end_MBps", "bulk_MBps"),
+    ("latency_p50_ms", "unary_p50_ms"),
+    ("latency_p99_ms", "unary_p99_ms"),
+    ("throughput_gpu_tps", "stream_msgs_per_s"),
+    ("throughput_plain_tps", "stream_msgs_per_s"),
+]
 
 
 def _fmt(value: float | None) -> str:

@@ -6,6 +6,7 @@
 1024
 """
 
+from apportion.security import TLS
 from apportion.task_context import TaskContext, get_task_context
 
 from .annotate import annotate
@@ -25,6 +26,7 @@ from .exceptions import (
 from .future import Future
 
 __all__ = [
+    "TLS",
     "ApportionError",
     "Client",
     "Future",

@@ -17,8 +17,11 @@ from typing import Any
 import grpc
 
 from apportion.resources import check_resources, format_resources
+from apportion.security import TLS
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
+
+from .client import _client_security
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -30,6 +33,9 @@ class LocalCluster:
     Each worker gets ``nthreads`` threads and the full ``resources`` (resources
     are per worker process, as in Dask). ``add_worker`` adds workers with other
     resources.
+
+    ``token`` and ``tls`` (paths, not PEM bytes) are handed to every process
+    through the environment, and ``Client(cluster)`` uses them too.
     """
 
     def __init__(
@@ -40,13 +46,24 @@ class LocalCluster:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        token: str | None = None,
+        tls: TLS | None = None,
     ) -> None:
         if n_workers < 0 or nthreads < 1:
             raise ValueError("n_workers must be >= 0 and nthreads >= 1")
         self.nthreads = nthreads
         self.resources = check_resources(resources)
+        self.token = token
+        self.tls = tls
+        # What this object's own calls present: the same, or what the processes
+        # will read from the environment they inherit when not given here.
+        self._security = _client_security(None, token, tls)
+        # Through the environment, not argv: other users on the machine see argv.
+        self._env = dict(tls.env() if tls is not None else {})
+        if token is not None:
+            self._env["APPORTION_TOKEN"] = token
         self.workers: list[subprocess.Popen[bytes]] = []
-        self.scheduler = _spawn(["scheduler", "--host", host, "--port", str(port)])
+        self.scheduler = _spawn(["scheduler", "--host", host, "--port", str(port)], env=self._env)
         try:
             line = _first_line(self.scheduler, START_TIMEOUT_S)
             self.address = line.rsplit(" ", 1)[-1]
@@ -71,7 +88,7 @@ class LocalCluster:
         args += ["--resources", format_resources(res)]
         if name:
             args += ["--name", name]
-        proc = _spawn(args, quiet=True)
+        proc = _spawn(args, quiet=True, env=self._env)
         self.workers.append(proc)
         if wait:
             self.wait_for_workers(sum(1 for p in self.workers if p.poll() is None))
@@ -79,11 +96,13 @@ class LocalCluster:
 
     def wait_for_workers(self, n: int, timeout: float = START_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
+        with self._security.sync_channel(self.address) as channel:
             stub = pb_grpc.SchedulerStub(channel)
             while True:
                 try:
-                    state = stub.GetClusterState(pb.GetClusterStateRequest(), timeout=5)
+                    state = stub.GetClusterState(
+                        pb.GetClusterStateRequest(), timeout=5, metadata=self._security.metadata
+                    )
                     if len(state.workers) >= n:
                         return
                 except grpc.RpcError:
@@ -110,8 +129,10 @@ class LocalCluster:
         return f"<LocalCluster {self.address} workers={len(self.workers)}>"
 
 
-def _spawn(args: list[str], quiet: bool = False) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def _spawn(
+    args: list[str], quiet: bool = False, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     # A local cluster is quiet unless asked (as Dask's silence_logs): warnings
     # and errors still reach stderr.
     env.setdefault("APPORTION_LOG_LEVEL", "WARNING")

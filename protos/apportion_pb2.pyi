@@ -205,6 +205,7 @@ class RegisterWorker(_message.Message):
     NTHREADS_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     """Where peers and clients fetch results from, host:port."""
@@ -212,6 +213,13 @@ class RegisterWorker(_message.Message):
     pid: _builtins.int
     @_builtins.property
     def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    @_builtins.property
+    def held(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldResult]:
+        """Results this worker still holds from before it (re)registered: after a
+        broken stream or a scheduler restart, the scheduler reclaims those it
+        still needs instead of computing them again.
+        """
+
     def __init__(
         self,
         *,
@@ -220,14 +228,43 @@ class RegisterWorker(_message.Message):
         nthreads: _builtins.int = ...,
         resources: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         pid: _builtins.int = ...,
+        held: _abc.Iterable[Global___HeldResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "name", b"name", "nthreads", b"nthreads", "pid", b"pid", "resources", b"resources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "held", b"held", "name", b"name", "nthreads", b"nthreads", "pid", b"pid", "resources", b"resources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RegisterWorker: _TypeAlias = RegisterWorker  # noqa: Y015
+
+@_typing.final
+class HeldResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
+    NBYTES_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    incarnation: _builtins.int
+    """The task incarnation that made it (TaskAssignment.incarnation): a result
+    of an older task that had the same key is never mistaken for this one.
+    """
+    nbytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        incarnation: _builtins.int = ...,
+        nbytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["incarnation", b"incarnation", "key", b"key", "nbytes", b"nbytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldResult: _TypeAlias = HeldResult  # noqa: Y015
 
 @_typing.final
 class WorkerReports(_message.Message):
@@ -443,17 +480,23 @@ class WorkerRegistered(_message.Message):
 
     WORKER_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _builtins.int
+    CLIENT_TOKEN_SHA256_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.int
     heartbeat_interval_s: _builtins.float
+    client_token_sha256: _builtins.bytes
+    """SHA-256 of the token clients present (empty: clients need none). The
+    worker accepts it for FetchResult without ever holding the client secret.
+    """
     def __init__(
         self,
         *,
         worker_id: _builtins.int = ...,
         heartbeat_interval_s: _builtins.float = ...,
+        client_token_sha256: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_s", b"heartbeat_interval_s", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_token_sha256", b"client_token_sha256", "heartbeat_interval_s", b"heartbeat_interval_s", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -562,10 +605,13 @@ class TaskAssignment(_message.Message):
     PAYLOAD_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     run_id: _builtins.int
     payload: _builtins.bytes
     """cloudpickle of (function, args, kwargs); futures inside are references."""
+    incarnation: _builtins.int
+    """Names this task (not this run) across scheduler restarts; see HeldResult."""
     @_builtins.property
     def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
@@ -578,10 +624,11 @@ class TaskAssignment(_message.Message):
         payload: _builtins.bytes = ...,
         resources: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         inputs: _abc.Iterable[Global___InputLocation] | None = ...,
+        incarnation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "key", b"key", "payload", b"payload", "resources", b"resources", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["incarnation", b"incarnation", "inputs", b"inputs", "key", b"key", "payload", b"payload", "resources", b"resources", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -674,15 +721,23 @@ class ClientHello(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CLIENT_ID_FIELD_NUMBER: _builtins.int
+    RESUME_KEYS_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
+    @_builtins.property
+    def resume_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """On a reconnect (same client_id): the keys this client still waits for or
+        holds futures of, so the scheduler tells it their state again.
+        """
+
     def __init__(
         self,
         *,
         client_id: _builtins.str = ...,
+        resume_keys: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "resume_keys", b"resume_keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

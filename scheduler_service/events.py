@@ -41,12 +41,25 @@ class WorkerResourcesChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class HeldResult:
+    """A result a (re)joining worker still holds from before."""
+
+    key: str
+    incarnation: int
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerJoined:
     worker_id: WorkerId
     name: str
     address: str
     nthreads: int
     resources: Quanta
+    #: results it kept through a broken stream or a scheduler restart
+    held: tuple[HeldResult, ...] = ()
+    #: its process id, for operators (status) and fault-injection tests
+    pid: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,11 +110,42 @@ class TaskMissingInputs:
 @dataclass(frozen=True, slots=True)
 class ClientJoined:
     client_id: ClientId
+    #: on a reconnect: the keys it still holds futures of (told their state again)
+    resume: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class ClientLeft:
+    """The client closed its stream: the tasks only it wanted go at once."""
+
     client_id: ClientId
+
+
+@dataclass(frozen=True, slots=True)
+class ClientDisconnected:
+    """The client's stream broke at ``at``: it has the policy's grace period
+    to come back before it counts as gone."""
+
+    client_id: ClientId
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveredTask:
+    """A task read back from the journal after a restart."""
+
+    submission: TaskSubmission
+    incarnation: int
+    wanted_by: tuple[ClientId, ...]
+    error: ErrorInfo | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StateRecovered:
+    """The journal's tasks, in submission order, at startup (time ``now``)."""
+
+    tasks: tuple[RecoveredTask, ...]
+    now: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +176,8 @@ Event = (
     | TaskMissingInputs
     | ClientJoined
     | ClientLeft
+    | ClientDisconnected
+    | StateRecovered
     | TasksSubmitted
     | TasksCancelled
     | KeysReleased
@@ -155,6 +201,7 @@ class AssignTask:
     payload: bytes
     resources: Quanta
     inputs: tuple[InputLocation, ...]
+    incarnation: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +241,68 @@ class DeclareResources:
     resources: Quanta
 
 
-Command = AssignTask | CancelRun | ReleaseData | ClientUpdate | DeclareResources
+@dataclass(frozen=True, slots=True)
+class TaskAccepted:
+    """A new task record, first wanted by ``client_id`` (journal its spec)."""
+
+    key: str
+    incarnation: int
+    client_id: ClientId
+    submission: TaskSubmission
+
+
+@dataclass(frozen=True, slots=True)
+class WantAdded:
+    """Another client wants an existing task."""
+
+    client_id: ClientId
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class WantDropped:
+    """A client released (or cancelled) its want of a task."""
+
+    client_id: ClientId
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientGone:
+    """A client left for good; what it alone wanted is already forgotten."""
+
+    client_id: ClientId
+
+
+@dataclass(frozen=True, slots=True)
+class TaskForgotten:
+    """The scheduler forgot a task (drop it from the journal)."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskErredFinally:
+    """A task erred for good (the journal keeps the error, not a rerun)."""
+
+    key: str
+    error: ErrorInfo
+
+
+#: What the scheduler tells its journal (only when it keeps one).
+JournalCommand = (
+    TaskAccepted | WantAdded | WantDropped | ClientGone | TaskForgotten | TaskErredFinally
+)
+JOURNAL_COMMANDS = (
+    TaskAccepted,
+    WantAdded,
+    WantDropped,
+    ClientGone,
+    TaskForgotten,
+    TaskErredFinally,
+)
+
+Command = AssignTask | CancelRun | ReleaseData | ClientUpdate | DeclareResources | JournalCommand
 
 
 @dataclass(slots=True)
@@ -206,6 +314,7 @@ class WorkerSnapshot:
     resources: Quanta
     used: Quanta
     running: int
+    pid: int = 0
 
 
 @dataclass(slots=True)

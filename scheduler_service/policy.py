@@ -23,3 +23,9 @@ class SchedulingPolicy:
     #: Seconds a task that no connected worker could ever hold may wait before
     #: it errs with NoValidWorkerError; None waits for a fitting worker forever.
     no_worker_timeout: float | None = None
+    #: Seconds a client that lost its stream has to come back before the tasks
+    #: only it wanted are cancelled.
+    client_grace: float = 10.0
+    #: After a restart from the journal, seconds before anything is placed, so
+    #: that reconnecting workers can offer the results they still hold.
+    recovery_grace: float = 3.0

@@ -10,11 +10,14 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 from apportion.grpc_server import ServingHealth, bind, install_stop_signals, make_server
+from apportion.security import Role, ServerSecurity
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
 
+from .journal import Journal
 from .policy import SchedulingPolicy
 from .servicer import SchedulerServicer
 
@@ -27,6 +30,8 @@ class SchedulerServer:
     """A scheduler on ``host:port`` (port 0 picks a free one).
 
     ``validate=True`` checks the state machine's invariants after every event.
+    With a ``state_dir`` the accepted tasks are journaled there, and a
+    scheduler started on the same directory picks up where the last one died.
     """
 
     def __init__(
@@ -37,16 +42,26 @@ class SchedulerServer:
         validate: bool = False,
         on_invariant_error: Callable[[], None] | None = None,
         policy: SchedulingPolicy | None = None,
+        security: ServerSecurity | None = None,
+        worker_ttl: float = 5.0,
+        state_dir: Path | None = None,
     ) -> None:
         self.host = host
         self.port = port
-        self._server = make_server()
+        #: Tokens per role and TLS (apportion.security); None: open, plaintext.
+        self.security = security or ServerSecurity()
+        self._server = make_server(self.security.interceptors())
+        self._journal = Journal(state_dir) if state_dir is not None else None
         self.servicer = SchedulerServicer(
             lambda: self.address,
             validate=validate,
             on_invariant_error=on_invariant_error,
             policy=policy,
+            worker_ttl=worker_ttl,
+            journal=self._journal,
         )
+        if self.security.authorizer is not None:
+            self.servicer.client_token_sha256 = self.security.authorizer.digest(Role.CLIENT) or b""
         self._clock: asyncio.Task[None] | None = None
         pb_grpc.add_SchedulerServicer_to_server(self.servicer, self._server)
         self._health = ServingHealth(self._server, [SCHEDULER_SERVICE])
@@ -56,7 +71,12 @@ class SchedulerServer:
         return f"{self.host}:{self.port}"
 
     async def start(self) -> None:
-        self.port = bind(self._server, self.host, self.port)
+        recovered = self.servicer.recover()
+        if recovered:
+            assert self._journal is not None
+            log.info("recovered %d task(s) from %s", recovered, self._journal.path)
+        self.port = bind(self._server, self.host, self.port, self.security.credentials())
+        self.security.warn_if_exposed(self.host, "the scheduler", log)
         await self._server.start()
         self._clock = asyncio.create_task(self.servicer.keep_time())
         await self._health.set(True)
@@ -68,6 +88,8 @@ class SchedulerServer:
         if self._clock is not None:
             self._clock.cancel()
             await asyncio.gather(self._clock, return_exceptions=True)
+        if self._journal is not None:
+            self._journal.close()
 
     async def __aenter__(self) -> SchedulerServer:
         await self.start()
@@ -91,6 +113,9 @@ async def run_scheduler(
     policy: SchedulingPolicy | None = None,
     validate: bool = False,
     handle_signals: bool = True,
+    security: ServerSecurity | None = None,
+    worker_ttl: float = 5.0,
+    state_dir: Path | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM. Prints the bound address on stdout first.
 
@@ -99,7 +124,14 @@ async def run_scheduler(
     status 70 so that no test can miss it.
     """
     server = SchedulerServer(
-        host, port, validate=validate, on_invariant_error=_die_on_invariant_error, policy=policy
+        host,
+        port,
+        validate=validate,
+        on_invariant_error=_die_on_invariant_error,
+        policy=policy,
+        security=security,
+        worker_ttl=worker_ttl,
+        state_dir=state_dir,
     )
     await server.start()
     print(f"apportion scheduler listening on {server.address}", flush=True)

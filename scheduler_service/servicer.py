@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -24,8 +25,10 @@ from protos import apportion_pb2_grpc as pb_grpc
 
 from . import wire
 from .events import (
+    JOURNAL_COMMANDS,
     AssignTask,
     CancelRun,
+    ClientDisconnected,
     ClientId,
     ClientJoined,
     ClientLeft,
@@ -33,8 +36,10 @@ from .events import (
     Command,
     DeclareResources,
     Event,
+    HeldResult,
     KeysReleased,
     ReleaseData,
+    StateRecovered,
     TaskErred,
     TaskFinished,
     TaskMissingInputs,
@@ -46,12 +51,13 @@ from .events import (
     WorkerLeft,
     WorkerResourcesChanged,
 )
+from .journal import Journal
+from .liveness import Liveness
 from .policy import SchedulingPolicy
 from .state import ClusterState, InvariantError
 
 log = logging.getLogger("scheduler_service")
 
-HEARTBEAT_INTERVAL_S = 2.0
 #: How often the clock reaches the state machine: the resolution of waiting times.
 TICK_INTERVAL_S = 0.25
 
@@ -88,15 +94,42 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         validate: bool = False,
         on_invariant_error: Callable[[], None] | None = None,
         policy: SchedulingPolicy | None = None,
+        worker_ttl: float = 5.0,
+        journal: Journal | None = None,
     ) -> None:
-        self.state = ClusterState(policy)
+        # Incarnations start at a random point: a result a worker kept from an
+        # earlier lifetime of this scheduler never matches a new task's.
+        self.state = ClusterState(policy, incarnation_base=secrets.randbits(62))
+        self.state.journaling = journal is not None
+        self._journal = journal
+        self._liveness = Liveness(worker_ttl)
         self._address = address
         # Check the books after every event; on in tests, off in production.
         self._validate = validate
         self._on_invariant_error = on_invariant_error
         self._worker_outboxes: dict[WorkerId, Outbox[Command]] = {}
         self._client_outboxes: dict[ClientId, Outbox[ClientUpdate]] = {}
+        # The handler task of each stream, to end one from outside: a silent
+        # worker (its writes may be stuck on a full window), or a client's old
+        # stream when it reconnects before the scheduler noticed the break.
+        self._worker_handlers: dict[WorkerId, asyncio.Task[object]] = {}
+        self._client_handlers: dict[ClientId, asyncio.Task[object]] = {}
+        self._silenced: set[WorkerId] = set()
         self._worker_ids = itertools.count(1)
+        #: SHA-256 of the client token, told to each worker so that it accepts
+        #: clients' result fetches without holding their secret (security.py);
+        #: empty when clients need no token.
+        self.client_token_sha256 = b""
+
+    def recover(self) -> int:
+        """Rebuild the journal's tasks (at startup); returns how many."""
+        if self._journal is None:
+            return 0
+        tasks = self._journal.load()
+        if tasks:
+            self.dispatch(StateRecovered(tasks, time.monotonic()))
+        self._journal.commit()
+        return len(tasks)
 
     # ------------------------------------------------------------ routing
 
@@ -106,6 +139,10 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                 client_box = self._client_outboxes.get(cmd.client_id)
                 if client_box is not None:
                     client_box.put(cmd)
+            elif isinstance(cmd, JOURNAL_COMMANDS):
+                # Emitted only when there is a journal (state.journaling).
+                assert self._journal is not None
+                self._journal.record(cmd)
             else:
                 worker_box = self._worker_outboxes.get(cmd.worker_id)
                 if worker_box is not None:
@@ -123,8 +160,26 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     async def keep_time(self, interval: float = TICK_INTERVAL_S) -> None:
         """Feed the clock to the state machine (it never reads one itself)."""
         while True:
-            self.dispatch(Tick(time.monotonic()))
+            now = time.monotonic()
+            self.dispatch(Tick(now))
+            for worker_id in self._liveness.expired(now, interval):
+                self._silence(worker_id)
             await asyncio.sleep(interval)
+
+    def _silence(self, worker_id: WorkerId) -> None:
+        """Declare a worker that has said nothing for the ttl lost: end its
+        stream (its late reports go nowhere) and re-place its tasks."""
+        self._liveness.forget(worker_id)
+        handler = self._worker_handlers.get(worker_id)
+        if handler is None:
+            return
+        log.warning(
+            "worker %d sent nothing for %.1fs (worker ttl); declaring it lost",
+            worker_id,
+            self._liveness.ttl,
+        )
+        self._silenced.add(worker_id)
+        handler.cancel()
 
     # ------------------------------------------------------------ workers
 
@@ -134,33 +189,22 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         request_iterator: object,
         context: grpc.aio.ServicerContext[pb.WorkerToScheduler, pb.SchedulerToWorker],
     ) -> None:
-        first = await context.read()
-        if first is grpc.aio.EOF:
-            return
-        assert isinstance(first, pb.WorkerToScheduler)
-        if first.WhichOneof("kind") != "register":
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a RegisterWorker"
-            )
-        reg = first.register
         try:
-            address = wire.check_key(reg.address, "worker address")
-            if not 1 <= reg.nthreads <= wire.MAX_NTHREADS:
-                raise wire.WireError(f"nthreads must be 1..{wire.MAX_NTHREADS}, not {reg.nthreads}")
-            resources = wire.wire_resources(reg.resources, f"worker {reg.name or address}")
+            first = await wire.read_message(context)
+            if first is grpc.aio.EOF:
+                return
+            assert isinstance(first, pb.WorkerToScheduler)
+            if first.WhichOneof("kind") != "register":
+                raise wire.WireError("the first message must be a RegisterWorker")
+            reg = first.register
+            registration = wire.registration_from_pb(reg)
         except wire.WireError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        name, address = registration.name, registration.address
+        resources = registration.resources
         worker_id = next(self._worker_ids)
-        name = reg.name or address
         outbox: Outbox[Command] = Outbox()
         self._worker_outboxes[worker_id] = outbox
-        await context.write(
-            pb.SchedulerToWorker(
-                registered=pb.WorkerRegistered(
-                    worker_id=worker_id, heartbeat_interval_s=HEARTBEAT_INTERVAL_S
-                )
-            )
-        )
         log.info(
             "worker %s joined from %s (%d threads, %s)",
             name,
@@ -168,17 +212,49 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             reg.nthreads,
             dict(reg.resources),
         )
-        self.dispatch(WorkerJoined(worker_id, name, address, reg.nthreads, resources))
-        reader = asyncio.create_task(self._read_worker(worker_id, context, outbox))
+        held = tuple(HeldResult(h.key, h.incarnation, h.nbytes) for h in reg.held)
+        self._liveness.heard(worker_id, time.monotonic())
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._worker_handlers[worker_id] = handler
+        # Joined before it hears "registered": once the worker says it is
+        # registered, the scheduler lists it. Its first assignments wait in
+        # the outbox until the acknowledgement is written.
+        self.dispatch(
+            WorkerJoined(worker_id, name, address, reg.nthreads, resources, held, reg.pid)
+        )
+        reader: asyncio.Task[None] | None = None
         try:
+            await context.write(
+                pb.SchedulerToWorker(
+                    registered=pb.WorkerRegistered(
+                        worker_id=worker_id,
+                        heartbeat_interval_s=self._liveness.heartbeat_interval,
+                        client_token_sha256=self.client_token_sha256,
+                    )
+                )
+            )
+            reader = asyncio.create_task(self._read_worker(worker_id, context, outbox))
             while True:
                 cmds = await outbox.take_all()
                 if outbox.closed:
                     break
                 await context.write(_worker_batch(cmds))
+        except asyncio.CancelledError:
+            if worker_id not in self._silenced:
+                raise
+            handler.uncancel()
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(
+                f"declared lost: nothing heard for {self._liveness.ttl:g}s; register again"
+            )
         finally:
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
             del self._worker_outboxes[worker_id]
+            del self._worker_handlers[worker_id]
+            self._silenced.discard(worker_id)
+            self._liveness.forget(worker_id)
             log.info("worker %s (%s) left", name, address)
             self.dispatch(WorkerLeft(worker_id))
 
@@ -190,40 +266,62 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     ) -> None:
         try:
             while True:
-                msg = await context.read()
+                msg = await wire.read_message(context)
                 if msg is grpc.aio.EOF:
                     return
+                self._liveness.heard(worker_id, time.monotonic())
                 assert isinstance(msg, pb.WorkerToScheduler)
                 if msg.WhichOneof("kind") != "reports":
-                    log.warning(
-                        "worker %d sent %s after registering; closing its stream",
-                        worker_id,
-                        msg.WhichOneof("kind"),
+                    kind = msg.WhichOneof("kind") or "unset (or unknown to this scheduler)"
+                    raise wire.WireError(
+                        f"WorkerToScheduler.kind after registering must be reports, not {kind}"
                     )
-                    return
                 self._apply_reports(worker_id, msg.reports)
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             return
-        except Exception:
+        except wire.WireError as exc:
+            # Tell the worker what was wrong; the handler ends its stream with this status.
+            log.warning("worker %d: %s; closing its stream", worker_id, exc)
+            context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            context.set_details(str(exc))
+        except Exception as exc:
             log.exception("worker %d: bad message; closing its stream", worker_id)
+            context.set_code(grpc.StatusCode.INTERNAL)
+            context.set_details(f"the scheduler failed on a message: {type(exc).__name__}")
         finally:
             outbox.close()
 
     def _apply_reports(self, worker_id: WorkerId, reports: pb.WorkerReports) -> None:
-        for done in reports.finished:
-            fetched = tuple(zip(done.fetched_keys, done.fetched_nbytes, strict=False))
-            self.dispatch(
-                TaskFinished(
-                    worker_id, done.key, done.run_id, done.nbytes, fetched, done.inline_result
+        """Check the whole batch, then apply it: a bad report (WireError) closes
+        the stream before any of the batch changes the books."""
+        wire.check_report_counts(reports)
+        events: list[TaskFinished | TaskErred | TaskMissingInputs] = [
+            *(
+                wire.finished_from_pb(worker_id, done, f"WorkerReports.finished[{i}]")
+                for i, done in enumerate(reports.finished)
+            ),
+            *(
+                wire.erred_from_pb(worker_id, failed, f"WorkerReports.failed[{i}]")
+                for i, failed in enumerate(reports.failed)
+            ),
+            *(
+                wire.missing_from_pb(worker_id, missing, f"WorkerReports.missing_inputs[{i}]")
+                for i, missing in enumerate(reports.missing_inputs)
+            ),
+        ]
+        worker = self.state.workers.get(worker_id)
+        runs = worker.runs if worker is not None else {}
+        for event in events:
+            # A report ends the run it names; the run must be of the task it
+            # names too, or ending it would free a lease the task still holds.
+            run = runs.get(event.run_id)
+            if run is not None and run.key != event.key:
+                raise wire.WireError(
+                    f"a report names run {event.run_id} of task {event.key!r}, "
+                    f"but that run is of task {run.key!r}"
                 )
-            )
-        for failed in reports.failed:
-            self.dispatch(
-                TaskErred(worker_id, failed.key, failed.run_id, wire.error_from_pb(failed.error))
-            )
-        for missing in reports.missing_inputs:
-            pairs = tuple((i.key, i.address) for i in missing.inputs)
-            self.dispatch(TaskMissingInputs(worker_id, missing.key, missing.run_id, pairs))
+        for event in events:
+            self.dispatch(event)
 
     # ------------------------------------------------------------ clients
 
@@ -232,21 +330,31 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         request_iterator: object,
         context: grpc.aio.ServicerContext[pb.ClientToScheduler, pb.SchedulerToClient],
     ) -> None:
-        first = await context.read()
-        if first is grpc.aio.EOF:
-            return
-        assert isinstance(first, pb.ClientToScheduler)
-        if first.WhichOneof("kind") != "hello" or not first.hello.client_id:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a ClientHello"
-            )
-        client_id = first.hello.client_id
-        if client_id in self._client_outboxes:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"client {client_id} is connected")
+        try:
+            first = await wire.read_message(context)
+            if first is grpc.aio.EOF:
+                return
+            assert isinstance(first, pb.ClientToScheduler)
+            if first.WhichOneof("kind") != "hello":
+                raise wire.WireError("the first message must be a ClientHello")
+            client_id, resume = wire.client_id_from_pb(first.hello)
+        except wire.WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        previous = self._client_handlers.get(client_id)
+        if previous is not None:
+            # The client reconnected before this side noticed its old stream
+            # break: the new stream takes over (the old one ends quietly).
+            log.info("client %s reconnected; closing its previous stream", client_id)
+            previous.cancel()
+            await asyncio.gather(previous, return_exceptions=True)
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._client_handlers[client_id] = handler
         outbox: Outbox[ClientUpdate] = Outbox()
         self._client_outboxes[client_id] = outbox
-        self.dispatch(ClientJoined(client_id))
-        reader = asyncio.create_task(self._read_client(client_id, context, outbox))
+        self.dispatch(ClientJoined(client_id, resume))
+        said_goodbye = asyncio.Event()
+        reader = asyncio.create_task(self._read_client(client_id, context, outbox, said_goodbye))
         try:
             while True:
                 updates = await outbox.take_all()
@@ -257,40 +365,62 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                 )
         finally:
             reader.cancel()
-            del self._client_outboxes[client_id]
-            self.dispatch(ClientLeft(client_id))
+            if self._client_handlers.get(client_id) is handler:
+                del self._client_handlers[client_id]
+                del self._client_outboxes[client_id]
+                if said_goodbye.is_set():
+                    self.dispatch(ClientLeft(client_id))
+                else:
+                    # Broken, not closed: keep its tasks for the grace period.
+                    self.dispatch(ClientDisconnected(client_id, time.monotonic()))
 
     async def _read_client(
         self,
         client_id: ClientId,
         context: grpc.aio.ServicerContext[pb.ClientToScheduler, pb.SchedulerToClient],
         outbox: Outbox[ClientUpdate],
+        said_goodbye: asyncio.Event,
     ) -> None:
         try:
             while True:
-                msg = await context.read()
+                msg = await wire.read_message(context)
                 if msg is grpc.aio.EOF:
+                    # The client closed its side: a goodbye, not a broken link.
+                    said_goodbye.set()
                     return
                 assert isinstance(msg, pb.ClientToScheduler)
                 kind = msg.WhichOneof("kind")
                 if kind == "submit":
                     self._submit(client_id, msg.submit, outbox)
                 elif kind == "cancel":
-                    self.dispatch(TasksCancelled(client_id, tuple(msg.cancel.keys)))
+                    keys = wire.check_keys(msg.cancel.keys, "ClientToScheduler.cancel.keys")
+                    self.dispatch(TasksCancelled(client_id, keys))
                 elif kind == "release":
-                    self.dispatch(KeysReleased(client_id, tuple(msg.release.keys)))
+                    keys = wire.check_keys(msg.release.keys, "ClientToScheduler.release.keys")
+                    self.dispatch(KeysReleased(client_id, keys))
                 else:
-                    log.warning("client %s sent %s; ignored", client_id, kind)
+                    raise wire.WireError(
+                        "ClientToScheduler.kind must be submit, cancel or release, not "
+                        f"{kind or 'unset (or unknown to this scheduler)'}"
+                    )
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             return
-        except Exception:
+        except wire.WireError as exc:
+            # Tell the client what was wrong; the handler ends its stream with this status.
+            log.warning("client %s: %s; closing its stream", client_id, exc)
+            context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            context.set_details(str(exc))
+        except Exception as exc:
             log.exception("client %s: bad message; closing its stream", client_id)
+            context.set_code(grpc.StatusCode.INTERNAL)
+            context.set_details(f"the scheduler failed on a message: {type(exc).__name__}")
         finally:
             outbox.close()
 
     def _submit(
         self, client_id: ClientId, batch: pb.SubmitTasks, outbox: Outbox[ClientUpdate]
     ) -> None:
+        wire.check_count(batch.tasks, wire.MAX_ITEMS_PER_MESSAGE, "SubmitTasks.tasks")
         accepted = []
         for spec in batch.tasks:
             try:
@@ -315,14 +445,14 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         request: pb.SetWorkerResourcesRequest,
         context: grpc.aio.ServicerContext[object, object],
     ) -> pb.SetWorkerResourcesReply:
-        worker = self.state.find_worker(request.worker)
-        if worker is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no worker {request.worker!r}")
-        assert worker is not None
         try:
-            resources = wire.wire_resources(request.resources, f"worker {worker.name}")
+            name, resources = wire.set_resources_from_pb(request)
         except wire.WireError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        worker = self.state.find_worker(name)
+        if worker is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no worker {name!r}")
+        assert worker is not None
         log.info("worker %s now declares %s", worker.name, dict(request.resources))
         self.dispatch(WorkerResourcesChanged(worker.worker_id, resources))
         snapshot = self.state.snapshot()
@@ -332,7 +462,11 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     async def ExplainTask(
         self, request: pb.ExplainTaskRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ExplainTaskReply:
-        return pb.ExplainTaskReply(explanation=self.state.explain(request.key))
+        try:
+            key = wire.check_key(request.key, "ExplainTaskRequest.key")
+        except wire.WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.ExplainTaskReply(explanation=self.state.explain(key))
 
     async def GetClusterState(
         self, request: pb.GetClusterStateRequest, context: grpc.aio.ServicerContext[object, object]

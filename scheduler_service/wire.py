@@ -1,14 +1,46 @@
 """Protobuf <-> scheduler events and commands. Protobuf stops here.
 
 Everything that arrives is checked before it becomes an event: a message that
-cannot be used raises :class:`WireError` naming the field that was wrong.
+cannot be used raises :class:`WireError` naming the field that was wrong (the
+limits and the shared checks are in :mod:`apportion.boundary`). One pydantic
+``TypeAdapter`` per message kind does the checking; see that module for why
+and what it costs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-from apportion.resources import ResourceSpecError, check_resources, from_quanta, to_quanta
+from google.protobuf.message import DecodeError
+from pydantic import Field, TypeAdapter
+from typing_extensions import TypedDict
+
+from apportion.boundary import (
+    MAX_DEPENDENCIES,
+    MAX_ERROR_PICKLE_BYTES,
+    MAX_ERROR_TYPE_LENGTH,
+    MAX_INLINE_RESULT_BYTES,
+    MAX_ITEMS_PER_MESSAGE,
+    MAX_KEY_LENGTH,
+    MAX_NTHREADS,
+    MAX_PAYLOAD_BYTES,
+    MAX_WORKER_RESTRICTIONS,
+    Address,
+    AddressOrEmpty,
+    Key,
+    Name,
+    Resources,
+    RunId,
+    WireError,
+    check,
+    check_count,
+    check_key,
+    cut,
+    shorten,
+)
+from apportion.resources import from_quanta, to_quanta
 from apportion.serialize import ErrorInfo
 from protos import apportion_pb2 as pb
 
@@ -16,12 +48,43 @@ from .events import (
     AssignTask,
     ClientUpdate,
     ClusterSnapshot,
+    TaskErred,
+    TaskFinished,
+    TaskMissingInputs,
     TaskSubmission,
+    WorkerId,
     WorkerSnapshot,
 )
 
-MAX_KEY_LENGTH = 1024
-MAX_NTHREADS = 100_000
+__all__ = [
+    "MAX_HELD_RESULTS",
+    "MAX_ITEMS_PER_MESSAGE",
+    "MAX_KEY_LENGTH",
+    "MAX_NTHREADS",
+    "Registration",
+    "WireError",
+    "assignment_to_pb",
+    "check_count",
+    "check_key",
+    "check_keys",
+    "check_report_counts",
+    "client_id_from_pb",
+    "cluster_state_to_pb",
+    "erred_from_pb",
+    "error_from_pb",
+    "error_to_pb",
+    "finished_from_pb",
+    "missing_from_pb",
+    "read_message",
+    "registration_from_pb",
+    "set_resources_from_pb",
+    "submission_from_pb",
+    "update_to_pb",
+    "worker_info_to_pb",
+]
+
+#: Results a (re)registering worker may say it still holds (RegisterWorker.held).
+MAX_HELD_RESULTS = MAX_ITEMS_PER_MESSAGE
 
 _STATUS_TO_PB = {
     "pending": pb.TASK_STATUS_PENDING,
@@ -30,33 +93,235 @@ _STATUS_TO_PB = {
     "cancelled": pb.TASK_STATUS_CANCELLED,
 }
 
-
-class WireError(ValueError):
-    """A message from a peer that the scheduler cannot use."""
-
-
-def check_key(key: str, what: str = "task key") -> str:
-    if not key:
-        raise WireError(f"{what} is empty")
-    if len(key) > MAX_KEY_LENGTH:
-        raise WireError(f"{what} is longer than {MAX_KEY_LENGTH} characters")
-    return key
+# ------------------------------------------------------------ message schemas
+# Field names are the protobuf ones, so an error names the field as sent.
 
 
-def wire_resources(resources: Mapping[str, float], what: str) -> dict[str, int]:
+class _TaskSpec(TypedDict):
+    # The payload's size is checked apart: pydantic would copy the bytes.
+    key: Key
+    resources: Resources
+    dependencies: Annotated[tuple[Key, ...], Field(max_length=MAX_DEPENDENCIES)]
+    workers: Annotated[tuple[Key, ...], Field(max_length=MAX_WORKER_RESTRICTIONS)]
+
+
+class _RegisterWorker(TypedDict):
+    name: Name
+    address: Address
+    nthreads: Annotated[int, Field(ge=1, le=MAX_NTHREADS)]
+    resources: Resources
+
+
+class _HeldResult(TypedDict):
+    key: Key
+
+
+class _RunRef(TypedDict):
+    key: Key
+    run_id: RunId
+
+
+class _MissingInput(TypedDict):
+    key: Key
+    address: AddressOrEmpty
+
+
+class _SetWorkerResources(TypedDict):
+    worker: Annotated[str, Field(min_length=1, max_length=MAX_KEY_LENGTH)]
+    resources: Resources
+
+
+_TASK_SPEC = TypeAdapter(_TaskSpec)
+_REGISTER = TypeAdapter(_RegisterWorker)
+_HELD = TypeAdapter(Annotated[list[_HeldResult], Field(max_length=MAX_HELD_RESULTS)])
+_RUN_REF = TypeAdapter(_RunRef)
+_MISSING = TypeAdapter(Annotated[list[_MissingInput], Field(max_length=MAX_DEPENDENCIES)])
+_SET_RESOURCES = TypeAdapter(_SetWorkerResources)
+_KEYS = TypeAdapter(Annotated[tuple[Key, ...], Field(max_length=MAX_ITEMS_PER_MESSAGE)])
+_CLIENT_ID = TypeAdapter(Annotated[str, Field(min_length=1, max_length=MAX_KEY_LENGTH)])
+
+# ------------------------------------------------------------------- inbound
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    name: str
+    address: str
+    nthreads: int
+    resources: dict[str, int]
+
+
+def registration_from_pb(reg: pb.RegisterWorker) -> Registration:
+    what = f"RegisterWorker from {shorten(reg.name or reg.address or 'a worker')}"
+    checked = check(
+        _REGISTER,
+        {
+            "name": reg.name,
+            "address": reg.address,
+            "nthreads": reg.nthreads,
+            "resources": dict(reg.resources),
+        },
+        what,
+    )
+    check(_HELD, [{"key": h.key} for h in reg.held], f"{what}: held")
+    return Registration(
+        name=checked["name"] or checked["address"],
+        address=checked["address"],
+        nthreads=checked["nthreads"],
+        resources=to_quanta(checked["resources"]),
+    )
+
+
+def submission_from_pb(spec: pb.TaskSpec) -> TaskSubmission:
+    what = f"task {shorten(spec.key)!r}"
+    checked = check(
+        _TASK_SPEC,
+        {
+            "key": spec.key,
+            "resources": dict(spec.resources),
+            "dependencies": tuple(spec.dependencies),
+            "workers": tuple(spec.workers),
+        },
+        what,
+    )
+    payload = spec.payload
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise WireError(
+            f"{what}: payload: {len(payload)} bytes; at most {MAX_PAYLOAD_BYTES} "
+            "(pass large data as the result of another task)"
+        )
+    return TaskSubmission(
+        key=checked["key"],
+        payload=payload,
+        resources=to_quanta(checked["resources"]),
+        dependencies=checked["dependencies"],
+        priority=spec.priority,
+        retries=spec.retries,
+        workers=checked["workers"],
+        allow_other_workers=spec.allow_other_workers,
+    )
+
+
+def client_id_from_pb(hello: pb.ClientHello) -> tuple[str, tuple[str, ...]]:
+    """The client's id and the keys it resumes (ClientHello.resume_keys)."""
+    client_id = check(_CLIENT_ID, hello.client_id, "ClientHello.client_id")
+    return client_id, check_keys(hello.resume_keys, "ClientHello.resume_keys")
+
+
+def check_keys(keys: Iterable[str], what: str) -> tuple[str, ...]:
+    """A KeyList's keys (cancel, release), each a usable key."""
+    return check(_KEYS, tuple(keys), what)
+
+
+async def read_message(context: Any) -> object:
+    """``context.read()``, with bytes that do not parse as the expected message
+    turned into a :class:`WireError` (gRPC would answer UNKNOWN otherwise)."""
     try:
-        return to_quanta(check_resources(dict(resources)))
-    except ResourceSpecError as exc:
-        raise WireError(f"{what}: {exc}") from None
+        return await context.read()
+    except DecodeError as exc:
+        raise WireError(f"the message could not be parsed: {exc}") from None
+
+
+def finished_from_pb(worker_id: WorkerId, done: pb.TaskFinished, what: str) -> TaskFinished:
+    """Plain checks rather than a TypeAdapter: every task ends with one of
+    these (see the module docstring of :mod:`apportion.boundary` for the cost)."""
+    key = done.key
+    run_id = done.run_id
+    inline_result = done.inline_result
+    if (
+        0 < len(key) <= MAX_KEY_LENGTH
+        and run_id >= 1
+        and len(inline_result) <= MAX_INLINE_RESULT_BYTES
+        and not done.fetched_keys
+        and not done.fetched_nbytes
+    ):
+        # The common case, checked in one go: no inputs fetched from peers.
+        return TaskFinished(worker_id, key, run_id, done.nbytes, (), inline_result)
+    fetched_keys = tuple(done.fetched_keys)
+    problem = _key_problem(key, "key")
+    if problem is None and done.run_id < 1:
+        problem = "run_id: must be 1 or more"
+    if problem is None and len(done.inline_result) > MAX_INLINE_RESULT_BYTES:
+        problem = (
+            f"inline_result: {len(done.inline_result)} bytes; "
+            f"at most {MAX_INLINE_RESULT_BYTES} travel inline"
+        )
+    if problem is None and len(fetched_keys) > MAX_DEPENDENCIES:
+        problem = f"fetched_keys: {len(fetched_keys)} items; at most {MAX_DEPENDENCIES}"
+    if problem is None:
+        for i, fetched in enumerate(fetched_keys):
+            if (problem := _key_problem(fetched, f"fetched_keys[{i}]")) is not None:
+                break
+    if problem is None and len(done.fetched_nbytes) != len(fetched_keys):
+        problem = (
+            f"fetched_keys has {len(fetched_keys)} items but fetched_nbytes "
+            f"{len(done.fetched_nbytes)}; they must be parallel lists"
+        )
+    if problem is None and key in fetched_keys:
+        problem = "fetched_keys names the finished task itself"
+    if problem is not None:
+        raise WireError(f"{what}: {problem}")
+    return TaskFinished(
+        worker_id,
+        key,
+        done.run_id,
+        done.nbytes,
+        tuple(zip(fetched_keys, done.fetched_nbytes, strict=True)),
+        done.inline_result,
+    )
+
+
+def _key_problem(key: str, field: str) -> str | None:
+    if not key:
+        return f"{field}: is empty"
+    if len(key) > MAX_KEY_LENGTH:
+        return f"{field}: is longer than {MAX_KEY_LENGTH} characters ({len(key)})"
+    return None
+
+
+def erred_from_pb(worker_id: WorkerId, failed: pb.TaskFailed, what: str) -> TaskErred:
+    ref = check(_RUN_REF, {"key": failed.key, "run_id": failed.run_id}, what)
+    return TaskErred(worker_id, ref["key"], ref["run_id"], error_from_pb(failed.error))
+
+
+def missing_from_pb(
+    worker_id: WorkerId, missing: pb.TaskMissingInputs, what: str
+) -> TaskMissingInputs:
+    ref = check(_RUN_REF, {"key": missing.key, "run_id": missing.run_id}, what)
+    inputs = check(
+        _MISSING, [{"key": i.key, "address": i.address} for i in missing.inputs], f"{what}: inputs"
+    )
+    pairs = tuple((i["key"], i["address"]) for i in inputs)
+    return TaskMissingInputs(worker_id, ref["key"], ref["run_id"], pairs)
+
+
+def check_report_counts(reports: pb.WorkerReports) -> None:
+    for name in ("finished", "failed", "missing_inputs"):
+        check_count(getattr(reports, name), MAX_ITEMS_PER_MESSAGE, f"WorkerReports.{name}")
+
+
+def set_resources_from_pb(request: pb.SetWorkerResourcesRequest) -> tuple[str, dict[str, int]]:
+    checked = check(
+        _SET_RESOURCES,
+        {"worker": request.worker, "resources": dict(request.resources)},
+        "SetWorkerResourcesRequest",
+    )
+    return checked["worker"], to_quanta(checked["resources"])
 
 
 def error_from_pb(error: pb.TaskError) -> ErrorInfo:
+    """A worker's report of a task's exception. Over-long text is cut, not
+    refused: a user's exception may carry a huge message, and refusing it
+    would close the worker's stream over the user's bug."""
     return ErrorInfo(
-        type_name=error.type_name or "builtins.Exception",
-        message=error.message,
-        traceback=error.traceback,
-        exception=error.exception,
+        type_name=cut(error.type_name, MAX_ERROR_TYPE_LENGTH) or "builtins.Exception",
+        message=cut(error.message),
+        traceback=cut(error.traceback, keep_end=True),  # the end says where it raised
+        exception=error.exception if len(error.exception) <= MAX_ERROR_PICKLE_BYTES else b"",
     )
+
+
+# ------------------------------------------------------------------ outbound
 
 
 def error_to_pb(error: ErrorInfo) -> pb.TaskError:
@@ -65,22 +330,6 @@ def error_to_pb(error: ErrorInfo) -> pb.TaskError:
         message=error.message,
         traceback=error.traceback,
         exception=error.exception,
-    )
-
-
-def submission_from_pb(spec: pb.TaskSpec) -> TaskSubmission:
-    key = check_key(spec.key)
-    for dep in spec.dependencies:
-        check_key(dep, f"dependency of {key!r}")
-    return TaskSubmission(
-        key=key,
-        payload=spec.payload,
-        resources=wire_resources(spec.resources, f"task {key!r}"),
-        dependencies=tuple(spec.dependencies),
-        priority=spec.priority,
-        retries=spec.retries,
-        workers=tuple(check_key(w, f"worker restriction of {key!r}") for w in spec.workers),
-        allow_other_workers=spec.allow_other_workers,
     )
 
 
@@ -93,6 +342,7 @@ def assignment_to_pb(cmd: AssignTask) -> pb.TaskAssignment:
         inputs=[
             pb.InputLocation(key=i.key, addresses=i.addresses, nbytes=i.nbytes) for i in cmd.inputs
         ],
+        incarnation=cmd.incarnation,
     )
 
 
@@ -119,6 +369,7 @@ def worker_info_to_pb(w: WorkerSnapshot) -> pb.WorkerInfo:
         resources=from_quanta(w.resources),
         used_resources=from_quanta(w.used),
         running=w.running,
+        pid=w.pid,
     )
 
 

@@ -177,6 +177,16 @@ def grpcurl() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run
 
 
+@pytest.fixture
+def grpcurl_tls() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """The real grpcurl without -plaintext: pass -cacert/-cert/-key (or -plaintext) yourself."""
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([_grpcurl(), *args], capture_output=True, text=True, timeout=60)
+
+    return run
+
+
 def pytest_collection_modifyitems(items: list[Any]) -> None:
     for item in items:
         if "e2e" in item.nodeid.split("::")[0]:

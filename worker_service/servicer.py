@@ -1,4 +1,11 @@
-"""The Worker gRPC service: peers and clients fetch results from here."""
+"""The Worker gRPC service: peers and clients fetch results from here.
+
+FetchResult's chunks leave already serialized (:func:`apportion.transfer.chunks`
+encodes them with one copy of the data, where protobuf takes two), so the
+service is registered by :func:`add_worker_service` with a pass-through
+serializer for that stream instead of the generated ``add_WorkerServicer_to_server``.
+The wire format is the same ``apportion.v1.ResultChunk``.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +13,48 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from apportion.boundary import WireError, check_key
 from apportion.transfer import chunks
 from protos import apportion_pb2 as pb
-from protos import apportion_pb2_grpc as pb_grpc
 
 from .store import ResultStore
 
+SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
 
-class WorkerServicer(pb_grpc.WorkerServicer):
+
+class WorkerServicer:
     def __init__(self, store: ResultStore) -> None:
         self._store = store
 
     async def FetchResult(
         self, request: pb.FetchResultRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> AsyncIterator[pb.ResultChunk]:
-        data = self._store.get(request.key)
+    ) -> AsyncIterator[bytes]:
+        """Serialized ``ResultChunk`` messages (see :func:`add_worker_service`)."""
+        try:
+            key = check_key(request.key, "FetchResultRequest.key")
+        except WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        data = self._store.get(key)
         if data is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no result for {request.key!r} here")
             return
         for chunk in chunks(data):
             yield chunk
+
+
+def _serialized(message: bytes) -> bytes:
+    return message
+
+
+def add_worker_service(servicer: WorkerServicer, server: grpc.aio.Server) -> None:
+    """Register ``apportion.v1.Worker`` as the generated code would, but with
+    FetchResult's responses passed through as the bytes they already are."""
+    handlers = {
+        "FetchResult": grpc.unary_stream_rpc_method_handler(
+            servicer.FetchResult,
+            request_deserializer=pb.FetchResultRequest.FromString,
+            response_serializer=_serialized,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)

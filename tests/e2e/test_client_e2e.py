@@ -274,7 +274,8 @@ def test_losing_the_scheduler_fails_pending_futures(processes: Processes) -> Non
     address = processes.scheduler()
     scheduler = processes.procs[0]
     processes.worker(address, "--nthreads", "1")
-    with Client(address) as client:
+    # It tries to reconnect for one second, then gives up.
+    with Client(address, reconnect_timeout=1) as client:
         assert client.submit(inc, 1).result(timeout=30) == 2
         pending = client.submit(sleep_then, 5, 1)
         wait_for(lambda: cluster_state(address).workers[0].running == 1, 10, "a run")

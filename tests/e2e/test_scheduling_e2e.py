@@ -145,8 +145,10 @@ def test_a_task_that_kills_its_workers_errs_with_killed_worker(
     processes: Processes, scheduler_with: Callable[..., str]
 ) -> None:
     address = scheduler_with("--allowed-failures", "1")
-    first = processes.worker(address, "--name", "first")
-    second = processes.worker(address, "--name", "second")
+    # Without a nanny, a dead worker process stays dead (see test_faults_e2e
+    # for workers that their parent restarts).
+    first = processes.worker(address, "--name", "first", "--no-nanny")
+    second = processes.worker(address, "--name", "second", "--no-nanny")
     with Client(address) as client:
         doomed = client.submit(die_here, key="doomed-task")
         with pytest.raises(client_sdk.KilledWorker, match="doomed-task") as info:

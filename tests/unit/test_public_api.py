@@ -22,6 +22,7 @@ def test_client_sdk_exports() -> None:
         "ResourceSpecError",
         "SchedulerConnectionError",
         "SerializationError",
+        "TLS",
         "TaskContext",
         "TaskError",
         "annotate",

@@ -4,8 +4,11 @@ A hypothesis rule-based machine joins and loses workers, submits tasks with
 random (also fractional) resource needs and dependencies on earlier keys,
 reports the end of the runs it was given (finished, erred, missing inputs,
 stale and duplicate reports), cancels and releases keys, and lets clients
-leave. ``validate()`` runs after every event, and the commands that come back
-are checked against what a worker and a client could observe.
+leave, lose their streams and come back (resuming keys), or outlive their
+grace period; the scheduler itself restarts from what its journal would hold,
+and its workers come back offering the results they kept. ``validate()`` runs
+after every event, and the commands that come back are checked against what a
+worker and a client could observe.
 
 At the end one worker that declares enough of everything joins and every run
 is completed until none is left: each task a client still wants must then be
@@ -23,13 +26,17 @@ from apportion.serialize import ErrorInfo
 from scheduler_service.events import (
     AssignTask,
     CancelRun,
+    ClientDisconnected,
     ClientJoined,
     ClientLeft,
     ClientUpdate,
     Command,
     Event,
+    HeldResult,
     KeysReleased,
+    RecoveredTask,
     ReleaseData,
+    StateRecovered,
     TaskErred,
     TaskFinished,
     TaskMissingInputs,
@@ -79,6 +86,7 @@ class ClusterMachine(RuleBasedStateMachine):
         self.told: dict[tuple[str, str], str] = {}
         #: (client, key) -> the last update that client got
         self.last: dict[tuple[str, str], ClientUpdate] = {}
+        self.restarts = 0
 
     # ------------------------------------------------------------ plumbing
 
@@ -92,6 +100,8 @@ class ClusterMachine(RuleBasedStateMachine):
 
     def check_waiting_reasons(self) -> None:
         """A client of a queued task that no worker can hold was told why."""
+        if self.state._hold_until:
+            return  # recovering: told once workers had their chance to return
         declared = [w.declared for w in self.state.workers.values()]
         for key, task in self.state.tasks.items():
             if task.state != READY or infeasibility_reason(task.resources, declared) is None:
@@ -229,11 +239,85 @@ class ClusterMachine(RuleBasedStateMachine):
         resources = data.draw(declared, label="resources")
         self.handle(WorkerResourcesChanged(worker_id, to_quanta(resources)))
 
-    @rule(seconds=st.sampled_from([0.1, 0.5, 1.0, 2.5]))
+    @rule(seconds=st.sampled_from([0.1, 0.5, 1.0, 2.5, 12.0]))
     def tick(self, seconds: float) -> None:
-        """Time passes: starving tasks get workers reserved."""
+        """Time passes: starving tasks get workers reserved, disconnected
+        clients run out of grace, a recovery's hold ends."""
         self.now += seconds
         self.handle(Tick(self.now))
+        for client in CLIENTS:
+            if client not in self.state.clients:
+                self.forget_told(client)
+
+    @rule(data=st.data())
+    def client_stream_breaks(self, data: st.DataObject) -> None:
+        """A client's stream breaks; it may come back (resuming some keys,
+        perhaps ones it never had) before its grace period ends."""
+        client = data.draw(st.sampled_from(CLIENTS), label="client")
+        self.handle(ClientDisconnected(client, self.now))
+        if data.draw(st.booleans(), label="back"):
+            resume = tuple(data.draw(st.lists(st.sampled_from(KEYS), max_size=3), label="resume"))
+            for cmd in self.handle(ClientJoined(client, resume)):
+                if isinstance(cmd, ClientUpdate) and cmd.client_id == client:
+                    assert cmd.key in resume or cmd.key in self.state.clients[client], cmd
+            for key in resume:
+                assert key not in self.state.tasks or client in self.state.tasks[key].wanted_by
+
+    @rule(data=st.data())
+    def scheduler_restarts(self, data: st.DataObject) -> None:
+        """The scheduler dies and comes back with what its journal holds;
+        its workers come back (as new ones) offering the results they kept,
+        some of them stale (another incarnation of the key)."""
+        old = self.state
+        recovered = tuple(
+            RecoveredTask(
+                TaskSubmission(
+                    t.key,
+                    t.payload,
+                    dict(t.resources),
+                    t.dependencies,
+                    t.priority,
+                    t.retries_left,
+                    tuple(sorted(t.allowed)),
+                    t.loose,
+                ),
+                t.incarnation,
+                tuple(sorted(t.wanted_by)),
+                t.error if t.state == ERRED else None,
+            )
+            for t in sorted(old.tasks.values(), key=lambda t: t.seq)
+        )
+        stale = data.draw(st.booleans(), label="a stale held result")
+        comeback = [
+            (
+                w,
+                tuple(
+                    HeldResult(k, old.tasks[k].incarnation + (1 if stale else 0), 7)
+                    for k in sorted(w.has)
+                ),
+            )
+            for w in old.workers.values()
+        ]
+        self.restarts += 1
+        self.state = ClusterState(incarnation_base=1_000_000 * self.restarts)
+        for run in list(self.live.values()):
+            self.end(run)
+        self.workers.clear()
+        self.told.clear()
+        self.last.clear()
+        self.handle(StateRecovered(recovered, self.now))
+        for w, held in comeback:
+            worker_id = self.next_worker
+            self.next_worker += 1
+            self.workers.add(worker_id)
+            declared_now = dict(w.declared)
+            self.handle(
+                WorkerJoined(worker_id, w.name, addr(worker_id), w.nthreads, declared_now, held)
+            )
+        # The clients come back and name what they hold futures of.
+        for client in CLIENTS:
+            if client in self.state.clients:
+                self.handle(ClientJoined(client, tuple(sorted(self.state.clients[client]))))
 
     @rule(data=st.data(), kind=st.sampled_from(["release", "cancel", "leave"]))
     def client_drops(self, data: st.DataObject, kind: str) -> None:
@@ -355,6 +439,9 @@ class ClusterMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         """Everything that can run eventually runs."""
         big: Quanta = to_quanta(dict.fromkeys(NAMES, BIG))
+        if self.state._hold_until:
+            self.now = self.state._hold_until
+            self.handle(Tick(self.now))  # the recovery's hold ends
         worker_id = self.next_worker
         self.workers.add(worker_id)
         self.handle(WorkerJoined(worker_id, "big", addr(worker_id), 4, big))

@@ -1,0 +1,61 @@
+"""Fetching results from a real Worker service (in-process, port 0)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from apportion import serialize
+from apportion.grpc_server import insecure_channel, make_server
+from apportion.transfer import ChannelPool, ResultUnavailable
+from protos import apportion_pb2 as pb
+from protos import apportion_pb2_grpc as pb_grpc
+from worker_service.servicer import WorkerServicer, add_worker_service
+from worker_service.store import ResultStore
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[ResultStore, str]]:
+    store = ResultStore()
+    server = make_server()
+    add_worker_service(WorkerServicer(store), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield store, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+async def test_a_large_result_arrives_whole_and_its_buffers_uncopied(
+    served: tuple[ResultStore, str],
+) -> None:
+    store, address = served
+    value = {"blob": b"x" * (3 * 1024 * 1024 + 11), "array": bytearray(b"y" * 200_000)}
+    store.put("k", 1, serialize.dumps_result(value["blob"]))
+    store.put("small", 1, serialize.dumps_result(value))
+    pool = ChannelPool()
+    try:
+        frames = await pool.fetch(address, "k", timeout=10)
+        assert len(frames.buffers) == 1
+        assert serialize.loads(frames) == value["blob"]
+        assert serialize.loads(await pool.fetch(address, "small", timeout=10)) == value
+        with pytest.raises(ResultUnavailable, match="NOT_FOUND"):
+            await pool.fetch(address, "nope", timeout=10)
+    finally:
+        await pool.close()
+
+
+async def test_the_stream_is_plain_result_chunks_to_a_generated_stub(
+    served: tuple[ResultStore, str],
+) -> None:
+    store, address = served
+    frames = serialize.dumps_result(b"z" * (2 * 1024 * 1024))
+    store.put("k", 1, frames)
+    async with insecure_channel(address) as channel:
+        stub = pb_grpc.WorkerStub(channel)
+        got = [c async for c in stub.FetchResult(pb.FetchResultRequest(key="k"))]
+    assert {c.total_size for c in got} == {frames.nbytes}
+    data = b"".join(c.data for c in got)
+    assert serialize.loads(data) == b"z" * (2 * 1024 * 1024)

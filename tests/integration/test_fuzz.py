@@ -1,0 +1,732 @@
+"""Hypothesis throws random bytes and mutated messages at every gRPC surface.
+
+A scheduler (the ``scheduler_server`` fixture: it checks its books after every
+event) and one real in-process Worker connected to it, both on port 0, take
+random bytes, byte-mutated valid messages and well-formed messages with wild
+field values on the scheduler's WorkerStream, ClientStream, GetClusterState,
+SetWorkerResources and ExplainTask, and on the worker's FetchResult. Every
+call has a deadline.
+
+The oracle: each status is one the protocol means (OK; INVALID_ARGUMENT naming
+the field; NOT_FOUND for an unknown worker or result). UNKNOWN, an exception
+nobody expected, is allowed only where gRPC itself cannot parse a unary
+request's bytes, before any of our code runs. After each example the
+scheduler answers health, its books validate and it logged no error; after
+the last one a real task from a real Client runs on the worker and every used
+resource is back to exactly zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from apportion import serialize
+from apportion.grpc_server import insecure_channel
+from client_sdk import Client
+from protos import apportion_pb2 as pb
+from protos import apportion_pb2_grpc as pb_grpc
+from scheduler_service import SchedulerServer
+from worker_service import Worker
+
+CALL_TIMEOUT = 5.0
+#: Examples per test: a few seconds in all on 2 cores. Raise it for a longer
+#: hunt: APPORTION_FUZZ_EXAMPLES=2000 pytest tests/integration/test_fuzz.py
+EXAMPLES = int(os.environ.get("APPORTION_FUZZ_EXAMPLES", "150"))
+#: deadline is per example: each call's own is 5 s, and a busy CI machine
+#: must not turn a slow example into a failure.
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=20_000,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+OK = grpc.StatusCode.OK
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+#: Stands for the real worker's name in generated requests.
+REAL_WORKER = "<the real worker>"
+STORED_KEY = "stored-result"
+
+VALID_PAYLOAD = serialize.dump_call(abs, (-1,), {})
+
+# ---------------------------------------------------------------- strategies
+
+TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
+KEYS = st.one_of(st.sampled_from(["", " ", "a", "b", "k" * 1025]), TEXT)
+NAMES = st.one_of(st.sampled_from(["GPU", "FUZZ", "", " ", "n" * 300]), TEXT)
+AMOUNTS = st.one_of(st.floats(), st.sampled_from([0.0, 0.5, 1.0, 2.0, -1.0, 1e18, 1e19, 1e300]))
+RESOURCES = st.dictionaries(NAMES, AMOUNTS, max_size=3)
+ADDRESSES = st.one_of(
+    st.sampled_from(["127.0.0.1:1", "", "host", "h:0", "[::1]:5", "[::1]", "h:99999", "a b:1"]),
+    TEXT,
+)
+U32 = st.integers(0, 2**32 - 1)
+U64 = st.integers(0, 2**64 - 1)
+I64 = st.integers(-(2**63), 2**63 - 1)
+BLOBS = st.binary(max_size=64)
+
+REGISTER = st.builds(
+    pb.RegisterWorker, name=TEXT, address=ADDRESSES, nthreads=U32, resources=RESOURCES, pid=U32
+)
+ERRORS = st.builds(pb.TaskError, type_name=TEXT, message=TEXT, traceback=TEXT, exception=BLOBS)
+
+
+def reports(keys: st.SearchStrategy[str], run_ids: st.SearchStrategy[int]) -> Any:
+    finished = st.builds(
+        pb.TaskFinished,
+        key=keys,
+        run_id=run_ids,
+        nbytes=U64,
+        fetched_keys=st.lists(keys, max_size=3),
+        fetched_nbytes=st.lists(U64, max_size=3),
+        inline_result=BLOBS,
+    )
+    failed = st.builds(pb.TaskFailed, key=keys, run_id=run_ids, error=ERRORS)
+    missing = st.builds(
+        pb.TaskMissingInputs,
+        key=keys,
+        run_id=run_ids,
+        inputs=st.lists(st.builds(pb.MissingInput, key=keys, address=ADDRESSES), max_size=3),
+    )
+    return st.builds(
+        pb.WorkerReports,
+        finished=st.lists(finished, max_size=3),
+        failed=st.lists(failed, max_size=2),
+        missing_inputs=st.lists(missing, max_size=2),
+        heartbeat=st.booleans(),
+    )
+
+
+WORKER_MESSAGES = st.one_of(
+    st.builds(pb.WorkerToScheduler, register=REGISTER),
+    st.builds(pb.WorkerToScheduler, reports=reports(KEYS, st.one_of(st.integers(0, 20), U64))),
+    st.just(pb.WorkerToScheduler()),
+)
+
+SPECS = st.builds(
+    pb.TaskSpec,
+    key=KEYS,
+    payload=st.one_of(BLOBS, st.just(VALID_PAYLOAD)),
+    resources=RESOURCES,
+    dependencies=st.lists(KEYS, max_size=3),
+    priority=I64,
+    retries=st.one_of(st.integers(0, 2), U32),
+    workers=st.lists(ADDRESSES, max_size=2),
+    allow_other_workers=st.booleans(),
+)
+CLIENT_MESSAGES = st.one_of(
+    st.builds(
+        pb.ClientToScheduler,
+        submit=st.builds(pb.SubmitTasks, tasks=st.lists(SPECS, max_size=4)),
+    ),
+    st.builds(pb.ClientToScheduler, cancel=st.builds(pb.KeyList, keys=st.lists(KEYS, max_size=3))),
+    st.builds(pb.ClientToScheduler, release=st.builds(pb.KeyList, keys=st.lists(KEYS, max_size=3))),
+    st.builds(pb.ClientToScheduler, hello=st.builds(pb.ClientHello, client_id=KEYS)),
+    st.just(pb.ClientToScheduler()),
+)
+
+
+@st.composite
+def mutated(draw: st.DrawFn, messages: st.SearchStrategy[Any]) -> bytes:
+    """A valid message's bytes with a few bytes flipped, inserted, dropped or cut."""
+    data = bytearray(draw(messages).SerializeToString())
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(data)))
+        op = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
+        if op == "insert" or not data:
+            data[at:at] = draw(st.binary(min_size=1, max_size=4))
+        elif op == "flip":
+            data[min(at, len(data) - 1)] ^= draw(st.integers(1, 255))
+        elif op == "delete":
+            del data[at : at + draw(st.integers(1, 4))]
+        else:
+            del data[at:]
+    return bytes(data)
+
+
+def frames(messages: st.SearchStrategy[Any]) -> Any:
+    """What one stream carries: raw bytes, mutated messages and valid ones."""
+    one = st.one_of(
+        st.binary(max_size=128),
+        mutated(messages),
+        messages.map(lambda m: m.SerializeToString()),
+    )
+    return st.lists(one, min_size=1, max_size=4)
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@dataclass
+class Cluster:
+    server: SchedulerServer
+    worker: Worker
+    channel: grpc.aio.Channel
+    worker_channel: grpc.aio.Channel
+    caplog: pytest.LogCaptureFixture
+
+    async def check_alive(self) -> None:
+        """After each example: both answer health; the books and the log are clean."""
+        for channel in (self.channel, self.worker_channel):
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        self.server.servicer.state.validate()
+        self.worker.ledger.validate()
+        errors = [
+            r.getMessage()
+            for r in self.caplog.records
+            if r.levelno >= logging.ERROR and unexpected(r)
+        ]
+        assert not errors, errors
+
+
+def unexpected(record: logging.LogRecord) -> bool:
+    """An error log no bad input should cause: any from our services, and any
+    exception gRPC caught escaping a handler, except a unary request whose bytes
+    gRPC itself could not parse (before our code runs)."""
+    if record.name.startswith(("scheduler_service", "worker_service")):
+        return True
+    text = record.getMessage()
+    return record.name.startswith("grpc") and not (
+        "[DecodeError]" in text
+        and "/Scheduler/WorkerStream" not in text
+        and "/Scheduler/ClientStream" not in text
+    )
+
+
+async def real_task_runs(server: SchedulerServer, worker: Worker) -> None:
+    """A real Client's task completes on the worker and every lease is returned."""
+    async with insecure_channel(server.address) as channel:
+        # The fuzz may have changed what the worker declares: declare GPU again.
+        await pb_grpc.SchedulerStub(channel).SetWorkerResources(
+            pb.SetWorkerResourcesRequest(worker=worker.name, resources={"GPU": 2}),
+            timeout=CALL_TIMEOUT,
+        )
+    async with Client(server.address, asynchronous=True) as client:
+        future = await client.submit(abs, -7, resources={"GPU": 1})
+        assert await asyncio.wait_for(future.result(), 15) == 7
+    deadline = asyncio.get_running_loop().time() + 15
+    while True:
+        held = {
+            w.name: (w.running, w.used)
+            for w in server.servicer.state.snapshot().workers
+            if w.running or any(w.used.values())
+        }
+        if not held:
+            break
+        assert asyncio.get_running_loop().time() < deadline, f"still held: {held}"
+        await asyncio.sleep(0.05)
+    server.servicer.state.validate()
+    assert worker.ledger.used() == {}
+
+
+@pytest.fixture
+async def cluster(
+    scheduler_server: SchedulerServer, caplog: pytest.LogCaptureFixture
+) -> AsyncIterator[Cluster]:
+    async with Worker(scheduler_server.address, nthreads=2, resources={"GPU": 2}) as worker:
+        await worker.wait_registered(10)
+        worker.store.put(STORED_KEY, 0, b"x" * 100)
+        async with (
+            insecure_channel(scheduler_server.address) as channel,
+            insecure_channel(worker.address) as worker_channel,
+        ):
+            yield Cluster(scheduler_server, worker, channel, worker_channel, caplog)
+        await real_task_runs(scheduler_server, worker)
+
+
+# ------------------------------------------------------------------- helpers
+
+
+async def drain(call: Any) -> tuple[grpc.StatusCode, str]:
+    """Read a stream to its end; its status and details."""
+    try:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details() or ""
+    return await call.code(), await call.details() or ""
+
+
+async def send_all(call: Any, messages: list[Any]) -> bool:
+    """Write what the server still takes; False if it ended the stream first."""
+    try:
+        for message in messages:
+            await call.write(message)
+        await call.done_writing()
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        return False
+    return True
+
+
+async def stream_status(call: Any, messages: list[Any]) -> tuple[grpc.StatusCode, str]:
+    """Send ``messages`` and read to the end: the server's status and details.
+
+    When the server ends the stream while the client still writes, gRPC's
+    client replaces the server's status with its own INTERNAL ("Internal error
+    from Core"), hiding the server's; that counts as OK here, and the log
+    oracle (Cluster.check_alive) still catches a handler that failed.
+    """
+    all_sent = await send_all(call, messages)
+    code, details = await drain(call)
+    if not all_sent and code == grpc.StatusCode.INTERNAL:
+        return OK, "(the server ended the stream while the client wrote)"
+    return code, details
+
+
+def raw_stream(channel: grpc.aio.Channel, method: str, timeout: float = CALL_TIMEOUT) -> Any:
+    return channel.stream_stream(
+        f"/apportion.v1.Scheduler/{method}", request_serializer=None, response_deserializer=None
+    )(timeout=timeout)
+
+
+def parse_failure(code: grpc.StatusCode, details: str) -> bool:
+    """gRPC's own answer to a unary request it could not parse (before our code)."""
+    return code == grpc.StatusCode.UNKNOWN and "Error parsing message" in details
+
+
+# --------------------------------------------------------------------- tests
+
+
+@FUZZ
+@given(data=frames(WORKER_MESSAGES))
+async def test_bytes_on_the_worker_stream(cluster: Cluster, data: list[bytes]) -> None:
+    call = raw_stream(cluster.channel, "WorkerStream")
+    code, details = await stream_status(call, data)
+    assert code in (OK, INVALID), (code, details)
+    await cluster.check_alive()
+
+
+@FUZZ
+@given(data=frames(CLIENT_MESSAGES))
+async def test_bytes_on_the_client_stream(cluster: Cluster, data: list[bytes]) -> None:
+    call = raw_stream(cluster.channel, "ClientStream")
+    code, details = await stream_status(call, data)
+    assert code in (OK, INVALID), (code, details)
+    await cluster.check_alive()
+
+
+@FUZZ
+@given(hello=KEYS, messages=st.lists(CLIENT_MESSAGES, max_size=4))
+async def test_client_messages_with_wild_fields(
+    cluster: Cluster, hello: str, messages: list[pb.ClientToScheduler]
+) -> None:
+    call = pb_grpc.SchedulerStub(cluster.channel).ClientStream(timeout=CALL_TIMEOUT)
+    hello_message = pb.ClientToScheduler(hello=pb.ClientHello(client_id=hello))
+    code, details = await stream_status(call, [hello_message, *messages])
+    assert code in (OK, INVALID), (code, details)
+    if code == INVALID:
+        assert details  # it names what was wrong
+    await cluster.check_alive()
+
+
+@FUZZ
+@given(data=st.data())
+async def test_reports_about_real_runs(cluster: Cluster, data: st.DataObject) -> None:
+    """A worker that gets real assignments and reports on them wildly: wrong
+    keys for real run ids, real keys for other runs, bad fields."""
+    stub = pb_grpc.SchedulerStub(cluster.channel)
+    client = stub.ClientStream(timeout=CALL_TIMEOUT)
+    worker = stub.WorkerStream(timeout=CALL_TIMEOUT)
+    try:
+        await client.write(pb.ClientToScheduler(hello=pb.ClientHello(client_id="fuzz-client")))
+        first = pb.TaskSpec(key="first", payload=VALID_PAYLOAD, resources={"FUZZ": 1})
+        second = pb.TaskSpec(
+            key="second", payload=VALID_PAYLOAD, resources={"FUZZ": 1}, dependencies=["first"]
+        )
+        await client.write(pb.ClientToScheduler(submit=pb.SubmitTasks(tasks=[first, second])))
+        register = pb.RegisterWorker(name="fuzz", address="127.0.0.1:1", nthreads=2)
+        register.resources["FUZZ"] = 1
+        await worker.write(pb.WorkerToScheduler(register=register))
+        assert (await worker.read()).HasField("registered")
+        assigned = (await worker.read()).instructions.assign
+        assert [a.key for a in assigned] == ["first"]
+        run_id = assigned[0].run_id
+
+        # Run ids as offsets from the real one, so that the same choices
+        # replay as the same example (run ids grow from example to example).
+        keys = st.one_of(st.sampled_from(["first", "second"]), KEYS)
+        run_ids = st.one_of(st.integers(-1, 1).map(lambda d: run_id + d), st.just(0), U64)
+        batches = data.draw(st.lists(reports(keys, run_ids), min_size=1, max_size=3))
+        messages = [pb.WorkerToScheduler(reports=r) for r in batches]
+        code, details = await stream_status(worker, messages)
+        assert code in (OK, INVALID), (code, details)
+        await send_all(client, [])
+        await drain(client)
+    finally:
+        # A failed example must not leave its streams (and their tasks) behind.
+        worker.cancel()
+        client.cancel()
+    await cluster.check_alive()
+
+
+UNARY = st.one_of(
+    st.tuples(st.just("GetClusterState"), st.just(pb.GetClusterStateRequest())),
+    st.tuples(
+        st.just("SetWorkerResources"),
+        st.builds(
+            pb.SetWorkerResourcesRequest,
+            worker=st.one_of(st.just(REAL_WORKER), KEYS),
+            resources=RESOURCES,
+        ),
+    ),
+    st.tuples(st.just("ExplainTask"), st.builds(pb.ExplainTaskRequest, key=KEYS)),
+)
+
+
+@FUZZ
+@given(call=UNARY, how=st.sampled_from(["as is", "mutated", "random"]), noise=st.binary())
+async def test_unary_calls(cluster: Cluster, call: tuple[str, Any], how: str, noise: bytes) -> None:
+    method, request = call
+    if isinstance(request, pb.SetWorkerResourcesRequest) and request.worker == REAL_WORKER:
+        request.worker = cluster.worker.name
+    raw = request.SerializeToString()
+    if how == "mutated":
+        raw = bytes(b ^ n for b, n in zip(raw, noise, strict=False)) + raw[len(noise) :]
+    elif how == "random":
+        raw = noise
+    unary = cluster.channel.unary_unary(
+        f"/apportion.v1.Scheduler/{method}", request_serializer=None, response_deserializer=None
+    )
+    try:
+        await unary(raw, timeout=CALL_TIMEOUT)
+    except grpc.aio.AioRpcError as exc:
+        code, details = exc.code(), exc.details() or ""
+        assert code in (INVALID, NOT_FOUND) or parse_failure(code, details), (code, details)
+    await cluster.check_alive()
+
+
+@FUZZ
+@given(
+    key=st.one_of(st.just(STORED_KEY), KEYS),
+    how=st.sampled_from(["as is", "random"]),
+    noise=st.binary(),
+)
+async def test_fetch_result_on_the_worker(
+    cluster: Cluster, key: str, how: str, noise: bytes
+) -> None:
+    raw = pb.FetchResultRequest(key=key).SerializeToString() if how == "as is" else noise
+    fetch = cluster.worker_channel.unary_stream(
+        "/apportion.v1.Worker/FetchResult", request_serializer=None, response_deserializer=None
+    )
+    call = fetch(raw, timeout=CALL_TIMEOUT)
+    code, details = await drain(call)
+    if code == OK:
+        request = pb.FetchResultRequest.FromString(raw)
+        assert request.key == STORED_KEY
+    else:
+        assert code in (INVALID, NOT_FOUND) or parse_failure(code, details), (code, details)
+    await cluster.check_alive()
+
+
+#: Inputs are fetched only from loopback (a name would be looked up in DNS).
+LOOPBACK = st.sampled_from(["127.0.0.1:1", "[::1]:2", "", "h:0", "nowhere", "127.0.0.1:99999"])
+ASSIGNMENTS = st.builds(
+    pb.TaskAssignment,
+    key=KEYS,
+    run_id=st.one_of(st.integers(0, 5), U64),
+    payload=st.one_of(BLOBS, st.just(VALID_PAYLOAD)),
+    resources=RESOURCES,
+    inputs=st.lists(
+        st.builds(pb.InputLocation, key=KEYS, addresses=st.lists(LOOPBACK, max_size=2)),
+        max_size=2,
+    ),
+)
+REFS = st.builds(pb.RunRef, key=KEYS, run_id=st.one_of(st.integers(0, 5), U64))
+
+
+@pytest.fixture
+async def lone_worker() -> AsyncIterator[Worker]:
+    """A worker that is never connected: its instructions come from the test."""
+    worker = Worker("127.0.0.1:1", nthreads=2, resources={"GPU": 2})
+    try:
+        yield worker
+    finally:
+        await worker.close()
+
+
+@FUZZ
+@given(
+    assign=st.lists(ASSIGNMENTS, max_size=3),
+    cancel=st.lists(REFS, max_size=2),
+    release=st.lists(REFS, max_size=2),
+    declared=st.one_of(st.none(), RESOURCES),
+)
+async def test_instructions_to_a_worker(
+    lone_worker: Worker,
+    assign: list[pb.TaskAssignment],
+    cancel: list[pb.RunRef],
+    release: list[pb.RunRef],
+    declared: dict[str, float] | None,
+) -> None:
+    """Whatever the instructions, the worker neither crashes nor over-runs its
+    ledger, and every run it started ends and gives its lease back."""
+    instructions = pb.WorkerInstructions(assign=assign, cancel=cancel, release=release)
+    if declared is not None:
+        instructions.declared.SetInParent()
+        instructions.declared.amounts.update(declared)
+    lone_worker._on_instructions(instructions)
+    lone_worker.ledger.validate()
+    await asyncio.wait_for(
+        asyncio.gather(*lone_worker._running.values(), return_exceptions=True), CALL_TIMEOUT
+    )
+    assert not lone_worker._running
+    assert lone_worker.ledger.held == {}
+    # Every report it would send back names a usable key and run.
+    for failed in lone_worker._reports.failed:
+        assert 0 < len(failed.key) <= 1024 and failed.run_id >= 1
+    lone_worker._reports = type(lone_worker._reports)()
+
+
+# ------------------------------------------- what the fuzz found, and limits
+
+
+async def register_worker(stub: pb_grpc.SchedulerStub, resources: dict[str, float]) -> Any:
+    call = stub.WorkerStream(timeout=CALL_TIMEOUT)
+    register = pb.RegisterWorker(name="raw", address="127.0.0.1:1", nthreads=2)
+    register.resources.update(resources)
+    await call.write(pb.WorkerToScheduler(register=register))
+    assert (await call.read()).HasField("registered")
+    return call
+
+
+async def test_a_report_naming_another_tasks_run_closes_the_stream(
+    scheduler_server: SchedulerServer,
+) -> None:
+    """Found by the fuzz: a report for run R under the key of another task
+    ended R's lease while R's task stayed processing, with no lease (the books
+    broke). Now the run must be of the task the report names."""
+    async with insecure_channel(scheduler_server.address) as channel:
+        stub = pb_grpc.SchedulerStub(channel)
+        client = stub.ClientStream(timeout=CALL_TIMEOUT)
+        await client.write(pb.ClientToScheduler(hello=pb.ClientHello(client_id="c")))
+        specs = [
+            pb.TaskSpec(key=k, payload=VALID_PAYLOAD, resources={"FUZZ": 1}) for k in ("a", "b")
+        ]
+        await client.write(pb.ClientToScheduler(submit=pb.SubmitTasks(tasks=specs)))
+        worker = await register_worker(stub, {"FUZZ": 1})
+        (run,) = (await worker.read()).instructions.assign
+        other = "b" if run.key == "a" else "a"
+        finished = pb.TaskFinished(key=other, run_id=run.run_id, nbytes=1)
+        await worker.write(pb.WorkerToScheduler(reports=pb.WorkerReports(finished=[finished])))
+        code, details = await drain(worker)
+        assert code == INVALID
+        assert f"run {run.run_id} of task {other!r}" in details and repr(run.key) in details
+        scheduler_server.servicer.state.validate()
+        # The stream is gone, so is its worker; its run goes back to waiting.
+        assert scheduler_server.servicer.state.tasks[run.key].state != "processing"
+        client.cancel()
+
+
+@pytest.mark.parametrize(
+    ("finished", "detail"),
+    [
+        (pb.TaskFinished(key="a", run_id=1, fetched_keys=["x"]), "fetched_nbytes"),
+        (pb.TaskFinished(key="a", run_id=0), "run_id"),
+        (pb.TaskFinished(key="", run_id=1), "key"),
+        (pb.TaskFinished(key="a", run_id=1, inline_result=b"x" * (2 << 20)), "inline_result"),
+        (
+            pb.TaskFinished(key="a", run_id=1, fetched_keys=["a"], fetched_nbytes=[1]),
+            "the finished task itself",
+        ),
+    ],
+)
+async def test_a_bad_report_closes_that_stream_alone(
+    scheduler_server: SchedulerServer, finished: pb.TaskFinished, detail: str
+) -> None:
+    async with insecure_channel(scheduler_server.address) as channel:
+        stub = pb_grpc.SchedulerStub(channel)
+        bystander = await register_worker(stub, {})
+        worker = await register_worker(stub, {})
+        await worker.write(pb.WorkerToScheduler(reports=pb.WorkerReports(finished=[finished])))
+        code, details = await drain(worker)
+        assert code == INVALID
+        assert details.startswith("WorkerReports.finished[0]") and detail in details
+        # The scheduler and the other worker's stream carry on.
+        state = await stub.GetClusterState(pb.GetClusterStateRequest(), timeout=CALL_TIMEOUT)
+        assert len(state.workers) == 1
+        beat = pb.WorkerToScheduler(reports=pb.WorkerReports(heartbeat=True))
+        await bystander.write(beat)
+        bystander.cancel()
+
+
+@pytest.mark.parametrize(
+    ("method", "frames", "detail"),
+    [
+        ("WorkerStream", [b"\xff\xff\xff\x00"], "could not be parsed"),
+        (
+            "WorkerStream",
+            [
+                pb.WorkerToScheduler(
+                    register=pb.RegisterWorker(address="127.0.0.1:1", nthreads=1)
+                ).SerializeToString(),
+                b"\xff\xff\xff\x00",
+            ],
+            "could not be parsed",
+        ),
+        (
+            "WorkerStream",
+            [
+                pb.WorkerToScheduler(
+                    register=pb.RegisterWorker(address="127.0.0.1:1", nthreads=1)
+                ).SerializeToString(),
+                b"",
+            ],
+            "WorkerToScheduler.kind",
+        ),
+        (
+            "WorkerStream",
+            [pb.WorkerToScheduler(register=pb.RegisterWorker(address="no-port", nthreads=1))],
+            "address",
+        ),
+        ("ClientStream", [b"\xff\xff\xff\x00"], "could not be parsed"),
+        ("ClientStream", [pb.ClientToScheduler(hello=pb.ClientHello())], "client_id"),
+        (
+            "ClientStream",
+            [pb.ClientToScheduler(hello=pb.ClientHello(client_id="c")).SerializeToString(), b""],
+            "ClientToScheduler.kind",
+        ),
+        (
+            "ClientStream",
+            [
+                pb.ClientToScheduler(hello=pb.ClientHello(client_id="c")),
+                pb.ClientToScheduler(cancel=pb.KeyList(keys=["ok", ""])),
+            ],
+            "cancel.keys[1]",
+        ),
+    ],
+)
+async def test_a_bad_stream_message_gets_invalid_argument_naming_it(
+    scheduler_server: SchedulerServer, method: str, frames: list[Any], detail: str
+) -> None:
+    async with insecure_channel(scheduler_server.address) as channel:
+        call = raw_stream(channel, method)
+        raw = [f if isinstance(f, bytes) else f.SerializeToString() for f in frames]
+        # The bad frame is the last: once it is written the server answers
+        # (no half-close here, whose race with the answer could hide it).
+        for frame in raw:
+            await call.write(frame)
+        code, details = await drain(call)
+        assert code == INVALID, (code, details)
+        assert detail in details
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    scheduler_server.servicer.state.validate()
+
+
+async def test_unary_calls_refuse_bad_fields(scheduler_server: SchedulerServer) -> None:
+    async with insecure_channel(scheduler_server.address) as channel:
+        stub = pb_grpc.SchedulerStub(channel)
+        worker = await register_worker(stub, {"GPU": 1})
+        cases = [
+            (stub.ExplainTask, pb.ExplainTaskRequest(key=""), INVALID, "ExplainTaskRequest.key"),
+            (stub.ExplainTask, pb.ExplainTaskRequest(key="k" * 1025), INVALID, "longer"),
+            (
+                stub.SetWorkerResources,
+                pb.SetWorkerResourcesRequest(worker="raw", resources={"GPU": float("nan")}),
+                INVALID,
+                "resources['GPU']: Input should be a finite number",
+            ),
+            # A bad request is refused as such even when it names no worker.
+            (
+                stub.SetWorkerResources,
+                pb.SetWorkerResourcesRequest(worker="nobody", resources={" ": 1}),
+                INVALID,
+                "the name is blank",
+            ),
+            (
+                stub.SetWorkerResources,
+                pb.SetWorkerResourcesRequest(worker="nobody", resources={"GPU": 1}),
+                NOT_FOUND,
+                "nobody",
+            ),
+        ]
+        for method, request, code, detail in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await method(request, timeout=CALL_TIMEOUT)
+            assert info.value.code() == code
+            assert detail in (info.value.details() or "")
+        state = await stub.GetClusterState(pb.GetClusterStateRequest(), timeout=CALL_TIMEOUT)
+        assert dict(state.workers[0].resources) == {"GPU": 1}
+        worker.cancel()
+
+
+async def test_a_message_over_the_receive_limit_is_refused_and_the_scheduler_carries_on(
+    scheduler_server: SchedulerServer,
+) -> None:
+    """gRPC refuses a message over the server's receive limit (256 MiB) before
+    any of our code runs: the sender gets RESOURCE_EXHAUSTED."""
+    from apportion.grpc_server import MAX_MESSAGE_BYTES
+
+    # A channel that would send it (ours refuse to, at the same limit).
+    async with grpc.aio.insecure_channel(
+        scheduler_server.address, options=[("grpc.max_send_message_length", -1)]
+    ) as big:
+        # Moving 256 MiB takes a while on a busy machine: a generous deadline.
+        call = raw_stream(big, "ClientStream", timeout=60)
+        hello = pb.ClientToScheduler(hello=pb.ClientHello(client_id="big")).SerializeToString()
+        # One submit whose payload alone is over the limit.
+        spec = pb.TaskSpec(key="big", payload=bytes(MAX_MESSAGE_BYTES))
+        huge = pb.ClientToScheduler(submit=pb.SubmitTasks(tasks=[spec])).SerializeToString()
+        del spec
+        code, details = await stream_status(call, [hello, huge])
+        del huge
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+        assert "larger than max" in details
+    async with insecure_channel(scheduler_server.address) as channel:
+        worker = await register_worker(pb_grpc.SchedulerStub(channel), {})
+        worker.cancel()
+    scheduler_server.servicer.state.validate()
+
+
+async def test_the_worker_refuses_a_bad_fetch_and_skips_a_bad_assignment(
+    scheduler_server: SchedulerServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with Worker(scheduler_server.address, nthreads=1, resources={"GPU": 1}) as worker:
+        await worker.wait_registered(10)
+        async with insecure_channel(worker.address) as channel:
+            fetch = pb_grpc.WorkerStub(channel).FetchResult
+            for key, detail in [("", "is empty"), ("k" * 1025, "is longer than 1024")]:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    _ = [c async for c in fetch(pb.FetchResultRequest(key=key), timeout=5)]
+                assert info.value.code() == INVALID
+                assert f"FetchResultRequest.key {detail}" in (info.value.details() or "")
+
+        # Instructions the scheduler could not have meant: logged and skipped,
+        # never run, never in the ledger.
+        bad = pb.TaskAssignment(key="bad", run_id=7, payload=VALID_PAYLOAD)
+        bad.resources["GPU"] = float("nan")
+        no_run = pb.TaskAssignment(key="no-run", run_id=0, payload=VALID_PAYLOAD)
+        declared = pb.ResourceAmounts()
+        declared.amounts["GPU"] = -1
+        worker._on_instructions(pb.WorkerInstructions(assign=[bad, no_run], declared=declared))
+        assert worker.ledger.used() == {} and not worker._running
+        assert worker.resources == {"GPU": 1}
+        messages = [r.getMessage() for r in caplog.records if r.name == "worker_service"]
+        assert any("assign[0]: resources['GPU']" in m for m in messages), messages
+        assert any("assign[1]: run_id" in m for m in messages), messages
+        assert any("declared" in m for m in messages), messages
+        # The one with a usable key and run is reported failed, so a scheduler
+        # that did send it would free its lease.
+        assert [f.key for f in worker._reports.failed] == ["bad"]
+        assert "resources['GPU']" in worker._reports.failed[0].error.message
+
+        # And the worker still runs real work.
+        async with Client(scheduler_server.address, asynchronous=True) as client:
+            future = await client.submit(abs, -5, resources={"GPU": 1})
+            assert await asyncio.wait_for(future.result(), 15) == 5

@@ -1,0 +1,164 @@
+"""Results with out-of-band buffers, and the ResultChunk wire form read and written by hand."""
+
+from __future__ import annotations
+
+import pickle
+import random
+from typing import Any
+
+import pytest
+
+from apportion import serialize
+from apportion.serialize import OUT_OF_BAND_MIN_BYTES, Frames
+from apportion.transfer import chunk_view, chunks
+from protos import apportion_pb2 as pb
+
+BIG = OUT_OF_BAND_MIN_BYTES * 3 + 5
+
+
+class ArrayLike:
+    """Pickles its buffer the way numpy does under protocol 5."""
+
+    def __init__(self, data: bytearray) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return ArrayLike._rebuild, (pickle.PickleBuffer(self.data),)
+
+    @staticmethod
+    def _rebuild(buffer: Any) -> ArrayLike:
+        return ArrayLike(buffer if isinstance(buffer, bytearray) else bytearray(buffer))
+
+
+def wire(frames: Frames) -> bytes:
+    return b"".join(bytes(s) for s in frames.segments())
+
+
+def cut(data: bytes, sizes: list[int]) -> list[bytes]:
+    out, at, i = [], 0, 0
+    while at < len(data):
+        out.append(data[at : at + sizes[i % len(sizes)]])
+        at += sizes[i % len(sizes)]
+        i += 1
+    return out
+
+
+def test_a_large_bytes_result_is_kept_out_of_band_and_comes_back_as_that_object() -> None:
+    blob = bytes(random.Random(1).randbytes(BIG))
+    frames = serialize.dumps_result(blob)
+    assert len(frames.buffers) == 1 and len(frames.pickled) < 200
+    assert frames.buffers[0].obj is blob  # not copied into the pickle
+    assert serialize.loads(frames) is blob  # nor out of it on the same worker
+    assert frames.nbytes == len(wire(frames))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"small",
+        b"x" * BIG,
+        bytearray(b"y" * BIG),
+        {"nested": b"z" * BIG, "n": 1},
+        [1, 2.5, "three"],
+        None,
+    ],
+    ids=["small-bytes", "bytes", "bytearray", "nested", "list", "none"],
+)
+def test_results_survive_any_cut_of_their_wire_form(value: Any) -> None:
+    data = wire(serialize.dumps_result(value))
+    for sizes in ([len(data)], [1, 7, 4096], [OUT_OF_BAND_MIN_BYTES + 1], [3]):
+        if sizes == [3] and len(data) > 10_000:
+            continue  # byte-sized cuts of a large value prove nothing more
+        back = serialize.loads(Frames.parse(cut(data, sizes)))
+        assert back == value and type(back) is type(value)
+    assert serialize.loads(data) == value  # the joined wire form reads too
+
+
+def test_a_memoryview_result_comes_back_as_bytes() -> None:
+    view = memoryview(bytearray(b"q" * BIG))
+    back = serialize.loads(Frames.parse([wire(serialize.dumps_result(view))]))
+    assert back == bytes(view) and type(back) is bytes
+
+
+def test_an_array_like_buffer_stays_out_of_band_and_writable() -> None:
+    frames = serialize.dumps_result(ArrayLike(bytearray(b"a" * BIG)))
+    assert len(frames.buffers) == 1 and frames.readonly == (False,)
+    back = serialize.loads(Frames.parse(cut(wire(frames), [1000])))
+    assert isinstance(back, ArrayLike) and isinstance(back.data, bytearray)
+    back.data[0] = ord("b")  # writable, as the original was
+    assert bytes(back.data[:2]) == b"ba"
+
+
+def test_small_buffers_stay_in_band() -> None:
+    frames = serialize.dumps_result(ArrayLike(bytearray(b"a" * 100)))
+    assert frames.buffers == () and wire(frames) == frames.pickled
+    assert frames.pickled[:1] == b"\x80"  # a plain pickle: inline results stay plain
+
+
+def test_a_truncated_or_overlong_framed_value_is_refused() -> None:
+    data = wire(serialize.dumps_result(b"x" * BIG))
+    with pytest.raises(ValueError, match="cut short"):
+        Frames.parse([data[:-1]])
+    with pytest.raises(ValueError, match="past its end"):
+        Frames.parse([data, b"extra"])
+    with pytest.raises(ValueError, match="cut short"):
+        Frames.parse([data[:10]])
+
+
+def test_chunks_are_result_chunk_messages_that_protobuf_reads() -> None:
+    frames = serialize.dumps_result(b"x" * BIG)
+    encoded = list(chunks(frames, chunk_bytes=50_000))
+    messages = [pb.ResultChunk.FromString(c) for c in encoded]
+    assert all(m.total_size == frames.nbytes for m in messages)
+    assert [len(m.data) for m in messages[:-1]] == [50_000] * (len(messages) - 1)
+    assert b"".join(m.data for m in messages) == wire(frames)
+    assert list(chunks(b"")) == [b""]
+    assert pb.ResultChunk.FromString(b"").total_size == 0
+
+
+def test_chunk_view_reads_what_protobuf_writes() -> None:
+    rng = random.Random(7)
+    for size in (0, 1, 127, 128, 300, 70_000):
+        data = rng.randbytes(size)
+        for total in (0, 1, 300, 2**40):
+            raw = pb.ResultChunk(total_size=total, data=data).SerializeToString()
+            got_total, view = chunk_view(raw)
+            assert (got_total, bytes(view)) == (total, data)
+            assert view.obj is raw  # a view, not a copy
+    # Unknown fields (a newer sender) are skipped, as protobuf skips them.
+    extra = b"\x18\x05" + b"\x22\x02hi" + b"\x2d\x00\x00\x00\x00" + b"\x31" + b"\x00" * 8
+    raw = pb.ResultChunk(total_size=9, data=b"abc").SerializeToString() + extra
+    assert chunk_view(raw)[0] == 9 and bytes(chunk_view(raw)[1]) == b"abc"
+
+
+@pytest.mark.parametrize(
+    "raw", [b"\x12\x05ab", b"\x08\xff", b"\x0b", b"\x12"], ids=["short", "varint", "group", "len"]
+)
+def test_chunk_view_refuses_broken_messages(raw: bytes) -> None:
+    with pytest.raises(ValueError, match="ResultChunk"):
+        chunk_view(raw)
+
+
+def _by_value(x: int) -> int:
+    return x + 1
+
+
+_by_value.__module__ = "__main__"  # cloudpickle pickles it by value, as a script's own
+
+
+def test_a_map_function_is_pickled_once_and_unpickled_once_per_worker() -> None:
+    function = serialize.dump_function(_by_value)
+    payloads = [serialize.dump_call(_by_value, (i,), {}, function) for i in range(3)]
+    calls = [serialize.loads(p) for p in payloads]
+    assert [fn(*args, **kwargs) for fn, args, kwargs in calls] == [1, 2, 3]
+    assert calls[0][0] is calls[1][0]  # one function object from the cache
+
+
+def test_what_the_c_pickler_cannot_carry_goes_through_cloudpickle() -> None:
+    function = serialize.dump_function(_by_value)
+    payload = serialize.dump_call(_by_value, (lambda: 5,), {"f": _by_value}, function)
+    fn, args, kwargs = serialize.loads(payload)
+    assert fn(args[0]()) == 6 and kwargs["f"](1) == 2
+    result = serialize.dumps_result({"g": lambda y: y * 2, "h": _by_value})
+    back = serialize.loads(result)
+    assert back["g"](4) == 8 and back["h"](4) == 5
