@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint protos check-protos venv clean bench bench-quick bench-load
+.PHONY: demo test lint protos check-protos venv clean bench bench-quick bench-load bench-faults
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ bench-quick: $(BENCH_STAMP)
 ## checked. No Dask needed. BENCH_LOAD_ARGS=--quick for a small run.
 bench-load: $(STAMP)
 	$(BIN)/python -m bench.load $(BENCH_LOAD_ARGS)
+
+## How long each kind of fault takes to notice and get over (frozen worker,
+## killed scheduler restarted from its state dir, killed client).
+bench-faults: $(STAMP)
+	$(BIN)/python -m bench.faults
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -135,9 +135,9 @@ def dask_cluster(workers: list[tuple[int, str]], saturation_inf: bool = False) -
         finally:
             os.environ.clear()
             os.environ.update(old)
-        client = Client(address, timeout=60)
+        client = Client(address, timeout=60)  # type: ignore[no-untyped-call]
         try:
             client.wait_for_workers(len(workers), timeout=60)
             yield client
         finally:
-            client.close()
+            client.close()  # type: ignore[no-untyped-call]

@@ -238,6 +238,7 @@ class _ClientCore:
             # keeping them through the grace period it gives a broken stream.
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
                 batch, self._outgoing = self._outgoing, []
+                batch.append(pb.ClientToScheduler(goodbye=pb.ClientGoodbye()))
                 for msg in _coalesce(batch):
                     await asyncio.wait_for(self._call.write(msg), GOODBYE_TIMEOUT_S)
                 await asyncio.wait_for(self._call.done_writing(), GOODBYE_TIMEOUT_S)

@@ -690,6 +690,7 @@ class ClientToScheduler(_message.Message):
     SUBMIT_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
+    GOODBYE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___ClientHello: ...
     @_builtins.property
@@ -698,6 +699,13 @@ class ClientToScheduler(_message.Message):
     def cancel(self) -> Global___KeyList: ...
     @_builtins.property
     def release(self) -> Global___KeyList: ...
+    @_builtins.property
+    def goodbye(self) -> Global___ClientGoodbye:
+        """The client is closing on purpose: its tasks go at once. A stream that
+        ends without it (the client died, the network went) keeps them for the
+        scheduler's client grace period.
+        """
+
     def __init__(
         self,
         *,
@@ -705,16 +713,32 @@ class ClientToScheduler(_message.Message):
         submit: Global___SubmitTasks | None = ...,
         cancel: Global___KeyList | None = ...,
         release: Global___KeyList | None = ...,
+        goodbye: Global___ClientGoodbye | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "hello", b"hello", "kind", b"kind", "release", b"release", "submit", b"submit"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "goodbye", b"goodbye", "hello", b"hello", "kind", b"kind", "release", b"release", "submit", b"submit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "hello", b"hello", "kind", b"kind", "release", b"release", "submit", b"submit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "goodbye", b"goodbye", "hello", b"hello", "kind", b"kind", "release", b"release", "submit", b"submit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "submit", "cancel", "release"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "submit", "cancel", "release", "goodbye"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___ClientToScheduler: _TypeAlias = ClientToScheduler  # noqa: Y015
+
+@_typing.final
+class ClientGoodbye(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClientGoodbye: _TypeAlias = ClientGoodbye  # noqa: Y015
 
 @_typing.final
 class ClientHello(_message.Message):

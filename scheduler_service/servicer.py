@@ -385,11 +385,14 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             while True:
                 msg = await wire.read_message(context)
                 if msg is grpc.aio.EOF:
-                    # The client closed its side: a goodbye, not a broken link.
-                    said_goodbye.set()
+                    # Ended without a goodbye: a dead process's socket closes
+                    # like this too, so it counts as a broken link.
                     return
                 assert isinstance(msg, pb.ClientToScheduler)
                 kind = msg.WhichOneof("kind")
+                if kind == "goodbye":
+                    said_goodbye.set()
+                    return
                 if kind == "submit":
                     self._submit(client_id, msg.submit, outbox)
                 elif kind == "cancel":
@@ -400,7 +403,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                     self.dispatch(KeysReleased(client_id, keys))
                 else:
                     raise wire.WireError(
-                        "ClientToScheduler.kind must be submit, cancel or release, not "
+                        "ClientToScheduler.kind must be submit, cancel, release or goodbye, not "
                         f"{kind or 'unset (or unknown to this scheduler)'}"
                     )
         except (grpc.aio.AioRpcError, asyncio.CancelledError):

@@ -134,6 +134,7 @@ CLIENT_MESSAGES = st.one_of(
     st.builds(pb.ClientToScheduler, release=st.builds(pb.KeyList, keys=st.lists(KEYS, max_size=3))),
     st.builds(pb.ClientToScheduler, hello=st.builds(pb.ClientHello, client_id=KEYS)),
     st.just(pb.ClientToScheduler()),
+    st.just(pb.ClientToScheduler(goodbye=pb.ClientGoodbye())),
 )
 
 
@@ -251,6 +252,9 @@ async def cluster(
 # ------------------------------------------------------------------- helpers
 
 
+GOODBYE = pb.ClientToScheduler(goodbye=pb.ClientGoodbye())
+
+
 async def drain(call: Any) -> tuple[grpc.StatusCode, str]:
     """Read a stream to its end; its status and details."""
     try:
@@ -364,7 +368,9 @@ async def test_reports_about_real_runs(cluster: Cluster, data: st.DataObject) ->
         messages = [pb.WorkerToScheduler(reports=r) for r in batches]
         code, details = await stream_status(worker, messages)
         assert code in (OK, INVALID), (code, details)
-        await send_all(client, [])
+        # A goodbye: its tasks go at once (a plain end of stream would keep
+        # them for the client grace period, into the next example).
+        await send_all(client, [GOODBYE])
         await drain(client)
     finally:
         # A failed example must not leave its streams (and their tasks) behind.
