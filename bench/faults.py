@@ -33,6 +33,7 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
+from bench import clusters
 from client_sdk import Client
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
@@ -61,8 +62,10 @@ def _until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
 
 
 class Procs:
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
+    """Starts ``apportion`` commands; bench.clusters.processes stops them."""
+
+    def __init__(self, procs: list[subprocess.Popen[bytes]]) -> None:
+        self.procs = procs
 
     def start(self, *args: str) -> subprocess.Popen[bytes]:
         env = dict(os.environ, APPORTION_LOG_LEVEL="ERROR", PYTHONPATH=str(ROOT))
@@ -89,25 +92,11 @@ class Procs:
         self.start("worker", address, *args)
         _until(lambda: len(_state(address).workers) > before, 30, "a worker")
 
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
 
 @contextmanager
 def processes() -> Iterator[Procs]:
-    procs = Procs()
-    try:
-        yield procs
-    finally:
-        procs.stop()
+    with clusters.processes() as procs:
+        yield Procs(procs)
 
 
 def square_after(x: int, seconds: float) -> int:

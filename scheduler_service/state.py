@@ -547,17 +547,7 @@ class ClusterState:
             self.workers[kept_on].reserved_for = None
         for client in task.wanted_by:
             cmds.append(ClientUpdate(client, task.key, "finished", (worker.address,), nbytes))
-        for dependent_key in task.dependents:
-            dependent = self.tasks[dependent_key]
-            if dependent.state == WAITING:
-                dependent.waiting_on.discard(task.key)
-                if not dependent.waiting_on:
-                    self._push_ready(dependent, cmds)
-        for dep_key in task.dependencies:
-            dep = self.tasks.get(dep_key)
-            if dep is not None:
-                self._drop_if_unneeded(dep, cmds)
-        self._drop_if_unneeded(task, cmds)
+        self._result_ready(task, cmds)
 
     def _on_worker_left(self, event: WorkerLeft, cmds: list[Command]) -> None:
         worker = self.workers.pop(event.worker_id, None)
@@ -739,6 +729,11 @@ class ClusterState:
                         inline_result=event.inline_result,
                     )
                 )
+        self._result_ready(task, cmds)
+
+    def _result_ready(self, task: TaskRecord, cmds: list[Command]) -> None:
+        """``task``'s result is now held: its dependents may run, and inputs
+        nobody needs any more (and the result itself, if unwanted) go."""
         for dependent_key in task.dependents:
             dependent = self.tasks[dependent_key]
             if dependent.state == WAITING:
