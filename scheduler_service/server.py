@@ -14,8 +14,8 @@ from pathlib import Path
 
 from apportion.grpc_server import ServingHealth, bind, install_stop_signals, make_server
 from apportion.security import Role, ServerSecurity
+from apportion.services import add_service
 from protos import apportion_pb2 as pb
-from protos import apportion_pb2_grpc as pb_grpc
 
 from .journal import Journal
 from .policy import SchedulingPolicy
@@ -63,7 +63,7 @@ class SchedulerServer:
         if self.security.authorizer is not None:
             self.servicer.client_token_sha256 = self.security.authorizer.digest(Role.CLIENT) or b""
         self._clock: asyncio.Task[None] | None = None
-        pb_grpc.add_SchedulerServicer_to_server(self.servicer, self._server)
+        add_service(self._server, self.servicer, pb, "Scheduler")
         self._health = ServingHealth(self._server, [SCHEDULER_SERVICE])
 
     @property

@@ -14,12 +14,11 @@ from collections.abc import AsyncIterator
 import grpc
 
 from apportion.boundary import WireError, check_key
+from apportion.services import add_service
 from apportion.transfer import chunks
 from protos import apportion_pb2 as pb
 
 from .store import ResultStore
-
-SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
 
 
 class WorkerServicer:
@@ -49,12 +48,4 @@ def _serialized(message: bytes) -> bytes:
 def add_worker_service(servicer: WorkerServicer, server: grpc.aio.Server) -> None:
     """Register ``apportion.v1.Worker`` as the generated code would, but with
     FetchResult's responses passed through as the bytes they already are."""
-    handlers = {
-        "FetchResult": grpc.unary_stream_rpc_method_handler(
-            servicer.FetchResult,
-            request_deserializer=pb.FetchResultRequest.FromString,
-            response_serializer=_serialized,
-        ),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
+    add_service(server, servicer, pb, "Worker", {"FetchResult": _serialized})

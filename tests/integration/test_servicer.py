@@ -160,3 +160,26 @@ async def test_worker_serves_results_in_chunks_and_refuses_unknown_keys(
                 _ = [c async for c in stub.FetchResult(pb.FetchResultRequest(key="nope"))]
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
             assert "nope" in info.value.details()
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ("/apportion.v1.Scheduler/ExplainTask", "apportion.v1.ExplainTaskRequest"),
+        ("/apportion.v1.Scheduler/SetWorkerResources", "apportion.v1.SetWorkerResourcesRequest"),
+    ],
+)
+async def test_a_unary_request_that_does_not_parse_is_refused_by_name(
+    scheduler_server: SchedulerServer, method: str, message: str
+) -> None:
+    async with insecure_channel(scheduler_server.address) as channel:
+        raw = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await raw(b"\xff\xff\xff", timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"{message} could not be parsed" in (info.value.details() or "")
+        # The scheduler carries on.
+        state = await pb_grpc.SchedulerStub(channel).GetClusterState(
+            pb.GetClusterStateRequest(), timeout=10
+        )
+        assert state.address == scheduler_server.address
