@@ -6,6 +6,8 @@ the order they came, the first that fits, each as a run ends; one that has
 waited longer than QUEUE_OVERTAKE_S lets nothing behind it start first. Each
 start of a queued run is reported (``started``), after the report of the run
 whose end made room for it: reports go in the order things happen here.
+A queued run fetches its inputs from peers while it waits, so that it holds
+its resources for its own work only.
 
 Lifecycle: ``start()`` serves the Worker service (peers fetch results from
 it), then connects to the scheduler and registers. If the stream breaks, the
@@ -82,6 +84,11 @@ class _Queued:
     assignment: pb.TaskAssignment
     resources: dict[str, float]
     since: float
+    #: its inputs, fetched while it waits (None: all of them are local)
+    inputs: asyncio.Task[_Inputs] | None = None
+
+
+_Inputs = tuple[dict[str, serialize.Frames], list[tuple[str, int]], list[pb.MissingInput]]
 
 
 class WorkerRefused(Exception):
@@ -174,7 +181,7 @@ class Worker:
 
     async def close(self) -> None:
         self._stopping.set()
-        self._queue.clear()
+        self._clear_queue()
         if self._main is not None:
             self._main.cancel()
             await asyncio.gather(self._main, return_exceptions=True)
@@ -232,7 +239,7 @@ class Worker:
         stay held until then), forget the reports the old stream never carried,
         and keep the results made here: registering again offers them, and the
         scheduler takes back those it still needs (a restart loses no work)."""
-        self._queue.clear()  # never started: the scheduler places them again
+        self._clear_queue()  # never started: the scheduler places them again
         running = list(self._running.values())
         if running:
             log.info("waiting for %d running task(s) before registering again", len(running))
@@ -345,6 +352,7 @@ class Worker:
                 self._cancelled.add(ref.run_id)
             elif (queued := self._queue.pop(ref.run_id, None)) is not None:
                 # Dropped unstarted; reported as a cancelled run is.
+                self._drop_prefetch(queued)
                 error = serialize.error_info(asyncio.CancelledError("cancelled"))
                 self._fail(queued.assignment, error)
         for i, assignment in enumerate(instructions.assign):
@@ -375,22 +383,51 @@ class Worker:
                 )
             else:
                 loop = asyncio.get_running_loop()
-                self._queue[assignment.run_id] = _Queued(assignment, resources, loop.time())
+                queued = _Queued(assignment, resources, loop.time())
+                if any(self.store.get(item.key) is None for item in assignment.inputs):
+                    queued.inputs = asyncio.create_task(self._gather_inputs(assignment))
+                self._queue[assignment.run_id] = queued
         self._start_queued()
+
+    def _clear_queue(self) -> None:
+        for queued in self._queue.values():
+            if queued.inputs is not None:
+                queued.inputs.cancel()
+        self._queue.clear()
+
+    def _drop_prefetch(self, queued: _Queued) -> None:
+        """A queued run that will not start here: stop fetching its inputs and
+        drop the copies fetched for it alone (the scheduler never heard of them)."""
+        prefetch = queued.inputs
+        if prefetch is None:
+            return
+        if not prefetch.done():
+            prefetch.cancel()
+            return  # what it stored so far stays until the worker re-registers
+        if not prefetch.cancelled() and prefetch.exception() is None:
+            for key, _ in prefetch.result()[1]:
+                self.store.release(key, 0)
 
     # ------------------------------------------------------------ running
 
-    def _start(self, a: pb.TaskAssignment, resources: dict[str, float]) -> None:
+    def _start(
+        self,
+        a: pb.TaskAssignment,
+        resources: dict[str, float],
+        prefetch: asyncio.Task[_Inputs] | None = None,
+    ) -> None:
         """Take the run's resources here and start it (or refuse it)."""
         try:
             self.ledger.acquire(a.run_id, resources)
         except OverCommitted as exc:
+            if prefetch is not None:
+                prefetch.cancel()
             self._fail(a, serialize.error_info(exc))
             return
         if a.queued:
             self._reports.started.append(pb.RunRef(key=a.key, run_id=a.run_id))
             self._wake_writer.set()
-        self._running[a.run_id] = asyncio.create_task(self._run(a, resources))
+        self._running[a.run_id] = asyncio.create_task(self._run(a, resources, prefetch))
 
     def _start_queued(self) -> None:
         """Start queued runs that fit now: in order, the first that fits, until
@@ -407,12 +444,20 @@ class Worker:
             if chosen is None:
                 return
             del self._queue[chosen.assignment.run_id]
-            self._start(chosen.assignment, chosen.resources)
+            self._start(chosen.assignment, chosen.resources, chosen.inputs)
 
-    async def _run(self, a: pb.TaskAssignment, resources: dict[str, float]) -> None:
+    async def _run(
+        self,
+        a: pb.TaskAssignment,
+        resources: dict[str, float],
+        prefetch: asyncio.Task[_Inputs] | None = None,
+    ) -> None:
         """A run that holds its resources (see _start), until it ends."""
         try:
-            values, fetched, missing = await self._gather_inputs(a)
+            if prefetch is not None:
+                values, fetched, missing = await prefetch
+            else:
+                values, fetched, missing = await self._gather_inputs(a)
             if missing:
                 self._reports.missing.append(
                     pb.TaskMissingInputs(key=a.key, run_id=a.run_id, inputs=missing)
@@ -467,9 +512,7 @@ class Worker:
         )
         self._wake_writer.set()
 
-    async def _gather_inputs(
-        self, a: pb.TaskAssignment
-    ) -> tuple[dict[str, serialize.Frames], list[tuple[str, int]], list[pb.MissingInput]]:
+    async def _gather_inputs(self, a: pb.TaskAssignment) -> _Inputs:
         values: dict[str, serialize.Frames] = {}
         fetched: list[tuple[str, int]] = []
         missing: list[pb.MissingInput] = []
