@@ -290,7 +290,10 @@ class ClusterState:
     # ------------------------------------------------------------ dispatch
 
     def handle(self, event: Event) -> list[Command]:
-        return self.handle_all((event,))
+        cmds: list[Command] = []
+        self._apply(event, cmds)
+        self._schedule(cmds)
+        return cmds
 
     def handle_all(self, events: Iterable[Event]) -> list[Command]:
         """Apply ``events`` in order, then place what became placeable once:
