@@ -145,6 +145,13 @@ def scheduler(
         str | None,
         typer.Option(help="Keep a journal of accepted tasks here; survive restarts."),
     ] = None,
+    worker_queue: Annotated[
+        int | None,
+        typer.Option(
+            help="Tasks each worker may hold queued, to start as soon as one ends "
+            "(default: two per thread; 0: none)."
+        ),
+    ] = None,
     token: TokenOption = None,
     worker_token: Annotated[
         str | None,
@@ -179,6 +186,7 @@ def scheduler(
             "worker_ttl": worker_ttl,
             "client_grace": client_grace,
             "state_dir": state_dir,
+            "worker_queue": worker_queue,
         }.items()
         if v is not None
     }
@@ -210,6 +218,7 @@ def scheduler(
             no_worker_timeout=settings.no_worker_timeout,
             client_grace=settings.client_grace,
             recovery_grace=settings.recovery_grace,
+            worker_queue=settings.worker_queue,
         )
         asyncio.run(
             run_scheduler(
@@ -545,12 +554,20 @@ def _print_status(info: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"apportion scheduler {info['address']}")
-    for column in ("worker", "address", "threads", "running", "resources (used / declared)"):
+    columns = ("worker", "address", "threads", "running", "queued", "resources (used / declared)")
+    for column in columns:
         table.add_column(column)
     for address, w in sorted(info["workers"].items(), key=lambda kv: kv[1]["name"]):
         used = w["used_resources"]
         res = ", ".join(f"{n} {used.get(n, 0):g}/{v:g}" for n, v in sorted(w["resources"].items()))
-        table.add_row(w["name"], address, str(w["nthreads"]), str(w["running"]), res or "-")
+        table.add_row(
+            w["name"],
+            address,
+            str(w["nthreads"]),
+            str(w["running"]),
+            str(w["queued"]),
+            res or "-",
+        )
     console = Console()
     console.print(table)
     tasks = ", ".join(f"{state} {n}" for state, n in sorted(info["tasks"].items())) or "none"

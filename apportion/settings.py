@@ -81,6 +81,9 @@ class SchedulerSettings(BaseSettings):
     #: After a restart from the journal: seconds to let workers re-register and
     #: offer the results they hold before anything is computed again.
     recovery_grace: float = Field(3.0, ge=0, allow_inf_nan=False)
+    #: Assigned tasks each worker may hold queued, holding nothing yet, to
+    #: start the moment a running one ends (None: two per thread; 0: none).
+    worker_queue: int | None = Field(None, ge=0, le=10_000)
     #: Check the scheduler's books after every event (for tests; costs time).
     check_invariants: bool = False
 

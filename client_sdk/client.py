@@ -508,6 +508,7 @@ def worker_info(w: pb.WorkerInfo) -> dict[str, Any]:
         "resources": dict(w.resources),
         "used_resources": dict(w.used_resources),
         "running": w.running,
+        "queued": w.queued,
     }
 
 

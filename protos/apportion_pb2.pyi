@@ -274,6 +274,7 @@ class WorkerReports(_message.Message):
     FAILED_FIELD_NUMBER: _builtins.int
     MISSING_INPUTS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
     heartbeat: _builtins.bool
     """Set when the batch is only a heartbeat (or also one)."""
     @_builtins.property
@@ -282,6 +283,13 @@ class WorkerReports(_message.Message):
     def failed(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskFailed]: ...
     @_builtins.property
     def missing_inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskMissingInputs]: ...
+    @_builtins.property
+    def started(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunRef]:
+        """Queued runs (TaskAssignment.queued) that took their resources and began,
+        in the order they did. The scheduler applies a batch's finished, failed
+        and missing_inputs before these.
+        """
+
     def __init__(
         self,
         *,
@@ -289,10 +297,11 @@ class WorkerReports(_message.Message):
         failed: _abc.Iterable[Global___TaskFailed] | None = ...,
         missing_inputs: _abc.Iterable[Global___TaskMissingInputs] | None = ...,
         heartbeat: _builtins.bool = ...,
+        started: _abc.Iterable[Global___RunRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "finished", b"finished", "heartbeat", b"heartbeat", "missing_inputs", b"missing_inputs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "finished", b"finished", "heartbeat", b"heartbeat", "missing_inputs", b"missing_inputs", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -606,12 +615,17 @@ class TaskAssignment(_message.Message):
     RESOURCES_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     INCARNATION_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     run_id: _builtins.int
     payload: _builtins.bytes
     """cloudpickle of (function, args, kwargs); futures inside are references."""
     incarnation: _builtins.int
     """Names this task (not this run) across scheduler restarts; see HeldResult."""
+    queued: _builtins.bool
+    """Assigned to the worker's queue: it holds nothing yet. The worker starts it
+    when its resources are free here and reports that in WorkerReports.started.
+    """
     @_builtins.property
     def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
@@ -625,10 +639,11 @@ class TaskAssignment(_message.Message):
         resources: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         inputs: _abc.Iterable[Global___InputLocation] | None = ...,
         incarnation: _builtins.int = ...,
+        queued: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["incarnation", b"incarnation", "inputs", b"inputs", "key", b"key", "payload", b"payload", "resources", b"resources", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["incarnation", b"incarnation", "inputs", b"inputs", "key", b"key", "payload", b"payload", "queued", b"queued", "resources", b"resources", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1054,12 +1069,15 @@ class WorkerInfo(_message.Message):
     USED_RESOURCES_FIELD_NUMBER: _builtins.int
     RUNNING_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.int
     name: _builtins.str
     address: _builtins.str
     nthreads: _builtins.int
     running: _builtins.int
     pid: _builtins.int
+    queued: _builtins.int
+    """Runs assigned to its queue that hold nothing yet."""
     @_builtins.property
     def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
@@ -1075,10 +1093,11 @@ class WorkerInfo(_message.Message):
         used_resources: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         running: _builtins.int = ...,
         pid: _builtins.int = ...,
+        queued: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "name", b"name", "nthreads", b"nthreads", "pid", b"pid", "resources", b"resources", "running", b"running", "used_resources", b"used_resources", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "name", b"name", "nthreads", b"nthreads", "pid", b"pid", "queued", b"queued", "resources", b"resources", "running", b"running", "used_resources", b"used_resources", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

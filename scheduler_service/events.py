@@ -91,6 +91,15 @@ class TaskFinished:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskStarted:
+    """A run that was queued on the worker took its resources and began."""
+
+    worker_id: WorkerId
+    key: str
+    run_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class TaskErred:
     worker_id: WorkerId
     key: str
@@ -172,6 +181,7 @@ Event = (
     | WorkerResourcesChanged
     | WorkerLeft
     | TaskFinished
+    | TaskStarted
     | TaskErred
     | TaskMissingInputs
     | ClientJoined
@@ -202,6 +212,8 @@ class AssignTask:
     resources: Quanta
     inputs: tuple[InputLocation, ...]
     incarnation: int = 0
+    #: to the worker's queue: it holds nothing until the worker starts it
+    queued: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +327,7 @@ class WorkerSnapshot:
     used: Quanta
     running: int
     pid: int = 0
+    queued: int = 0
 
 
 @dataclass(slots=True)

@@ -6,6 +6,10 @@ the task's input bytes, then the least loaded ("spread", the default) or the
 most loaded ("pack": fills busy workers first, so whole workers fall idle),
 then the one that joined first, so that the same inputs always give the same
 answer.
+
+A task that fits nowhere now may go to a worker's queue instead
+(:func:`pick_queue`): one whose queue has room, that is kept for no starving
+task, and that declares enough to run it once its running tasks end.
 """
 
 from __future__ import annotations
@@ -61,6 +65,54 @@ def pick_worker(
             0 if preferred is None or worker.worker_id in preferred else 1,
             -(input_bytes.get(worker.worker_id, 0) if input_bytes else 0),
             busy,
+            worker.worker_id,
+        )
+        if best_key is None or key < best_key:
+            best, best_key = worker, key
+    return best
+
+
+class QueueCandidate(Candidate, Protocol):
+    @property
+    def declared(self) -> Quanta: ...
+    @property
+    def queued(self) -> Collection[int]: ...
+    @property
+    def queue_limit(self) -> int: ...
+    @property
+    def reserved_for(self) -> str | None: ...
+
+
+def pick_queue(
+    need: Quanta,
+    workers: Iterable[QueueCandidate],
+    input_bytes: Mapping[int, int] | None = None,
+    pack: bool = False,
+    preferred: Collection[int] | None = None,
+) -> QueueCandidate | None:
+    """The worker whose queue should take a task needing ``need``, or None.
+
+    Among the unreserved workers with room in their queue that declare enough
+    for ``need``: the preferred ones, then most input bytes, then the least
+    loaded (running and queued runs per thread; the most with ``pack``), then
+    the oldest.
+    """
+    best: QueueCandidate | None = None
+    best_key: tuple[int, int, float, int] | None = None
+    for worker in workers:
+        if (
+            worker.reserved_for is not None
+            or len(worker.queued) >= worker.queue_limit
+            or not fits(need, worker.declared)
+        ):
+            continue
+        load = (worker.nthreads - worker.free_slots + len(worker.queued)) / worker.nthreads
+        if pack:
+            load = -load
+        key = (
+            0 if preferred is None or worker.worker_id in preferred else 1,
+            -(input_bytes.get(worker.worker_id, 0) if input_bytes else 0),
+            load,
             worker.worker_id,
         )
         if best_key is None or key < best_key:

@@ -134,7 +134,12 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     # ------------------------------------------------------------ routing
 
     def dispatch(self, event: Event) -> None:
-        for cmd in self.state.handle(event):
+        self.dispatch_all((event,))
+
+    def dispatch_all(self, events: tuple[Event, ...]) -> None:
+        """Hand ``events`` to the state machine together (one placement pass)
+        and route the commands that come back."""
+        for cmd in self.state.handle_all(events):
             if isinstance(cmd, ClientUpdate):
                 client_box = self._client_outboxes.get(cmd.client_id)
                 if client_box is not None:
@@ -152,7 +157,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                 self.state.validate()
             except InvariantError:
                 # The books are wrong: carrying on would hide the fault.
-                log.critical("scheduler invariant broken after %r", event, exc_info=True)
+                log.critical("scheduler invariant broken after %r", events, exc_info=True)
                 if self._on_invariant_error is None:
                     raise
                 self._on_invariant_error()
@@ -293,7 +298,11 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     def _apply_reports(self, worker_id: WorkerId, reports: pb.WorkerReports) -> None:
         """Check the whole batch, then apply it: a bad report (WireError) closes
-        the stream before any of the batch changes the books."""
+        the stream before any of the batch changes the books.
+
+        Runs that ended go first, then queued runs that started: whatever
+        order they happened in on the worker, a start never finds the
+        capacity here still taken by a run that ended before it."""
         wire.check_report_counts(reports)
         events: list[TaskFinished | TaskErred | TaskMissingInputs] = [
             *(
@@ -309,19 +318,23 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                 for i, missing in enumerate(reports.missing_inputs)
             ),
         ]
+        started = [
+            wire.started_from_pb(worker_id, ref, f"WorkerReports.started[{i}]")
+            for i, ref in enumerate(reports.started)
+        ]
         worker = self.state.workers.get(worker_id)
         runs = worker.runs if worker is not None else {}
-        for event in events:
+        queued = worker.queued if worker is not None else {}
+        for event in (*events, *started):
             # A report ends the run it names; the run must be of the task it
             # names too, or ending it would free a lease the task still holds.
-            run = runs.get(event.run_id)
+            run = runs.get(event.run_id) or queued.get(event.run_id)
             if run is not None and run.key != event.key:
                 raise wire.WireError(
                     f"a report names run {event.run_id} of task {event.key!r}, "
                     f"but that run is of task {run.key!r}"
                 )
-        for event in events:
-            self.dispatch(event)
+        self.dispatch_all((*events, *started))
 
     # ------------------------------------------------------------ clients
 

@@ -9,7 +9,8 @@ Task states::
 
     waiting     some inputs are not in memory yet
     ready       inputs in memory, queued for a worker with free capacity
-    processing  assigned to a worker, holding its resources there
+    processing  assigned to a worker: holding its resources there (a run), or
+                in that worker's queue, holding nothing yet (a queued run)
     memory      finished; the result lives on one or more workers
     released    finished once, result dropped; kept so it can be recomputed
     erred       raised (or an input erred); the error is kept for clients
@@ -17,6 +18,17 @@ Task states::
 A cancelled task is forgotten at once. Its run, if it had one, stays on the
 worker's books, holding its resources, until the worker reports that the code
 returned: the lease is released exactly once, when the run ends.
+
+A worker may also hold a small queue of assigned runs that hold no resources
+(``SchedulingPolicy.worker_queue``), so that it starts the next task the moment
+one ends instead of waiting a round trip for it. The worker starts queued runs
+itself, as its own books allow, and reports each start; only then does the run
+hold resources here. Reports of one worker arrive in the order things happened
+there, so what the scheduler counts as held is always what the worker really
+runs (or less), and held never exceeds what the worker declared. A task goes
+straight into a worker's free capacity only if it fits there with every queued
+run of that worker started too (its "room"): the worker may have given that
+capacity to a queued run whose start is still on its way.
 """
 
 from __future__ import annotations
@@ -55,6 +67,7 @@ from .events import (
     TaskMissingInputs,
     TasksCancelled,
     TasksSubmitted,
+    TaskStarted,
     TaskSubmission,
     Tick,
     WantAdded,
@@ -65,8 +78,8 @@ from .events import (
     WorkerResourcesChanged,
     WorkerSnapshot,
 )
-from .placement import fits, infeasibility_reason, pick_worker
-from .policy import SchedulingPolicy
+from .placement import fits, infeasibility_reason, pick_queue, pick_worker
+from .policy import QUEUE_PER_THREAD, SchedulingPolicy
 
 WAITING = "waiting"
 READY = "ready"
@@ -102,6 +115,12 @@ class WorkerRecord:
     free: Quanta
     free_slots: int
     runs: dict[int, Run] = field(default_factory=dict)
+    #: assigned runs in its queue, holding nothing yet, in assignment order
+    queued: dict[int, Run] = field(default_factory=dict)
+    #: the most runs it may hold queued
+    queue_limit: int = 0
+    #: what its queued runs need, together
+    queued_need: Quanta = field(default_factory=dict)
     #: keys whose results this worker holds
     has: set[str] = field(default_factory=set)
     pid: int = 0
@@ -114,6 +133,25 @@ class WorkerRecord:
 
     def held(self) -> Quanta:
         return {name: self.declared[name] - self.free[name] for name in self.declared}
+
+    def room(self) -> _Room:
+        """What is free once every queued run has started: a task placed
+        within it fits on the worker whichever of them it started meanwhile."""
+        need = self.queued_need
+        free = {name: amount - need.get(name, 0) for name, amount in self.free.items()}
+        for name, amount in need.items():
+            free.setdefault(name, -amount)
+        return _Room(self.worker_id, self.nthreads, self.free_slots - len(self.queued), free)
+
+
+@dataclass(slots=True)
+class _Room:
+    """A worker as placement into free capacity sees it (see WorkerRecord.room)."""
+
+    worker_id: WorkerId
+    nthreads: int
+    free_slots: int
+    free: Quanta
 
 
 @dataclass(slots=True, eq=False)
@@ -217,6 +255,12 @@ class ClusterState:
         self._dirty_shapes: set[Shape] = set()
         self._ticked = False
         self._free_slots = 0
+        # The same for worker queues: after a pass that fills them, the head of
+        # every waiting shape fits no queue with room; a worker whose queue
+        # gained room (or that joined, grew or lost its reservation) is checked.
+        self._queue_dirty: set[WorkerId] = set()
+        #: free places in all worker queues together
+        self._queue_room = 0
         self.clients: dict[ClientId, set[str]] = {}
         #: clients whose stream broke -> when their grace period ends
         self._disconnected: dict[ClientId, float] = {}
@@ -247,6 +291,20 @@ class ClusterState:
 
     def handle(self, event: Event) -> list[Command]:
         cmds: list[Command] = []
+        self._apply(event, cmds)
+        self._schedule(cmds)
+        return cmds
+
+    def handle_all(self, events: Iterable[Event]) -> list[Command]:
+        """Apply ``events`` in order, then place what became placeable once:
+        a worker's batch of reports costs one placement pass, not one each."""
+        cmds: list[Command] = []
+        for event in events:
+            self._apply(event, cmds)
+        self._schedule(cmds)
+        return cmds
+
+    def _apply(self, event: Event, cmds: list[Command]) -> None:
         match event:
             case Tick():
                 self.now = max(self.now, event.now)
@@ -263,6 +321,8 @@ class ClusterState:
                 self._on_submitted(event, cmds)
             case TaskFinished():
                 self._on_finished(event, cmds)
+            case TaskStarted():
+                self._on_started(event)
             case TaskErred():
                 self._on_erred(event, cmds)
             case TaskMissingInputs():
@@ -284,8 +344,6 @@ class ClusterState:
                 self._on_cancelled(event, cmds)
             case KeysReleased():
                 self._release_keys(event.client_id, event.keys, cmds)
-        self._schedule(cmds)
-        return cmds
 
     # ------------------------------------------------------------- clients
 
@@ -512,9 +570,12 @@ class ClusterState:
             free=dict(event.resources),
             free_slots=event.nthreads,
             pid=event.pid,
+            queue_limit=self._queue_limit(event.nthreads),
         )
         self._free_slots += event.nthreads
+        self._queue_room += worker.queue_limit
         self._dirty_workers.add(event.worker_id)
+        self._queue_dirty.add(event.worker_id)
         self._names_seen.update(event.resources)
         self._feasibility.clear()
         for held in event.held:
@@ -554,6 +615,7 @@ class ClusterState:
         if worker is None:
             return
         self._free_slots -= worker.free_slots
+        self._queue_room -= worker.queue_limit - len(worker.queued)
         self._recheck_all = True
         self._feasibility.clear()
         if worker.reserved_for is not None:
@@ -580,6 +642,14 @@ class ClusterState:
                     self._err(task, self._killed_worker(task), cmds)
                 else:
                     self._make_runnable(task, cmds)
+        for run_id, run in worker.queued.items():
+            # Never started there: placed again, and the worker is no suspect.
+            task = self.tasks.get(run.key)
+            if task is not None and task.run_id == run_id and task.state == PROCESSING:
+                task.worker_id = None
+                task.run_id = 0
+                task.state = WAITING  # transient: re-queued just below
+                self._make_runnable(task, cmds)
         self._retell_why_waiting(cmds)
 
     def _retell_why_waiting(self, cmds: list[Command]) -> None:
@@ -618,6 +688,21 @@ class ClusterState:
         self._feasibility.clear()
         cmds.append(DeclareResources(worker.worker_id, dict(declared)))
         self._dirty_workers.add(worker.worker_id)
+        self._queue_dirty.add(worker.worker_id)
+        for run_id, run in list(worker.queued.items()):
+            # Queued where it can no longer ever run: placed again. Its place
+            # in the queue stays taken until the worker reports the cancelled
+            # run (it may have started it before it heard of the change).
+            task = self.tasks.get(run.key)
+            if (
+                task is not None
+                and task.run_id == run_id
+                and task.state == PROCESSING
+                and not fits(run.resources, declared)
+            ):
+                self._cancel_run(task, cmds)
+                task.state = WAITING  # transient: re-queued just below
+                self._make_runnable(task, cmds)
         self._retell_why_waiting(cmds)
 
     def _expire_unplaceable(self, cmds: list[Command]) -> None:
@@ -674,7 +759,13 @@ class ClusterState:
             return None  # lost worker: its books were closed when it left
         run = worker.runs.get(run_id)
         if run is None or run.key != key:
-            return None
+            queued = worker.queued.get(run_id)
+            if queued is None or queued.key != key:
+                return None
+            # Ended before the scheduler heard it start (it started and
+            # ended, or was dropped unstarted): it held nothing here.
+            self._unqueue(worker, run_id)
+            return worker
         del worker.runs[run_id]
         free = worker.free
         for name, amount in run.resources.items():
@@ -685,6 +776,51 @@ class ClusterState:
         if worker.shrunk and all(amount >= 0 for amount in free.values()):
             worker.shrunk = False
         return worker
+
+    def _unqueue(self, worker: WorkerRecord, run_id: int) -> Run:
+        run = worker.queued.pop(run_id)
+        self._queue_room += 1
+        self._queue_dirty.add(worker.worker_id)
+        # Its room grew (when the run ended) or stays (when it started).
+        self._dirty_workers.add(worker.worker_id)
+        need = worker.queued_need
+        for name, amount in run.resources.items():
+            if not amount:
+                continue
+            left = need[name] - amount
+            if left:
+                need[name] = left
+            else:
+                del need[name]
+        return run
+
+    def _on_started(self, event: TaskStarted) -> None:
+        """A queued run began on its worker: from now on it holds its resources.
+
+        The worker started it only where its own books had room, and every
+        run that ended before it was reported first, so this never takes more
+        than the worker declared (validate() checks it). A start of a run no
+        longer queued (it ended in the same batch, or the worker was lost) is
+        ignored."""
+        worker = self.workers.get(event.worker_id)
+        if worker is None:
+            return
+        run = worker.queued.get(event.run_id)
+        if run is None or run.key != event.key:
+            return
+        self._unqueue(worker, event.run_id)
+        worker.runs[event.run_id] = run
+        free = worker.free
+        for name, amount in run.resources.items():
+            if name not in free:
+                # The operator withdrew it while the start was on its way.
+                worker.declared[name] = 0
+                free[name] = 0
+            free[name] -= amount
+            if free[name] < 0:
+                worker.shrunk = True
+        worker.free_slots -= 1
+        self._free_slots -= 1
 
     def _current(self, key: str, run_id: int) -> TaskRecord | None:
         task = self.tasks.get(key)
@@ -986,25 +1122,35 @@ class ClusterState:
     # ----------------------------------------------------------- placement
 
     def _schedule(self, cmds: list[Command]) -> None:
-        """Place ready tasks, best (priority, submission order) first, across shapes."""
+        """Place ready tasks, best (priority, submission order) first, across
+        shapes: where they fit in what is free, then into worker queues."""
         if self._hold_until:
             return  # recovering: workers offer what they hold first
-        self._place_reserved(cmds)
-        full, dirty_workers, dirty_shapes = (
-            self._recheck_all,
-            self._dirty_workers,
-            self._dirty_shapes,
-        )
-        ticked, self._ticked = self._ticked, False
-        self._recheck_all, self._dirty_workers, self._dirty_shapes = False, set(), set()
-        if not self._ready or self._free_slots <= 0:
-            return
-        if not (full or dirty_workers or dirty_shapes or ticked):
-            return  # nothing gained room, nothing new waits, no time passed
-        reserved = bool(self.reservations)
-        # The head of every shape, best (priority, submission order) first. A
-        # shape whose head fits nowhere is dropped for this pass: all its
-        # tasks need the same, so none fits.
+        while True:
+            self._place_reserved(cmds)
+            full, dirty_workers, dirty_shapes = (
+                self._recheck_all,
+                self._dirty_workers,
+                self._dirty_shapes,
+            )
+            ticked, self._ticked = self._ticked, False
+            queue_dirty = self._queue_dirty
+            self._recheck_all, self._dirty_workers, self._dirty_shapes = False, set(), set()
+            self._queue_dirty = set()
+            if not self._ready:
+                return
+            if self._free_slots > 0 and (full or dirty_workers or dirty_shapes or ticked):
+                self._place(cmds, full, dirty_workers, dirty_shapes)
+            if self._queue_room > 0 and (full or queue_dirty or dirty_shapes):
+                self._fill_queues(cmds, full, queue_dirty, dirty_shapes)
+            if not (self._dirty_workers or self._queue_dirty):
+                return
+            # A task placed in this pass left the worker kept for it: that
+            # worker is open to every task again, in this same pass.
+
+    def _heads(self) -> list[tuple[tuple[int, int, int, str], Shape]]:
+        """The head of every shape, as a heap, best (priority, submission
+        order) first; shapes with no ready task left are dropped."""
         heads: list[tuple[tuple[int, int, int, str], Shape]] = []
         tasks = self.tasks
         for shape, heap in list(self._ready.items()):
@@ -1024,6 +1170,22 @@ class ClusterState:
             else:
                 heads.append((peeked, shape))
         heapq.heapify(heads)
+        return heads
+
+    def _place(
+        self,
+        cmds: list[Command],
+        full: bool,
+        dirty_workers: set[WorkerId],
+        dirty_shapes: set[Shape],
+    ) -> None:
+        """Start ready tasks where they fit in what is free. A shape whose head
+        fits nowhere is dropped for this pass: all its tasks need the same, so
+        none fits."""
+        reserved = bool(self.reservations)
+        # A worker with queued runs takes new tasks within its room only.
+        queueing = self.policy.worker_queue != 0
+        heads = self._heads()
         while heads:
             best_entry, best_shape = heapq.heappop(heads)
             task = self.tasks[best_entry[3]]
@@ -1047,7 +1209,11 @@ class ClusterState:
                 else None
             )
             worker = pick_worker(
-                task.resources, candidates, self._input_bytes(task), self._pack, preferred
+                task.resources,
+                [w.room() if w.queued else w for w in candidates] if queueing else candidates,
+                self._input_bytes(task),
+                self._pack,
+                preferred,
             )
             if worker is None:
                 if self._reserve_for(task):
@@ -1062,6 +1228,54 @@ class ClusterState:
             if following is not None:
                 heapq.heappush(heads, (following, best_shape))
 
+    def _fill_queues(
+        self,
+        cmds: list[Command],
+        full: bool,
+        dirty_workers: set[WorkerId],
+        dirty_shapes: set[Shape],
+    ) -> None:
+        """Queue ready tasks that fit nowhere now on workers whose queue has
+        room and that declare enough to run them: each worker then starts its
+        next task as soon as one ends. A reserved worker gets nothing queued."""
+        heads = self._heads()
+        while heads:
+            best_entry, best_shape = heapq.heappop(heads)
+            task = self.tasks[best_entry[3]]
+            strict = bool(task.allowed) and not task.loose
+            candidates: Iterable[WorkerRecord]
+            if full or best_shape in dirty_shapes:
+                candidates = self._eligible(task) if strict else self.workers.values()
+            else:
+                candidates = [
+                    w
+                    for worker_id in dirty_workers
+                    if (w := self.workers.get(worker_id)) is not None
+                    and (not strict or _named(task, w))
+                ]
+            preferred = (
+                {w.worker_id for w in self.workers.values() if _named(task, w)}
+                if task.loose and task.allowed
+                else None
+            )
+            worker = pick_queue(
+                task.resources, candidates, self._input_bytes(task), self._pack, preferred
+            )
+            if worker is None:
+                continue
+            heap = self._ready[best_shape]
+            heapq.heappop(heap)
+            self._assign(task, self.workers[worker.worker_id], cmds, queued=True)
+            if self._queue_room <= 0:
+                return
+            following = self._peek(heap)
+            if following is not None:
+                heapq.heappush(heads, (following, best_shape))
+
+    def _queue_limit(self, nthreads: int) -> int:
+        limit = self.policy.worker_queue
+        return QUEUE_PER_THREAD * nthreads if limit is None else max(0, limit)
+
     def _place_reserved(self, cmds: list[Command]) -> None:
         """Start starving tasks whose reserved worker now has room; drop
         reservations whose task is no longer waiting."""
@@ -1072,7 +1286,15 @@ class ClusterState:
                 del self.reservations[key]
                 worker.reserved_for = None
                 self._dirty_workers.add(worker_id)  # open to every task again
-            elif worker.free_slots > 0 and fits(task.resources, worker.free):
+                self._queue_dirty.add(worker_id)
+            elif (
+                worker.free_slots > 0
+                and fits(task.resources, worker.free)
+                and (
+                    not worker.queued
+                    or ((room := worker.room()).free_slots > 0 and fits(task.resources, room.free))
+                )
+            ):
                 self._assign(task, worker, cmds)  # its heap entry goes stale
 
     def _reserve_for(self, task: TaskRecord) -> bool:
@@ -1127,18 +1349,30 @@ class ClusterState:
                 totals[worker_id] = totals.get(worker_id, 0) + dep.nbytes
         return totals
 
-    def _assign(self, task: TaskRecord, worker: WorkerRecord, cmds: list[Command]) -> None:
+    def _assign(
+        self, task: TaskRecord, worker: WorkerRecord, cmds: list[Command], queued: bool = False
+    ) -> None:
         run_id = next(self._run_ids)
-        free = worker.free
-        for name, amount in task.resources.items():
-            free[name] -= amount
-        worker.free_slots -= 1
-        self._free_slots -= 1
-        worker.runs[run_id] = Run(task.key, task.resources)
+        if queued:
+            worker.queued[run_id] = Run(task.key, task.resources)
+            self._queue_room -= 1
+            need = worker.queued_need
+            for name, amount in task.resources.items():
+                if amount:
+                    need[name] = need.get(name, 0) + amount
+        else:
+            free = worker.free
+            for name, amount in task.resources.items():
+                free[name] -= amount
+            worker.free_slots -= 1
+            self._free_slots -= 1
+            worker.runs[run_id] = Run(task.key, task.resources)
         self._last_start[task.shape] = self.now
         kept_on = self.reservations.pop(task.key, None)
         if kept_on is not None:
             self.workers[kept_on].reserved_for = None
+            self._dirty_workers.add(kept_on)
+            self._queue_dirty.add(kept_on)
         task.state = PROCESSING
         task.worker_id = worker.worker_id
         task.run_id = run_id
@@ -1160,6 +1394,7 @@ class ClusterState:
                 task.resources,
                 inputs,
                 task.incarnation,
+                queued,
             )
         )
 
@@ -1178,7 +1413,13 @@ class ClusterState:
             return f"task {key!r} is not known to the scheduler (never submitted, or released)"
         if task.state == PROCESSING:
             assert task.worker_id is not None
-            return f"task {key!r} is running on {self.workers[task.worker_id].name}"
+            holder = self.workers[task.worker_id]
+            if task.run_id in holder.queued:
+                return (
+                    f"task {key!r} is queued on {holder.name}, "
+                    "to start there when its resources are free"
+                )
+            return f"task {key!r} is running on {holder.name}"
         if task.state == MEMORY:
             names = ", ".join(sorted(self.workers[w].name for w in task.who_has))
             return f"task {key!r} has finished; its result is held by {names}"
@@ -1239,6 +1480,7 @@ class ClusterState:
                     used=w.held(),
                     running=len(w.runs),
                     pid=w.pid,
+                    queued=len(w.queued),
                 )
                 for w in sorted(self.workers.values(), key=lambda w: w.worker_id)
             ],
@@ -1274,13 +1516,28 @@ class ClusterState:
                 worker.free_slots == worker.nthreads - len(worker.runs) >= 0,
                 f"worker {worker.name}: {len(worker.runs)} runs on {worker.nthreads} threads",
             )
-            for run_id, run in worker.runs.items():
+            for run_id, run in itertools.chain(worker.runs.items(), worker.queued.items()):
                 task = self.tasks.get(run.key)
                 if task is not None and task.run_id == run_id:
                     check(
                         task.state == PROCESSING and task.worker_id == worker.worker_id,
                         f"run {run_id} of {run.key} on the wrong worker",
                     )
+            check(
+                len(worker.queued) <= worker.queue_limit,
+                f"worker {worker.name}: {len(worker.queued)} queued, limit {worker.queue_limit}",
+            )
+            check(
+                not (worker.queued.keys() & worker.runs.keys()),
+                f"worker {worker.name}: a run both queued and held",
+            )
+            queued_need: Counter[str] = Counter()
+            for run in worker.queued.values():
+                queued_need.update(run.resources)
+            check(
+                dict(+queued_need) == worker.queued_need,
+                f"worker {worker.name}: queued needs out of sync",
+            )
             for key in worker.has:
                 task = self.tasks.get(key)
                 check(
@@ -1290,6 +1547,10 @@ class ClusterState:
         check(
             self._free_slots == sum(w.free_slots for w in self.workers.values()),
             "free thread count out of sync",
+        )
+        check(
+            self._queue_room == sum(w.queue_limit - len(w.queued) for w in self.workers.values()),
+            "free queue places out of sync",
         )
         for heap in self._ready.values() if not self._hold_until else ():
             head = next(
@@ -1305,9 +1566,9 @@ class ClusterState:
             if head is None:
                 continue
             room = [
-                w
+                w.room() if w.queued else w
                 for w in self._eligible(head)
-                if w.reserved_for in (None, head.key) and w.free_slots > 0
+                if w.reserved_for in (None, head.key)
             ]
             check(
                 pick_worker(head.resources, room) is None,
@@ -1326,7 +1587,9 @@ class ClusterState:
             if task.state == PROCESSING:
                 holder = self.workers.get(task.worker_id) if task.worker_id is not None else None
                 check(holder is not None, f"{key} processing on a lost worker")
-                lease = holder.runs.get(task.run_id) if holder is not None else None
+                lease = None
+                if holder is not None:
+                    lease = holder.runs.get(task.run_id) or holder.queued.get(task.run_id)
                 check(lease is not None and lease.key == key, f"{key} has no lease")
             else:
                 check(task.worker_id is None and task.run_id == 0, f"{key} keeps a stale run")

@@ -51,6 +51,7 @@ from .events import (
     TaskErred,
     TaskFinished,
     TaskMissingInputs,
+    TaskStarted,
     TaskSubmission,
     WorkerId,
     WorkerSnapshot,
@@ -295,8 +296,16 @@ def missing_from_pb(
     return TaskMissingInputs(worker_id, ref["key"], ref["run_id"], pairs)
 
 
+def started_from_pb(worker_id: WorkerId, ref: pb.RunRef, what: str) -> TaskStarted:
+    key, run_id = ref.key, ref.run_id
+    if 0 < len(key) <= MAX_KEY_LENGTH and run_id >= 1:
+        return TaskStarted(worker_id, key, run_id)
+    problem = _key_problem(key, "key") or "run_id: must be 1 or more"
+    raise WireError(f"{what}: {problem}")
+
+
 def check_report_counts(reports: pb.WorkerReports) -> None:
-    for name in ("finished", "failed", "missing_inputs"):
+    for name in ("finished", "failed", "missing_inputs", "started"):
         check_count(getattr(reports, name), MAX_ITEMS_PER_MESSAGE, f"WorkerReports.{name}")
 
 
@@ -343,6 +352,7 @@ def assignment_to_pb(cmd: AssignTask) -> pb.TaskAssignment:
             pb.InputLocation(key=i.key, addresses=i.addresses, nbytes=i.nbytes) for i in cmd.inputs
         ],
         incarnation=cmd.incarnation,
+        queued=cmd.queued,
     )
 
 
@@ -370,6 +380,7 @@ def worker_info_to_pb(w: WorkerSnapshot) -> pb.WorkerInfo:
         used_resources=from_quanta(w.used),
         running=w.running,
         pid=w.pid,
+        queued=w.queued,
     )
 
 

@@ -1,7 +1,9 @@
 """The worker's own books: it never runs more than it declared.
 
 The scheduler only assigns what fits, so an assignment that does not fit here
-means the two disagree; the worker refuses it rather than over-run.
+means the two disagree; the worker refuses it rather than over-run. A queued
+assignment (one that holds nothing yet) waits in the worker until
+:meth:`Ledger.fits` says it has room.
 """
 
 from __future__ import annotations
@@ -20,6 +22,22 @@ class Ledger:
         self.declared: Quanta = to_quanta(declared)
         self.nthreads = nthreads
         self.held: dict[int, Quanta] = {}
+
+    def fits(self, resources: Mapping[str, float]) -> bool:
+        """A thread is free and the free amounts cover ``resources``."""
+        if len(self.held) >= self.nthreads:
+            return False
+        used = self.used()
+        declared = self.declared
+        for name, amount in to_quanta(resources).items():
+            if used.get(name, 0) + amount > declared.get(name, 0):
+                return False
+        return True
+
+    def could_ever_fit(self, resources: Mapping[str, float]) -> bool:
+        """What is declared covers ``resources`` (once every run has ended)."""
+        declared = self.declared
+        return all(declared.get(n, 0) >= a for n, a in to_quanta(resources).items())
 
     def acquire(self, run_id: int, resources: Mapping[str, float]) -> None:
         if run_id in self.held:

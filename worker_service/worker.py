@@ -1,5 +1,14 @@
 """A worker process: one stream to the scheduler, a thread pool, a result store.
 
+The scheduler may assign a run to this worker's queue (``queued``): it holds
+nothing until the worker's own ledger has room for it. Queued runs start in
+the order they came, the first that fits, each as a run ends; one that has
+waited longer than QUEUE_OVERTAKE_S lets nothing behind it start first. Each
+start of a queued run is reported (``started``), after the report of the run
+whose end made room for it: reports go in the order things happen here.
+A queued run fetches its inputs from peers while it waits, so that it holds
+its resources for its own work only.
+
 Lifecycle: ``start()`` serves the Worker service (peers fetch results from
 it), then connects to the scheduler and registers. If the stream breaks, the
 worker waits for the tasks it was running to return (their results are now
@@ -51,6 +60,9 @@ MAX_BACKOFF_S = 5.0
 INLINE_RESULT_BYTES = 16 * 1024
 #: Inputs one task fetches from peers at the same time.
 MAX_CONCURRENT_FETCHES = 16
+#: Seconds the oldest queued run may be overtaken by later ones that fit
+#: before it; after that, nothing behind it starts until it does.
+QUEUE_OVERTAKE_S = 1.0
 
 
 @dataclass(slots=True)
@@ -58,10 +70,25 @@ class _Reports:
     finished: list[pb.TaskFinished] = field(default_factory=list)
     failed: list[pb.TaskFailed] = field(default_factory=list)
     missing: list[pb.TaskMissingInputs] = field(default_factory=list)
+    started: list[pb.RunRef] = field(default_factory=list)
     heartbeat: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.finished or self.failed or self.missing or self.heartbeat)
+        return bool(self.finished or self.failed or self.missing or self.started or self.heartbeat)
+
+
+@dataclass(slots=True)
+class _Queued:
+    """An assignment waiting here for room, holding nothing."""
+
+    assignment: pb.TaskAssignment
+    resources: dict[str, float]
+    since: float
+    #: its inputs, fetched while it waits (None: all of them are local)
+    inputs: asyncio.Task[_Inputs] | None = None
+
+
+_Inputs = tuple[dict[str, serialize.Frames], list[tuple[str, int]], list[pb.MissingInput]]
 
 
 class WorkerRefused(Exception):
@@ -120,6 +147,8 @@ class Worker:
         self._health = ServingHealth(self._server, [WORKER_SERVICE])
         self._peers = ChannelPool(self._credentials)
         self._running: dict[int, asyncio.Task[None]] = {}
+        #: queued runs by run id, in the order they were assigned
+        self._queue: dict[int, _Queued] = {}
         self._cancelled: set[int] = set()
         self._reports = _Reports()
         self._wake_writer = asyncio.Event()
@@ -152,6 +181,7 @@ class Worker:
 
     async def close(self) -> None:
         self._stopping.set()
+        self._clear_queue()
         if self._main is not None:
             self._main.cancel()
             await asyncio.gather(self._main, return_exceptions=True)
@@ -209,6 +239,7 @@ class Worker:
         stay held until then), forget the reports the old stream never carried,
         and keep the results made here: registering again offers them, and the
         scheduler takes back those it still needs (a restart loses no work)."""
+        self._clear_queue()  # never started: the scheduler places them again
         running = list(self._running.values())
         if running:
             log.info("waiting for %d running task(s) before registering again", len(running))
@@ -295,6 +326,7 @@ class Worker:
                         failed=reports.failed,
                         missing_inputs=reports.missing,
                         heartbeat=reports.heartbeat,
+                        started=reports.started,
                     )
                 )
             )
@@ -318,6 +350,11 @@ class Worker:
         for ref in instructions.cancel:
             if ref.run_id in self._running:
                 self._cancelled.add(ref.run_id)
+            elif (queued := self._queue.pop(ref.run_id, None)) is not None:
+                # Dropped unstarted; reported as a cancelled run is.
+                self._drop_prefetch(queued)
+                error = serialize.error_info(asyncio.CancelledError("cancelled"))
+                self._fail(queued.assignment, error)
         for i, assignment in enumerate(instructions.assign):
             try:
                 boundary.check_assignment(assignment, f"WorkerInstructions.assign[{i}]")
@@ -328,23 +365,99 @@ class Worker:
                     # the submitter hears why.
                     self._fail(assignment, serialize.error_info(exc))
                 continue
-            if assignment.run_id in self._running:
-                log.error("skipping run %d: it runs here already", assignment.run_id)
+            if assignment.run_id in self._running or assignment.run_id in self._queue:
+                log.error("skipping run %d: it is here already", assignment.run_id)
                 continue
-            self._running[assignment.run_id] = asyncio.create_task(self._run(assignment))
+            resources = dict(assignment.resources)
+            if not assignment.queued:
+                self._start(assignment, resources)
+            elif not self.ledger.could_ever_fit(resources):
+                # The scheduler queued it here for good: it would never start.
+                self._fail(
+                    assignment,
+                    serialize.error_info(
+                        OverCommitted(
+                            f"run {assignment.run_id} needs more than this worker declares"
+                        )
+                    ),
+                )
+            else:
+                loop = asyncio.get_running_loop()
+                queued = _Queued(assignment, resources, loop.time())
+                if any(self.store.get(item.key) is None for item in assignment.inputs):
+                    queued.inputs = asyncio.create_task(self._gather_inputs(assignment))
+                self._queue[assignment.run_id] = queued
+        self._start_queued()
+
+    def _clear_queue(self) -> None:
+        for queued in self._queue.values():
+            if queued.inputs is not None:
+                queued.inputs.cancel()
+        self._queue.clear()
+
+    def _drop_prefetch(self, queued: _Queued) -> None:
+        """A queued run that will not start here: stop fetching its inputs and
+        drop the copies fetched for it alone (the scheduler never heard of them)."""
+        prefetch = queued.inputs
+        if prefetch is None:
+            return
+        if not prefetch.done():
+            prefetch.cancel()
+            return  # what it stored so far stays until the worker re-registers
+        if not prefetch.cancelled() and prefetch.exception() is None:
+            for key, _ in prefetch.result()[1]:
+                self.store.release(key, 0)
 
     # ------------------------------------------------------------ running
 
-    async def _run(self, a: pb.TaskAssignment) -> None:
-        resources = dict(a.resources)
+    def _start(
+        self,
+        a: pb.TaskAssignment,
+        resources: dict[str, float],
+        prefetch: asyncio.Task[_Inputs] | None = None,
+    ) -> None:
+        """Take the run's resources here and start it (or refuse it)."""
         try:
             self.ledger.acquire(a.run_id, resources)
         except OverCommitted as exc:
+            if prefetch is not None:
+                prefetch.cancel()
             self._fail(a, serialize.error_info(exc))
-            del self._running[a.run_id]
             return
+        if a.queued:
+            self._reports.started.append(pb.RunRef(key=a.key, run_id=a.run_id))
+            self._wake_writer.set()
+        self._running[a.run_id] = asyncio.create_task(self._run(a, resources, prefetch))
+
+    def _start_queued(self) -> None:
+        """Start queued runs that fit now: in order, the first that fits, until
+        none does. The oldest one, once it has waited QUEUE_OVERTAKE_S, blocks
+        those behind it (it would starve behind a stream of smaller ones)."""
+        while self._queue:
+            chosen: _Queued | None = None
+            for queued in self._queue.values():
+                if self.ledger.fits(queued.resources):
+                    chosen = queued
+                    break
+                if asyncio.get_running_loop().time() - queued.since >= QUEUE_OVERTAKE_S:
+                    return
+            if chosen is None:
+                return
+            del self._queue[chosen.assignment.run_id]
+            self._start(chosen.assignment, chosen.resources, chosen.inputs)
+
+    async def _run(
+        self,
+        a: pb.TaskAssignment,
+        resources: dict[str, float],
+        prefetch: asyncio.Task[_Inputs] | None = None,
+    ) -> None:
+        """A run that holds its resources (see _start), until it ends."""
         try:
-            values, fetched, missing = await self._gather_inputs(a)
+            if prefetch is not None:
+                values, fetched, missing = await prefetch
+            else:
+                values, fetched, missing = await self._gather_inputs(a)
             if missing:
                 self._reports.missing.append(
                     pb.TaskMissingInputs(key=a.key, run_id=a.run_id, inputs=missing)
@@ -379,6 +492,9 @@ class Worker:
             self.ledger.release(a.run_id)
             self._cancelled.discard(a.run_id)
             self._running.pop(a.run_id, None)
+            # After this run's report: the scheduler frees its lease before
+            # it hears that a queued run took the room.
+            self._start_queued()
             self._wake_writer.set()
 
     def _fail(self, a: pb.TaskAssignment, error: serialize.ErrorInfo) -> None:
@@ -396,9 +512,7 @@ class Worker:
         )
         self._wake_writer.set()
 
-    async def _gather_inputs(
-        self, a: pb.TaskAssignment
-    ) -> tuple[dict[str, serialize.Frames], list[tuple[str, int]], list[pb.MissingInput]]:
+    async def _gather_inputs(self, a: pb.TaskAssignment) -> _Inputs:
         values: dict[str, serialize.Frames] = {}
         fetched: list[tuple[str, int]] = []
         missing: list[pb.MissingInput] = []

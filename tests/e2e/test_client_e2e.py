@@ -256,9 +256,12 @@ def test_dropped_futures_and_closed_clients_release_their_tasks(
     )
 
 
+@pytest.mark.parametrize("worker_queue", ["0", "default"])
 def test_priority_orders_queued_tasks(
-    processes: Processes, scheduler_address: str, tmp_path: Path
+    processes: Processes, tmp_path: Path, worker_queue: str
 ) -> None:
+    args = ("--worker-queue", worker_queue) if worker_queue != "default" else ()
+    scheduler_address = processes.scheduler(*args)
     processes.worker(scheduler_address, "--nthreads", "1")
     log = tmp_path / "order"
     with Client(scheduler_address) as client:
@@ -267,7 +270,14 @@ def test_priority_orders_queued_tasks(
         low = [client.submit(count_call, str(log), i) for i in range(3)]
         high = client.submit(count_call, str(log), 99, priority=10)
         client.gather([blocker, high, *low])
-    assert log.read_text().split() == ["99", "0", "1", "2"]
+    order = log.read_text().split()
+    if worker_queue == "0":
+        assert order == ["99", "0", "1", "2"]
+    else:
+        # A task already in the worker's queue (two places per thread) may
+        # run before a later one of higher priority; nothing else does.
+        assert "99" in order[:3], order
+        assert [n for n in order if n != "99"] == ["0", "1", "2"]
 
 
 def test_losing_the_scheduler_fails_pending_futures(processes: Processes) -> None:

@@ -103,7 +103,8 @@ def test_a_restricted_task_waits_for_its_busy_worker_unless_others_are_allowed(
         assert not (tmp_path / "long.done").exists(), "the long task ended first"
         assert not (tmp_path / "strict.started").exists()
         assert strict.status == "pending"
-        assert "busy on every worker that fits it" in client.explain(strict)
+        # In b's queue (two places per thread), holding nothing yet.
+        assert "is queued on b" in client.explain(strict)
         # The strict one waits for b's GPU: it starts only after the long one ends.
         strict_start, _ = strict.result(timeout=15)
         _, long_end = long.result(timeout=15)
@@ -243,6 +244,11 @@ def test_explain_says_why_each_task_is_not_running(
         running = client.submit(touch_then_sleep, str(tmp_path), "run", 1.5, resources={"GPU": 1})
         wait_for(lambda: (tmp_path / "run.started").exists(), 15, "the running task to start")
         quick = client.submit(plus_one, 1, key="quick")
+        # w's queue (two places per thread) takes six; two more wait here.
+        in_queue = [
+            client.submit(timed_sleep, 0.0, resources={"GPU": 1}, key=f"in-queue-{i}")
+            for i in range(6)
+        ]
         q1 = client.submit(timed_sleep, 0.0, resources={"GPU": 1}, key="queued-1")
         q2 = client.submit(timed_sleep, 0.0, resources={"GPU": 1}, key="queued-2")
         never = client.submit(timed_sleep, 0.0, resources={"TPU": 1}, key="no-tpu")
@@ -259,12 +265,16 @@ def test_explain_says_why_each_task_is_not_running(
         assert "busy on every worker that fits it" in why and "GPU" in why, why
         assert "1 task(s) like it are ahead of it" in why, why
         assert "0 task(s) like it are ahead of it" in client.explain(q1)
+        for future in in_queue:
+            assert client.explain(future) == (
+                f"task {future.key!r} is queued on w, to start there when its resources are free"
+            )
         assert quick.result(timeout=15) == (2, "w")
         assert "has finished" in client.explain(quick)
         assert "not known" in client.explain("no-such-key")
         never.cancel()
         assert dependent.result(timeout=15) == running.result(timeout=5)[0]
-        client.gather([q1, q2])
+        client.gather([q1, q2, *in_queue])
 
 
 # ----------------------------------------------------------- no_worker_timeout

@@ -7,6 +7,7 @@ import time
 
 from client_sdk import Client
 from tests.conftest import Processes
+from tests.e2e.helpers import max_overlap
 
 
 def small(i: int) -> tuple[float, float]:
@@ -37,8 +38,10 @@ def test_big_task_is_not_starved_by_small_ones(
     # Reserved after 2 s (the default bound), started once four smalls ended.
     assert waited < 4.5, f"the big task waited {waited:.1f}s behind small ones"
     assert waited > 1.0  # it did wait: the bound, not luck, let it in
-    # Nothing overlapped the big one beyond what fits: 70e9 + one 20e9 <= 100e9.
+    # Nothing overlapped the big one beyond what fits: 70e9 + one 20e9 <= 100e9
+    # at any instant (one small may start, from the worker's queue, the
+    # moment the one before it ends).
     during = [s for s in spans if s[0] < big_end and s[1] > big_start]
-    assert len(during) <= 1
+    assert max_overlap(during) <= 1
     # Throughput of the small ones resumed after it.
     assert sum(1 for s, _ in spans if s >= big_end) >= 10

@@ -3,7 +3,8 @@
 A hypothesis rule-based machine joins and loses workers, submits tasks with
 random (also fractional) resource needs and dependencies on earlier keys,
 reports the end of the runs it was given (finished, erred, missing inputs,
-stale and duplicate reports), cancels and releases keys, and lets clients
+stale and duplicate reports), starts runs queued on a worker once that
+worker's own books (modelled here) have room for them, cancels and releases keys, and lets clients
 leave, lose their streams and come back (resuming keys), or outlive their
 grace period; the scheduler itself restarts from what its journal would hold,
 and its workers come back offering the results they kept. ``validate()`` runs
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from apportion.resources import Quanta, to_quanta
 from apportion.serialize import ErrorInfo
@@ -31,6 +32,7 @@ from scheduler_service.events import (
     ClientLeft,
     ClientUpdate,
     Command,
+    DeclareResources,
     Event,
     HeldResult,
     KeysReleased,
@@ -42,13 +44,15 @@ from scheduler_service.events import (
     TaskMissingInputs,
     TasksCancelled,
     TasksSubmitted,
+    TaskStarted,
     TaskSubmission,
     Tick,
     WorkerJoined,
     WorkerLeft,
     WorkerResourcesChanged,
 )
-from scheduler_service.placement import infeasibility_reason
+from scheduler_service.placement import fits, infeasibility_reason
+from scheduler_service.policy import SchedulingPolicy
 from scheduler_service.state import ERRED, MEMORY, READY, ClusterState
 
 BOOM = ErrorInfo(type_name="RuntimeError", message="boom", traceback="", exception=b"")
@@ -87,6 +91,35 @@ class ClusterMachine(RuleBasedStateMachine):
         #: (client, key) -> the last update that client got
         self.last: dict[tuple[str, str], ClientUpdate] = {}
         self.restarts = 0
+        #: what each live worker declares, and its threads (the worker's own books)
+        self.declared: dict[int, Quanta] = {}
+        self.nthreads: dict[int, int] = {}
+        #: queued runs the worker started (they hold resources there now)
+        self.started: set[int] = set()
+
+    @initialize(queue=st.sampled_from([None, 0, 1, 2]))
+    def policy(self, queue: int | None) -> None:
+        """Worker queues of one place per thread, none, or one or two places."""
+        self.state = ClusterState(SchedulingPolicy(worker_queue=queue))
+
+    def running_on(self, worker_id: int) -> list[AssignTask]:
+        """The runs that hold resources on the worker itself."""
+        return [
+            run
+            for run in self.live.values()
+            if run.worker_id == worker_id and (not run.queued or run.run_id in self.started)
+        ]
+
+    def room_for(self, worker_id: int, need: Quanta) -> bool:
+        """The worker's own books have a thread and the resources for ``need``."""
+        running = self.running_on(worker_id)
+        if len(running) >= self.nthreads[worker_id]:
+            return False
+        free = dict(self.declared[worker_id])
+        for run in running:
+            for name, amount in run.resources.items():
+                free[name] = free.get(name, 0) - amount
+        return fits(need, free)
 
     # ------------------------------------------------------------ plumbing
 
@@ -116,6 +149,15 @@ class ClusterMachine(RuleBasedStateMachine):
             case AssignTask():
                 assert cmd.worker_id in self.workers, cmd
                 assert cmd.run_id not in self.live and cmd.run_id not in self.cancelled
+                if cmd.queued:
+                    # Something it can run once its running tasks end.
+                    assert fits(cmd.resources, self.declared[cmd.worker_id]), cmd
+                    worker = self.state.workers[cmd.worker_id]
+                    assert cmd.run_id in worker.queued
+                    assert len(worker.queued) <= worker.queue_limit
+                else:
+                    # Held at once: the worker has room for it right now.
+                    assert self.room_for(cmd.worker_id, cmd.resources), cmd
                 task = self.state.tasks[cmd.key]
                 assert cmd.resources == task.resources
                 # At most one run of a key that is not called off.
@@ -127,6 +169,9 @@ class ClusterMachine(RuleBasedStateMachine):
                     assert loc.addresses, cmd
                     assert {addr(w) for w in self.workers} >= set(loc.addresses), cmd
                 self.live[cmd.run_id] = cmd
+            case DeclareResources():
+                # The worker's books change with the scheduler's, in order.
+                self.declared[cmd.worker_id] = dict(cmd.resources)
             case CancelRun():
                 run = self.live.get(cmd.run_id)
                 assert run is not None and (run.worker_id, run.key) == (cmd.worker_id, cmd.key)
@@ -147,6 +192,7 @@ class ClusterMachine(RuleBasedStateMachine):
     def end(self, run: AssignTask) -> None:
         del self.live[run.run_id]
         self.cancelled.discard(run.run_id)
+        self.started.discard(run.run_id)
         self.gone.append(run)
 
     def forget_told(self, client: str, keys: tuple[str, ...] | None = None) -> None:
@@ -168,6 +214,8 @@ class ClusterMachine(RuleBasedStateMachine):
         worker_id = self.next_worker
         self.next_worker += 1
         self.workers.add(worker_id)
+        self.declared[worker_id] = to_quanta(resources)
+        self.nthreads[worker_id] = nthreads
         self.handle(
             WorkerJoined(
                 worker_id, f"w{worker_id}", addr(worker_id), nthreads, to_quanta(resources)
@@ -181,7 +229,18 @@ class ClusterMachine(RuleBasedStateMachine):
         self.workers.discard(worker_id)
         for run in [r for r in self.live.values() if r.worker_id == worker_id]:
             self.end(run)
+        suspects = {key: list(task.suspects) for key, task in self.state.tasks.items()}
+        queued = {
+            run.key
+            for run_id, run in self.state.workers[worker_id].queued.items()
+            if self.state.tasks.get(run.key) is not None
+            and self.state.tasks[run.key].run_id == run_id
+        }
         self.handle(WorkerLeft(worker_id))
+        for key in queued:
+            # It never ran there: the lost worker is no suspect of it.
+            task = self.state.tasks.get(key)
+            assert task is None or task.suspects == suspects[key], key
         if twice:
             assert self.handle(WorkerLeft(worker_id)) == []
 
@@ -231,13 +290,28 @@ class ClusterMachine(RuleBasedStateMachine):
         )
         self.handle(TasksSubmitted(client, tasks))
 
+    @rule(data=st.data())
+    def submit_burst(self, data: st.DataObject) -> None:
+        """More tasks than workers have room for: their queues fill."""
+        client = data.draw(st.sampled_from(CLIENTS), label="client")
+        keys = data.draw(
+            st.lists(st.sampled_from(KEYS), min_size=3, max_size=6, unique=True), label="keys"
+        )
+        resources = to_quanta(data.draw(needs, label="resources"))
+        priorities = st.integers(-1, 1)
+        tasks = tuple(
+            TaskSubmission(key, key.encode(), resources, (), data.draw(priorities)) for key in keys
+        )
+        self.handle(TasksSubmitted(client, tasks))
+
     @precondition(lambda self: self.workers)
     @rule(data=st.data())
     def change_capacity(self, data: st.DataObject) -> None:
         """An operator raises or lowers what a worker declares, mid-run."""
         worker_id = data.draw(st.sampled_from(sorted(self.workers)))
         resources = data.draw(declared, label="resources")
-        self.handle(WorkerResourcesChanged(worker_id, to_quanta(resources)))
+        cmds = self.handle(WorkerResourcesChanged(worker_id, to_quanta(resources)))
+        assert any(isinstance(cmd, DeclareResources) for cmd in cmds)
 
     @rule(seconds=st.sampled_from([0.1, 0.5, 1.0, 2.5, 12.0]))
     def tick(self, seconds: float) -> None:
@@ -299,7 +373,7 @@ class ClusterMachine(RuleBasedStateMachine):
             for w in old.workers.values()
         ]
         self.restarts += 1
-        self.state = ClusterState(incarnation_base=1_000_000 * self.restarts)
+        self.state = ClusterState(old.policy, incarnation_base=1_000_000 * self.restarts)
         for run in list(self.live.values()):
             self.end(run)
         self.workers.clear()
@@ -311,6 +385,8 @@ class ClusterMachine(RuleBasedStateMachine):
             self.next_worker += 1
             self.workers.add(worker_id)
             declared_now = dict(w.declared)
+            self.declared[worker_id] = declared_now
+            self.nthreads[worker_id] = w.nthreads
             self.handle(
                 WorkerJoined(worker_id, w.name, addr(worker_id), w.nthreads, declared_now, held)
             )
@@ -363,10 +439,36 @@ class ClusterMachine(RuleBasedStateMachine):
         run_id = data.draw(st.sampled_from(sorted(self.live)))
         return self.live[run_id]
 
+    def _startable(self) -> list[AssignTask]:
+        return [
+            run
+            for run_id, run in sorted(self.live.items())
+            if run.queued
+            and run_id not in self.started
+            and self.room_for(run.worker_id, run.resources)
+        ]
+
+    @precondition(lambda self: any(r.queued for r in self.live.values()))
+    @rule(data=st.data())
+    def start(self, data: st.DataObject) -> None:
+        """The worker starts a queued run its own books have room for."""
+        startable = self._startable()
+        if not startable:
+            return
+        run = data.draw(st.sampled_from(startable))
+        self.started.add(run.run_id)
+        self.handle(TaskStarted(run.worker_id, run.key, run.run_id))
+        worker = self.state.workers[run.worker_id]
+        assert run.run_id in worker.runs and run.run_id not in worker.queued
+
     @precondition(lambda self: self.live)
     @rule(data=st.data())
     def finish(self, data: st.DataObject) -> None:
-        run = self._pick_run(data)
+        holding = sorted(r for r, a in self.live.items() if not a.queued or r in self.started)
+        if holding and data.draw(st.booleans(), label="a run that holds resources"):
+            run = self.live[data.draw(st.sampled_from(holding))]
+        else:
+            run = self._pick_run(data)
         nbytes = data.draw(st.integers(0, 1000), label="nbytes")
         fetched = (
             data.draw(st.lists(st.sampled_from(run.inputs), unique=True)) if run.inputs else []
@@ -390,6 +492,13 @@ class ClusterMachine(RuleBasedStateMachine):
             task = self.state.tasks[run.key]
             held = task.state == MEMORY and run.worker_id in task.who_has
             assert held or ReleaseData(run.worker_id, run.key) in cmds
+        if data.draw(st.integers(0, 3), label="the worker starts what now fits (0: not yet)"):
+            # As a worker does when a run ends: its queued runs, in order,
+            # the first that fits, reported after the end.
+            while startable := [r for r in self._startable() if r.worker_id == run.worker_id]:
+                self.started.add(startable[0].run_id)
+                first = startable[0]
+                self.handle(TaskStarted(first.worker_id, first.key, first.run_id))
 
     @precondition(lambda self: self.live)
     @rule(data=st.data(), message=st.sampled_from(["boom", "bang"]))
@@ -419,7 +528,7 @@ class ClusterMachine(RuleBasedStateMachine):
         self.handle(TaskMissingInputs(run.worker_id, run.key, run.run_id, missing))
 
     @precondition(lambda self: self.gone)
-    @rule(data=st.data(), kind=st.sampled_from(["finished", "erred", "missing"]))
+    @rule(data=st.data(), kind=st.sampled_from(["finished", "erred", "missing", "started"]))
     def stale_report(self, data: st.DataObject, kind: str) -> None:
         """A second report of an ended run, or a late one from a lost worker."""
         run = data.draw(st.sampled_from(self.gone))
@@ -429,6 +538,8 @@ class ClusterMachine(RuleBasedStateMachine):
             event = TaskFinished(run.worker_id, run.key, run.run_id, 1)
         elif kind == "erred":
             event = TaskErred(run.worker_id, run.key, run.run_id, BOOM)
+        elif kind == "started":
+            event = TaskStarted(run.worker_id, run.key, run.run_id)
         else:
             event = TaskMissingInputs(run.worker_id, run.key, run.run_id, ())
         assert self.handle(event) == []
@@ -444,6 +555,8 @@ class ClusterMachine(RuleBasedStateMachine):
             self.handle(Tick(self.now))  # the recovery's hold ends
         worker_id = self.next_worker
         self.workers.add(worker_id)
+        self.declared[worker_id] = big
+        self.nthreads[worker_id] = 4
         self.handle(WorkerJoined(worker_id, "big", addr(worker_id), 4, big))
         for _ in range(200):
             if not self.live:
@@ -460,6 +573,7 @@ class ClusterMachine(RuleBasedStateMachine):
                 assert self.told.get((client, key)) == expected, (client, key)
         for worker in self.state.workers.values():
             assert worker.runs == {}
+            assert worker.queued == {}
             assert worker.free == worker.declared
             assert worker.free_slots == worker.nthreads
 

@@ -1,0 +1,75 @@
+"""Worker queues on real processes: queued tasks wait on the worker, holding
+nothing, and start as runs end; the worker never runs more than it declared."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from client_sdk import Client
+from tests.conftest import Processes, assert_all_released, cluster_state
+from tests.e2e.helpers import max_overlap, timed_sleep
+
+SLEEP_S = 0.2
+TASKS = 8
+
+
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_queued_gpu_tasks_never_run_two_at_once_on_one_gpu(
+    processes: Processes, scheduler_address: str, nthreads: int
+) -> None:
+    processes.worker(scheduler_address, "--nthreads", str(nthreads), "--resources", "GPU=1")
+    most_queued = 0
+    with Client(scheduler_address) as client:
+        futures = [
+            client.submit(timed_sleep, SLEEP_S, resources={"GPU": 1}, key=f"gpu-{i}")
+            for i in range(TASKS)
+        ]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            state = cluster_state(scheduler_address)
+            [worker] = state.workers
+            assert worker.running <= 1
+            assert worker.used_resources.get("GPU", 0) <= 1
+            most_queued = max(most_queued, worker.queued)
+            if state.task_counts.get("memory", 0) == TASKS:
+                break
+            time.sleep(0.02)
+        intervals = client.gather(futures)
+    assert most_queued >= 1, "no task was ever queued on the worker"
+    assert max_overlap(intervals) == 1
+    assert_all_released(scheduler_address)
+
+
+def produce(n: int) -> list[int]:
+    return list(range(n))
+
+
+def consume(data: list[int], seconds: float) -> tuple[int, tuple[float, float]]:
+    return len(data), timed_sleep(seconds)
+
+
+def test_queued_tasks_fetch_their_inputs_while_they_wait_and_cancel_cleanly(
+    processes: Processes, scheduler_address: str
+) -> None:
+    processes.worker(scheduler_address, "--name", "cpu", "--nthreads", "1")
+    processes.worker(scheduler_address, "--name", "gpu", "--nthreads", "1", "--resources", "GPU=1")
+    with Client(scheduler_address) as client:
+        data = client.submit(produce, 1000, workers=["cpu"], key="data")
+        consumers = [
+            client.submit(consume, data, SLEEP_S, resources={"GPU": 1}, key=f"use-{i}")
+            for i in range(4)
+        ]
+        dropped = client.submit(consume, data, SLEEP_S, resources={"GPU": 1}, key="dropped")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            gpu = next(w for w in cluster_state(scheduler_address).workers if w.name == "gpu")
+            if gpu.queued >= 1:
+                break
+            time.sleep(0.02)
+        dropped.cancel()
+        results = client.gather(consumers)
+    assert [n for n, _ in results] == [1000] * 4
+    assert max_overlap([span for _, span in results]) == 1
+    assert_all_released(scheduler_address)
