@@ -1189,25 +1189,10 @@ class ClusterState:
         while heads:
             best_entry, best_shape = heapq.heappop(heads)
             task = self.tasks[best_entry[3]]
-            strict = bool(task.allowed) and not task.loose
-            candidates: Iterable[WorkerRecord]
-            if full or best_shape in dirty_shapes:
-                candidates = self._eligible(task) if strict else self.workers.values()
-            else:
-                # Only workers that gained room can take what fitted nowhere.
-                candidates = [
-                    w
-                    for worker_id in dirty_workers
-                    if (w := self.workers.get(worker_id)) is not None
-                    and (not strict or _named(task, w))
-                ]
+            candidates = self._candidates(task, full or best_shape in dirty_shapes, dirty_workers)
             if reserved:
                 candidates = [w for w in candidates if w.reserved_for in (None, task.key)]
-            preferred = (
-                {w.worker_id for w in self.workers.values() if _named(task, w)}
-                if task.loose and task.allowed
-                else None
-            )
+            preferred = self._preferred(task)
             worker = pick_worker(
                 task.resources,
                 [w.room() if w.queued else w for w in candidates] if queueing else candidates,
@@ -1228,6 +1213,27 @@ class ClusterState:
             if following is not None:
                 heapq.heappush(heads, (following, best_shape))
 
+    def _candidates(
+        self, task: TaskRecord, every_worker: bool, dirty_workers: set[WorkerId]
+    ) -> Iterable[WorkerRecord]:
+        """Workers a placement pass tries for ``task``: all it may use, or (when
+        neither its shape nor the set of workers changed since the last pass)
+        only those that gained room, as only they can take what fitted nowhere."""
+        strict = bool(task.allowed) and not task.loose
+        if every_worker:
+            return self._eligible(task) if strict else self.workers.values()
+        return [
+            w
+            for worker_id in dirty_workers
+            if (w := self.workers.get(worker_id)) is not None and (not strict or _named(task, w))
+        ]
+
+    def _preferred(self, task: TaskRecord) -> set[WorkerId] | None:
+        """The workers a loosely restricted task prefers (None: no preference)."""
+        if not (task.loose and task.allowed):
+            return None
+        return {w.worker_id for w in self.workers.values() if _named(task, w)}
+
     def _fill_queues(
         self,
         cmds: list[Command],
@@ -1242,22 +1248,8 @@ class ClusterState:
         while heads:
             best_entry, best_shape = heapq.heappop(heads)
             task = self.tasks[best_entry[3]]
-            strict = bool(task.allowed) and not task.loose
-            candidates: Iterable[WorkerRecord]
-            if full or best_shape in dirty_shapes:
-                candidates = self._eligible(task) if strict else self.workers.values()
-            else:
-                candidates = [
-                    w
-                    for worker_id in dirty_workers
-                    if (w := self.workers.get(worker_id)) is not None
-                    and (not strict or _named(task, w))
-                ]
-            preferred = (
-                {w.worker_id for w in self.workers.values() if _named(task, w)}
-                if task.loose and task.allowed
-                else None
-            )
+            candidates = self._candidates(task, full or best_shape in dirty_shapes, dirty_workers)
+            preferred = self._preferred(task)
             worker = pick_queue(
                 task.resources, candidates, self._input_bytes(task), self._pack, preferred
             )
