@@ -109,6 +109,8 @@ def pick_queue(
         load = (worker.nthreads - worker.free_slots + len(worker.queued)) / worker.nthreads
         if pack:
             load = -load
+        # The same order as pick_worker's, spelled out in both: a shared helper
+        # costs a call per candidate on placement's hot path.
         key = (
             0 if preferred is None or worker.worker_id in preferred else 1,
             -(input_bytes.get(worker.worker_id, 0) if input_bytes else 0),

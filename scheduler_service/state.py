@@ -632,11 +632,8 @@ class ClusterState:
         for task in lost:
             self._lost_data(task, cmds)
         for run_id, run in worker.runs.items():
-            task = self.tasks.get(run.key)
-            if task is not None and task.run_id == run_id and task.state == PROCESSING:
-                task.worker_id = None
-                task.run_id = 0
-                task.state = WAITING  # transient: re-queued or erred just below
+            task = self._current(run.key, run_id)  # WAITING: re-queued or erred just below
+            if task is not None:
                 task.suspects.append(worker.name)
                 if len(task.suspects) > self.policy.allowed_failures:
                     self._err(task, self._killed_worker(task), cmds)
@@ -644,11 +641,8 @@ class ClusterState:
                     self._make_runnable(task, cmds)
         for run_id, run in worker.queued.items():
             # Never started there: placed again, and the worker is no suspect.
-            task = self.tasks.get(run.key)
-            if task is not None and task.run_id == run_id and task.state == PROCESSING:
-                task.worker_id = None
-                task.run_id = 0
-                task.state = WAITING  # transient: re-queued just below
+            task = self._current(run.key, run_id)
+            if task is not None:
                 self._make_runnable(task, cmds)
         self._retell_why_waiting(cmds)
 
