@@ -317,12 +317,17 @@ class TaskFinished(_message.Message):
     FETCHED_KEYS_FIELD_NUMBER: _builtins.int
     FETCHED_NBYTES_FIELD_NUMBER: _builtins.int
     INLINE_RESULT_FIELD_NUMBER: _builtins.int
+    DURATION_S_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     run_id: _builtins.int
     nbytes: _builtins.int
     inline_result: _builtins.bytes
     """A small result itself (see INLINE_RESULT_BYTES), so that the client that
     waits for it needs no fetch from this worker; empty for larger ones.
+    """
+    duration_s: _builtins.float
+    """Seconds the task's own code ran here. The scheduler sizes this worker's
+    queue from it: short tasks get a deeper queue (SchedulingPolicy).
     """
     @_builtins.property
     def fetched_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -339,10 +344,11 @@ class TaskFinished(_message.Message):
         fetched_keys: _abc.Iterable[_builtins.str] | None = ...,
         fetched_nbytes: _abc.Iterable[_builtins.int] | None = ...,
         inline_result: _builtins.bytes = ...,
+        duration_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fetched_keys", b"fetched_keys", "fetched_nbytes", b"fetched_nbytes", "inline_result", b"inline_result", "key", b"key", "nbytes", b"nbytes", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_s", b"duration_s", "fetched_keys", b"fetched_keys", "fetched_nbytes", b"fetched_nbytes", "inline_result", b"inline_result", "key", b"key", "nbytes", b"nbytes", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -88,6 +88,8 @@ class TaskFinished:
     fetched: tuple[tuple[str, int], ...] = ()
     #: a small result itself, passed on to the clients waiting for it
     inline_result: bytes = b""
+    #: seconds the task's code ran on the worker (0: not measured)
+    duration: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,24 +89,28 @@ def pick_queue(
     input_bytes: Mapping[int, int] | None = None,
     pack: bool = False,
     preferred: Collection[int] | None = None,
+    depth: int | None = None,
 ) -> QueueCandidate | None:
     """The worker whose queue should take a task needing ``need``, or None.
 
-    Among the unreserved workers with room in their queue that declare enough
-    for ``need``: the preferred ones, then most input bytes, then the least
-    loaded (running and queued runs per thread; the most with ``pack``), then
-    the oldest.
+    Among the unreserved workers with room in their queue (within its limit,
+    and fewer than ``depth`` queued runs per thread when given) that declare
+    enough for ``need``: the preferred ones, then most input bytes, then the
+    least loaded (running and queued runs per thread; the most with ``pack``),
+    then the oldest.
     """
     best: QueueCandidate | None = None
     best_key: tuple[int, int, float, int] | None = None
     for worker in workers:
+        queued = len(worker.queued)
         if (
             worker.reserved_for is not None
-            or len(worker.queued) >= worker.queue_limit
+            or queued >= worker.queue_limit
+            or (depth is not None and queued >= depth * worker.nthreads)
             or not fits(need, worker.declared)
         ):
             continue
-        load = (worker.nthreads - worker.free_slots + len(worker.queued)) / worker.nthreads
+        load = (worker.nthreads - worker.free_slots + queued) / worker.nthreads
         if pack:
             load = -load
         # The same order as pick_worker's, spelled out in both: a shared helper

@@ -35,6 +35,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
+import re
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -79,7 +82,13 @@ from .events import (
     WorkerSnapshot,
 )
 from .placement import fits, infeasibility_reason, pick_queue, pick_worker
-from .policy import QUEUE_PER_THREAD, SchedulingPolicy
+from .policy import (
+    DURATION_WEIGHT,
+    QUEUE_MAX_PER_THREAD,
+    QUEUE_PER_THREAD,
+    QUEUE_TARGET_S,
+    SchedulingPolicy,
+)
 
 WAITING = "waiting"
 READY = "ready"
@@ -117,7 +126,8 @@ class WorkerRecord:
     runs: dict[int, Run] = field(default_factory=dict)
     #: assigned runs in its queue, holding nothing yet, in assignment order
     queued: dict[int, Run] = field(default_factory=dict)
-    #: the most runs it may hold queued
+    #: the most runs it may hold queued (tasks of a kind may be held to fewer:
+    #: _queue_depth)
     queue_limit: int = 0
     #: what its queued runs need, together
     queued_need: Quanta = field(default_factory=dict)
@@ -186,10 +196,25 @@ class TaskRecord:
     #: names this task (not a run of it) across scheduler restarts, so that a
     #: result a worker kept is never taken for that of another task of the key
     incarnation: int = 0
+    #: its kind: the key without a trailing token ("load" of "load-1f3a..."),
+    #: whose measured durations size worker queues
+    prefix: str = ""
 
 
 #: The "any worker" restriction, shared by every unrestricted task.
 _NO_WORKERS: frozenset[str] = frozenset()
+
+#: The trailing part of a key that makes it unique: a hex token or a number.
+_KEY_TOKEN = re.compile(r"-(?:[0-9a-f]{8,}|[0-9]+)$")
+#: Kinds of task whose durations are kept (each a few dozen bytes).
+MAX_KINDS_TIMED = 10_000
+
+
+def key_prefix(key: str) -> str:
+    """The kind of task a key names, as Dask's key_split: ``"load"`` of
+    ``"load-1f3a9c0b..."`` and of ``"load-17"``; a key without such a token is
+    its own kind."""
+    return _KEY_TOKEN.sub("", key, count=1)
 
 
 def _post_order(
@@ -282,6 +307,8 @@ class ClusterState:
         # Why each resource shape cannot run on any connected worker (None: it can).
         self._feasibility: dict[Shape, str | None] = {}
         #: one (shape, resources, allowed workers) per distinct kind of task
+        #: moving mean duration in seconds of each kind of task (key_prefix)
+        self._durations: dict[str, float] = {}
         self._kinds: dict[
             tuple[tuple[tuple[str, int], ...], tuple[str, ...], bool],
             tuple[Shape, Quanta, frozenset[str]],
@@ -394,6 +421,8 @@ class ClusterState:
             interned = self._kinds[kind] = (shape, dict(spec.resources), allowed)
         shape, resources, allowed = interned
         return TaskRecord(
+            # Interned: tasks of a kind share one string (and it goes with them).
+            prefix=sys.intern(key_prefix(spec.key)),
             key=spec.key,
             payload=spec.payload,
             resources=resources,
@@ -841,6 +870,8 @@ class ClusterState:
             # A cancelled or superseded run: its result is not wanted.
             cmds.append(ReleaseData(worker.worker_id, event.key, event.run_id))
             return
+        if event.duration > 0.0:
+            self._learn_duration(task.prefix, event.duration)
         task.state = MEMORY
         task.nbytes = event.nbytes
         task.who_has = {worker.worker_id}
@@ -1245,7 +1276,12 @@ class ClusterState:
             candidates = self._candidates(task, full or best_shape in dirty_shapes, dirty_workers)
             preferred = self._preferred(task)
             worker = pick_queue(
-                task.resources, candidates, self._input_bytes(task), self._pack, preferred
+                task.resources,
+                candidates,
+                self._input_bytes(task),
+                self._pack,
+                preferred,
+                self._queue_depth(task),
             )
             if worker is None:
                 continue
@@ -1260,7 +1296,29 @@ class ClusterState:
 
     def _queue_limit(self, nthreads: int) -> int:
         limit = self.policy.worker_queue
-        return QUEUE_PER_THREAD * nthreads if limit is None else max(0, limit)
+        return QUEUE_MAX_PER_THREAD * nthreads if limit is None else max(0, limit)
+
+    def _learn_duration(self, prefix: str, duration: float) -> None:
+        """Fold a run's duration into the moving mean of its kind's."""
+        durations = self._durations
+        mean = durations.get(prefix)
+        if mean is None:
+            if len(durations) >= MAX_KINDS_TIMED:
+                durations.clear()  # unique keys without a common prefix: start over
+            durations[prefix] = duration
+        else:
+            durations[prefix] = mean + (duration - mean) * DURATION_WEIGHT
+
+    def _queue_depth(self, task: TaskRecord) -> int | None:
+        """How many queued runs per thread a worker may hold for ``task`` to
+        join them: about QUEUE_TARGET_S of work of its kind (as measured so
+        far), at least QUEUE_PER_THREAD. None: the policy fixed the queue."""
+        if self.policy.worker_queue is not None:
+            return None
+        mean = self._durations.get(task.prefix)
+        if mean is None or mean * QUEUE_PER_THREAD >= QUEUE_TARGET_S:
+            return QUEUE_PER_THREAD
+        return min(QUEUE_MAX_PER_THREAD, math.ceil(QUEUE_TARGET_S / mean))
 
     def _place_reserved(self, cmds: list[Command]) -> None:
         """Start starving tasks whose reserved worker now has room; drop

@@ -86,6 +86,8 @@ __all__ = [
 
 #: Results a (re)registering worker may say it still holds (RegisterWorker.held).
 MAX_HELD_RESULTS = MAX_ITEMS_PER_MESSAGE
+#: A run's reported duration: a year is more than any task runs.
+MAX_DURATION_S = 366 * 24 * 3600.0
 
 _STATUS_TO_PB = {
     "pending": pb.TASK_STATUS_PENDING,
@@ -229,15 +231,17 @@ def finished_from_pb(worker_id: WorkerId, done: pb.TaskFinished, what: str) -> T
     key = done.key
     run_id = done.run_id
     inline_result = done.inline_result
+    duration = done.duration_s
     if (
         0 < len(key) <= MAX_KEY_LENGTH
         and run_id >= 1
         and len(inline_result) <= MAX_INLINE_RESULT_BYTES
+        and 0.0 <= duration <= MAX_DURATION_S  # NaN fails this too
         and not done.fetched_keys
         and not done.fetched_nbytes
     ):
         # The common case, checked in one go: no inputs fetched from peers.
-        return TaskFinished(worker_id, key, run_id, done.nbytes, (), inline_result)
+        return TaskFinished(worker_id, key, run_id, done.nbytes, (), inline_result, duration)
     fetched_keys = tuple(done.fetched_keys)
     problem = _key_problem(key, "key")
     if problem is None and done.run_id < 1:
@@ -260,6 +264,10 @@ def finished_from_pb(worker_id: WorkerId, done: pb.TaskFinished, what: str) -> T
         )
     if problem is None and key in fetched_keys:
         problem = "fetched_keys names the finished task itself"
+    if problem is None and not 0.0 <= duration <= MAX_DURATION_S:
+        problem = (
+            f"duration_s: {duration!r}; must be a number of seconds from 0 to {MAX_DURATION_S:g}"
+        )
     if problem is not None:
         raise WireError(f"{what}: {problem}")
     return TaskFinished(
@@ -269,6 +277,7 @@ def finished_from_pb(worker_id: WorkerId, done: pb.TaskFinished, what: str) -> T
         done.nbytes,
         tuple(zip(fetched_keys, done.fetched_nbytes, strict=True)),
         done.inline_result,
+        duration,
     )
 
 

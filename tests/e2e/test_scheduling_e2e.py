@@ -193,6 +193,14 @@ def test_set_resources_raises_and_lowers_capacity_while_tasks_run(
         assert raised["resources"] == {"GPU": 2}
         # A second one starts at once, well before the first ends.
         wait_for(lambda: len(started()) == 2, seconds / 2, "a second task after raising")
+
+        def used() -> dict[str, float]:
+            (info,) = client.scheduler_info()["workers"].values()
+            return dict(info["used_resources"])
+
+        # The worker started it from its queue; its report of that may still
+        # be on the way (a busy worker's reports wait a moment to travel together).
+        wait_for(lambda: used() == {"GPU": 2}, seconds / 4, "the scheduler to hear of the start")
         lowered = client.set_resources("gpu", {"GPU": 1})
         assert lowered["resources"] == {"GPU": 1}
         assert lowered["used_resources"] == {"GPU": 2}  # both still run

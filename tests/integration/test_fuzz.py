@@ -532,6 +532,8 @@ async def test_a_report_naming_another_tasks_run_closes_the_stream(
         (pb.TaskFinished(key="a", run_id=0), "run_id"),
         (pb.TaskFinished(key="", run_id=1), "key"),
         (pb.TaskFinished(key="a", run_id=1, inline_result=b"x" * (2 << 20)), "inline_result"),
+        (pb.TaskFinished(key="a", run_id=1, duration_s=float("nan")), "duration_s"),
+        (pb.TaskFinished(key="a", run_id=1, duration_s=-1.0), "duration_s"),
         (
             pb.TaskFinished(key="a", run_id=1, fetched_keys=["a"], fetched_nbytes=[1]),
             "the finished task itself",

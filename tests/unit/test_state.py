@@ -114,11 +114,17 @@ class Sim:
         return found[0]
 
     def finish(
-        self, key: str | AssignTask, nbytes: int = 100, fetched: tuple[tuple[str, int], ...] = ()
+        self,
+        key: str | AssignTask,
+        nbytes: int = 100,
+        fetched: tuple[tuple[str, int], ...] = (),
+        duration: float = 0.0,
     ) -> list[Command]:
         run = self.run_of(key) if isinstance(key, str) else key
         del self.runs[run.run_id]
-        return self(TaskFinished(run.worker_id, run.key, run.run_id, nbytes, fetched))
+        return self(
+            TaskFinished(run.worker_id, run.key, run.run_id, nbytes, fetched, b"", duration)
+        )
 
     def fail(self, key: str | AssignTask, error: ErrorInfo = BOOM) -> list[Command]:
         run = self.run_of(key) if isinstance(key, str) else key

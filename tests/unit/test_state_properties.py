@@ -58,7 +58,8 @@ from scheduler_service.state import ERRED, MEMORY, READY, ClusterState
 BOOM = ErrorInfo(type_name="RuntimeError", message="boom", traceback="", exception=b"")
 NAMES = ("A", "B", "GPU")
 CLIENTS = ("c1", "c2")
-KEYS = tuple(f"k{i}" for i in range(10))
+# Half share a kind ("k"), so measured durations deepen their queues; half are each their own.
+KEYS = tuple(f"k-{i}" for i in range(5)) + tuple(f"j{i}" for i in range(5))
 BIG = 100  # the final worker's amount of every resource
 
 # The first value of each list is the one hypothesis tries most: plain tasks,
@@ -473,6 +474,8 @@ class ClusterMachine(RuleBasedStateMachine):
         fetched = (
             data.draw(st.lists(st.sampled_from(run.inputs), unique=True)) if run.inputs else []
         )
+        # Durations size queues by kind: none measured, no-op, short, long.
+        duration = data.draw(st.sampled_from([0.0, 1e-6, 0.001, 0.5]), label="duration")
         called_off = run.run_id in self.cancelled
         self.end(run)
         cmds = self.handle(
@@ -482,6 +485,8 @@ class ClusterMachine(RuleBasedStateMachine):
                 run.run_id,
                 nbytes,
                 tuple((loc.key, loc.nbytes) for loc in fetched),
+                b"",
+                duration,
             )
         )
         if called_off:

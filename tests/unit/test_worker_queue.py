@@ -25,8 +25,8 @@ from scheduler_service.events import (
     WorkerResourcesChanged,
 )
 from scheduler_service.placement import pick_queue
-from scheduler_service.policy import SchedulingPolicy
-from scheduler_service.state import ERRED, PROCESSING, READY, ClusterState
+from scheduler_service.policy import QUEUE_MAX_PER_THREAD, SchedulingPolicy
+from scheduler_service.state import ERRED, PROCESSING, READY, ClusterState, key_prefix
 from tests.unit.test_state import BOOM, Sim, assigns, q
 from worker_service.ledger import Ledger
 
@@ -209,7 +209,47 @@ def test_by_default_a_worker_queues_two_tasks_per_thread() -> None:
     sim = QueueSim(worker_queue=None)
     sim.join(1, nthreads=1, GPU=1)
     sim.join(2, nthreads=2, GPU=1)
-    assert [w.queue_limit for w in sim.state.workers.values()] == [2, 4]
+    for i in range(20):
+        sim.submit(f"task-{i}", GPU=1)
+    # One runs on each worker; behind it, two queued per thread.
+    assert (len(sim.queued_on(1)), len(sim.queued_on(2))) == (2, 4)
+    sim.state.validate()
+
+
+def test_short_tasks_get_a_deeper_queue_than_long_ones() -> None:
+    """Queues hold about QUEUE_TARGET_S of work per thread of each kind (key
+    prefix), measured from the durations workers report: 1 ms tasks queue 5
+    per thread, no-op ones up to QUEUE_MAX_PER_THREAD; unknown and long kinds 2."""
+    sim = QueueSim(worker_queue=None)
+    sim.join(1, nthreads=2, GPU=2)
+    sim.submit("short-0", GPU=1)
+    sim.submit("long-0", GPU=1)
+    for i in range(1, 40):
+        sim.submit(f"short-{i}", GPU=1)
+    for i in range(1, 40):
+        sim.submit(f"long-{i}", GPU=1)
+    assert len(sim.queued_on(1)) == 4  # nothing measured yet: 2 per thread
+    sim.finish("long-0", duration=0.5)
+    sim.start(sim.queued_on(1)[0])
+    sim.finish("short-0", duration=0.001)
+    started = sim.queued_on(1)[0]
+    sim.start(started)
+    queued = sim.queued_on(1)
+    # short ones join until 5 per thread are queued; long ones never past 2
+    assert len(queued) == 10, queued
+    assert sum(key.startswith("long") for key in queued) <= 4
+    for key in [*sim.held_on(1)]:
+        sim.finish(key, duration=1e-6)
+    sim.state.validate()
+    assert len(sim.queued_on(1)) <= QUEUE_MAX_PER_THREAD * 2
+    assert sim.state.workers[1].queue_limit == QUEUE_MAX_PER_THREAD * 2
+
+
+def test_key_prefix_is_the_kind_of_task() -> None:
+    assert key_prefix("load-1f3a9c0b44e5d6f7") == "load"
+    assert key_prefix("in-queue-17") == "in-queue"
+    assert key_prefix("quick") == "quick"
+    assert key_prefix("process-x") == "process-x"
 
 
 def test_a_queue_of_zero_places_assigns_only_what_fits() -> None:
