@@ -228,3 +228,27 @@ def test_a_small_result_travels_inline_to_the_clients_waiting_for_it() -> None:
     cmds = sim(TasksSubmitted("late", (TaskSubmission("t", b"t", {}),)))
     (late,) = updates(cmds, "t")
     assert late.inline_result == b"" and late.addresses == ("10.0.0.1:7000",)
+
+
+# ------------------------------------------------------------------ ordering
+
+
+def test_a_later_stage_goes_before_first_stage_tasks_submitted_earlier() -> None:
+    """The seed pipeline's shape: loads, then a process of each on the GPU.
+    Once a load is done its process goes first, before loads submitted
+    earlier; priority still comes before depth."""
+    sim = Sim()
+    sim.join(1, nthreads=1)
+    for i in range(3):
+        sim.submit(f"load-{i}")
+    for i in range(3):
+        sim.submit(f"process-{i}", (f"load-{i}",))
+    sim.submit("urgent-load", priority=1)
+    assert sim.running_on(1) == ["load-0"]
+    [nxt] = assigns(sim.finish("load-0"))
+    assert nxt.key == "urgent-load"  # priority first
+    [nxt] = assigns(sim.finish("urgent-load"))
+    assert nxt.key == "process-0"  # then the deeper task, before load-1
+    [nxt] = assigns(sim.finish("process-0"))
+    assert nxt.key == "load-1"
+    sim.state.validate()
