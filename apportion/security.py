@@ -9,7 +9,7 @@ method                                        needs
 ============================================  =====================================
 ``apportion.v1.Scheduler/WorkerStream``       the worker token
 other ``apportion.v1.Scheduler`` methods      the client token
-``apportion.v1.Worker/FetchResult``           the worker token or the client token
+``apportion.v1.Worker/FetchResult(s)``        the worker token or the client token
 ``grpc.health.v1.Health``, reflection         nothing (always open)
 ============================================  =====================================
 
@@ -77,6 +77,7 @@ METHOD_ROLES: Mapping[str, frozenset[Role]] = {
     "/apportion.v1.Scheduler/ExplainTask": _CLIENT,
     # Peers fetch inputs with the worker token, clients results with theirs.
     "/apportion.v1.Worker/FetchResult": _EITHER,
+    "/apportion.v1.Worker/FetchResults": _EITHER,
 }
 
 #: A method missing from METHOD_ROLES (one added later) is never open by

@@ -22,6 +22,10 @@ from .serialize import Frames
 
 CHUNK_BYTES = 1024 * 1024
 FETCH_RESULT = "/apportion.v1.Worker/FetchResult"
+#: FetchResults: the most keys one request may name, and the most result
+#: bytes one reply carries (well under the message limit).
+BATCH_FETCH_MAX_KEYS = 10_000
+BATCH_FETCH_REPLY_BYTES = 4 * 1024 * 1024
 
 
 class ResultUnavailable(LookupError):
@@ -134,6 +138,32 @@ class ChannelPool:
         channels, self._channels = self._channels, {}
         for channel in channels.values():
             await channel.close()
+
+    async def fetch_small(
+        self, address: str, keys: list[str], max_bytes: int, timeout: float | None = None
+    ) -> dict[str, Frames]:
+        """Those of ``keys`` whose results the worker at ``address`` holds and
+        are at most ``max_bytes``, in one round trip (FetchResults). An
+        aggregate of 200 small inputs from two peers waited 55-100 ms for 200
+        FetchResult streams; the missing ones are for the caller to fetch."""
+        try:
+            reply = await self.stub(address).FetchResults(
+                pb.FetchResultsRequest(keys=keys, max_bytes=max_bytes), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise ResultUnavailable(
+                f"{len(keys)} results from {address}: {exc.code().name}: {exc.details()}"
+            ) from None
+        wanted = set(keys)
+        found: dict[str, Frames] = {}
+        for result in reply.results:
+            if result.key not in wanted:
+                continue  # not asked for: a confused peer's, ignored
+            try:
+                found[result.key] = Frames.parse([result.data])
+            except ValueError as exc:
+                raise ResultUnavailable(f"{result.key!r} from {address}: {exc}") from None
+        return found
 
     async def fetch(self, address: str, key: str, timeout: float | None = None) -> Frames:
         """The pickled result of ``key`` from the worker at ``address``.

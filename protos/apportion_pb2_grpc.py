@@ -300,6 +300,11 @@ class WorkerStub:
                 request_serializer=protos_dot_apportion__pb2.FetchResultRequest.SerializeToString,
                 response_deserializer=protos_dot_apportion__pb2.ResultChunk.FromString,
                 _registered_method=True)
+        self.FetchResults = channel.unary_unary(
+                '/apportion.v1.Worker/FetchResults',
+                request_serializer=protos_dot_apportion__pb2.FetchResultsRequest.SerializeToString,
+                response_deserializer=protos_dot_apportion__pb2.FetchResultsReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -315,6 +320,16 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchResults(self, request, context):
+        """Many small results in one round trip (an aggregate's inputs from one
+        peer): those of the keys that are here and at most max_bytes each, in
+        request order, up to a few MiB in all. The caller fetches the rest with
+        FetchResult.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -322,6 +337,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.FetchResult,
                     request_deserializer=protos_dot_apportion__pb2.FetchResultRequest.FromString,
                     response_serializer=protos_dot_apportion__pb2.ResultChunk.SerializeToString,
+            ),
+            'FetchResults': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchResults,
+                    request_deserializer=protos_dot_apportion__pb2.FetchResultsRequest.FromString,
+                    response_serializer=protos_dot_apportion__pb2.FetchResultsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +373,33 @@ class Worker:
             '/apportion.v1.Worker/FetchResult',
             protos_dot_apportion__pb2.FetchResultRequest.SerializeToString,
             protos_dot_apportion__pb2.ResultChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apportion.v1.Worker/FetchResults',
+            protos_dot_apportion__pb2.FetchResultsRequest.SerializeToString,
+            protos_dot_apportion__pb2.FetchResultsReply.FromString,
             options,
             channel_credentials,
             insecure,

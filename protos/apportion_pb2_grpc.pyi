@@ -141,6 +141,12 @@ class WorkerStub:
     """Stream a task's pickled result in chunks, so values far larger than
     gRPC's message limit move between workers and to clients.
     """
+    FetchResults: _grpc.UnaryUnaryMultiCallable[_apportion_pb2.FetchResultsRequest, _apportion_pb2.FetchResultsReply]
+    """Many small results in one round trip (an aggregate's inputs from one
+    peer): those of the keys that are here and at most max_bytes each, in
+    request order, up to a few MiB in all. The caller fetches the rest with
+    FetchResult.
+    """
 
 @_typing.type_check_only
 class WorkerAsyncStub(WorkerStub):
@@ -150,6 +156,12 @@ class WorkerAsyncStub(WorkerStub):
     FetchResult: _aio.UnaryStreamMultiCallable[_apportion_pb2.FetchResultRequest, _apportion_pb2.ResultChunk]  # type: ignore[assignment]
     """Stream a task's pickled result in chunks, so values far larger than
     gRPC's message limit move between workers and to clients.
+    """
+    FetchResults: _aio.UnaryUnaryMultiCallable[_apportion_pb2.FetchResultsRequest, _apportion_pb2.FetchResultsReply]  # type: ignore[assignment]
+    """Many small results in one round trip (an aggregate's inputs from one
+    peer): those of the keys that are here and at most max_bytes each, in
+    request order, up to a few MiB in all. The caller fetches the rest with
+    FetchResult.
     """
 
 class WorkerServicer(metaclass=_abc_1.ABCMeta):
@@ -163,6 +175,18 @@ class WorkerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_apportion_pb2.ResultChunk], _abc.AsyncIterator[_apportion_pb2.ResultChunk]]:
         """Stream a task's pickled result in chunks, so values far larger than
         gRPC's message limit move between workers and to clients.
+        """
+
+    @_abc_1.abstractmethod
+    def FetchResults(
+        self,
+        request: _apportion_pb2.FetchResultsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_apportion_pb2.FetchResultsReply, _abc.Awaitable[_apportion_pb2.FetchResultsReply]]:
+        """Many small results in one round trip (an aggregate's inputs from one
+        peer): those of the keys that are here and at most max_bytes each, in
+        request order, up to a few MiB in all. The caller fetches the rest with
+        FetchResult.
         """
 
 def add_WorkerServicer_to_server(servicer: WorkerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from apportion.boundary import WireError, check_key
+from apportion.boundary import WireError, check_count, check_key
 from apportion.services import add_service
-from apportion.transfer import chunks
+from apportion.transfer import BATCH_FETCH_MAX_KEYS, BATCH_FETCH_REPLY_BYTES, chunks
 from protos import apportion_pb2 as pb
 
 from .store import ResultStore
@@ -39,6 +39,30 @@ class WorkerServicer:
             return
         for chunk in chunks(data):
             yield chunk
+
+    async def FetchResults(
+        self, request: pb.FetchResultsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.FetchResultsReply:
+        """The small ones of many results at once; the caller fetches the
+        others (not here, too large, or past the reply's size) one by one."""
+        try:
+            check_count(request.keys, BATCH_FETCH_MAX_KEYS, "FetchResultsRequest.keys")
+            keys = [
+                check_key(k, f"FetchResultsRequest.keys[{i}]") for i, k in enumerate(request.keys)
+            ]
+        except WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        reply = pb.FetchResultsReply()
+        room = BATCH_FETCH_REPLY_BYTES
+        for key in keys:
+            data = self._store.get(key)
+            if data is None or data.nbytes > request.max_bytes:
+                continue
+            if data.nbytes > room:
+                break
+            room -= data.nbytes
+            reply.results.add(key=key, data=b"".join(data.segments()))
+        return reply
 
 
 def _serialized(message: bytes) -> bytes:

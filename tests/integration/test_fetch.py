@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest
 
 from apportion import serialize
@@ -59,3 +60,50 @@ async def test_the_stream_is_plain_result_chunks_to_a_generated_stub(
     assert {c.total_size for c in got} == {frames.nbytes}
     data = b"".join(c.data for c in got)
     assert serialize.loads(data) == b"z" * (2 * 1024 * 1024)
+
+
+async def test_many_small_results_come_in_one_call_and_the_rest_are_left_out(
+    served: tuple[ResultStore, str],
+) -> None:
+    store, address = served
+    for i in range(200):
+        store.put(f"part-{i}", 1, serialize.dumps_result([i] * 10))
+    framed = serialize.dumps_result(bytearray(b"b" * 100_000))  # a buffer kept apart
+    assert framed.buffers
+    store.put("framed", 1, framed)
+    store.put("large", 1, serialize.dumps_result(b"L" * 300_000))
+    pool = ChannelPool()
+    try:
+        keys = [f"part-{i}" for i in range(200)] + ["framed", "large", "gone"]
+        found = await pool.fetch_small(address, keys, 200_000, timeout=10)
+        # Every small one that is there, the framed one whole; not the large
+        # one (over max_bytes) nor the one not there.
+        assert sorted(found) == sorted(keys[:201])
+        assert [serialize.loads(found[f"part-{i}"]) for i in range(200)] == [
+            [i] * 10 for i in range(200)
+        ]
+        assert serialize.loads(found["framed"]) == bytearray(b"b" * 100_000)
+    finally:
+        await pool.close()
+
+
+async def test_a_reply_stops_at_its_size_limit_and_bad_keys_are_refused(
+    served: tuple[ResultStore, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker_service.servicer as servicer
+
+    store, address = served
+    monkeypatch.setattr(servicer, "BATCH_FETCH_REPLY_BYTES", 25_000)
+    for i in range(5):
+        store.put(f"k{i}", 1, serialize.dumps_result(b"v" * 10_000))
+    async with insecure_channel(address) as channel:
+        stub = pb_grpc.WorkerStub(channel)
+        reply = await stub.FetchResults(
+            pb.FetchResultsRequest(keys=[f"k{i}" for i in range(5)], max_bytes=1 << 20)
+        )
+        assert [r.key for r in reply.results] == ["k0", "k1"]  # the rest by FetchResult
+        for keys, detail in [([""], "keys[0] is empty"), (["ok", "x" * 5000], "keys[1]")]:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.FetchResults(pb.FetchResultsRequest(keys=keys, max_bytes=10))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert detail in (info.value.details() or "")
