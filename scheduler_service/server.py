@@ -7,6 +7,7 @@ gives open streams a short grace period, then everything is cancelled.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from collections.abc import Callable
@@ -100,6 +101,7 @@ class SchedulerServer:
 
 
 INVARIANT_EXIT_CODE = 70
+GC_YOUNG_THRESHOLD = 100_000
 
 
 def _die_on_invariant_error() -> None:
@@ -134,6 +136,11 @@ async def run_scheduler(
         state_dir=state_dir,
     )
     await server.start()
+    # The scheduler's own process: collect young objects every 100,000
+    # allocations, not 700. Its books are many small long-lived objects that
+    # every full collection walks again: 20,000 no-op tasks spent 0.15 s of
+    # 1.6 s of CPU in 400+ collections; with this, 0.03-0.1 s in 2.
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     print(f"apportion scheduler listening on {server.address}", flush=True)
     stop = asyncio.Event()
     if handle_signals:
