@@ -28,7 +28,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +52,7 @@ from protos import apportion_pb2_grpc as pb_grpc
 from .ledger import Ledger, OverCommitted
 from .servicer import WorkerServicer, add_worker_service
 from .store import ResultStore
+from .threads import TaskThreads
 
 log = logging.getLogger("worker_service")
 
@@ -158,7 +158,7 @@ class Worker:
         self._name = name
         self.store = ResultStore()
         self.ledger = Ledger(self.resources, nthreads)
-        self._pool = ThreadPoolExecutor(nthreads, thread_name_prefix="apportion-task")
+        self._threads = TaskThreads(nthreads)
         # What this worker presents, to the scheduler and to peers it fetches from.
         self._credentials = ClientSecurity(token, tls)
         # What its own server demands: the worker token, and the client token
@@ -222,7 +222,7 @@ class Worker:
         await self._health.set(False)
         await self._server.stop(0.5)
         await self._peers.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._threads.shutdown()
 
     async def __aenter__(self) -> Worker:
         await self.start()
@@ -473,7 +473,7 @@ class Worker:
             # No-op tasks on 2 x 2 threads, interleaved runs: with a task and
             # an executor future per run (each ending in its own wake-up) the
             # workers spent 115-155 us of CPU per task; this way 95-111 us.
-            self._pool.submit(self._run_in_thread, loop, a, values, resources, [])
+            self._threads.submit(self._run_in_thread, loop, a, values, resources, [])
         else:
             self._fetching[a.run_id] = asyncio.create_task(
                 self._fetch_then_run(a, resources, prefetch)
@@ -527,7 +527,7 @@ class Worker:
                 self._fail(a, serialize.error_info(asyncio.CancelledError("cancelled")))
             else:
                 loop = asyncio.get_running_loop()
-                self._pool.submit(self._run_in_thread, loop, a, values, resources, fetched)
+                self._threads.submit(self._run_in_thread, loop, a, values, resources, fetched)
                 handed_over = True
         finally:
             self._fetching.pop(a.run_id, None)
