@@ -15,10 +15,13 @@ def test_calls_run_in_the_task_threads_and_survive_a_failing_one() -> None:
     seen: list[str] = []
     done = threading.Event()
 
+    lock = threading.Lock()
+
     def record(i: int) -> None:
-        seen.append(threading.current_thread().name)
-        if i == 9:
-            done.set()
+        with lock:
+            seen.append(threading.current_thread().name)
+            if len(seen) == 10:
+                done.set()
 
     def fail() -> None:
         raise RuntimeError("a bug")
