@@ -298,7 +298,14 @@ def dump_call(
     """A task's payload; ``function``: ``fn`` already pickled (a map pickles it once)."""
     try:
         if function is None:
-            return dumps((fn, args, kwargs))
+            if cloudpickle.list_registry_pickle_by_value():
+                return dumps((fn, args, kwargs))  # modules the user wants sent by value
+            # An importable function and plain arguments: the C pickler
+            # writes what cloudpickle would, ~4x faster (20 us a submit).
+            try:
+                return _fast_dumps((fn, args, kwargs))
+            except _NeedsCloudpickle:
+                return dumps((fn, args, kwargs))
         try:
             return _fast_dumps((function, args, kwargs), inner=function.data)
         except _NeedsCloudpickle:

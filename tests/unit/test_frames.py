@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import pickle
 import random
 from typing import Any
@@ -162,3 +163,14 @@ def test_what_the_c_pickler_cannot_carry_goes_through_cloudpickle() -> None:
     result = serialize.dumps_result({"g": lambda y: y * 2, "h": _by_value})
     back = serialize.loads(result)
     assert back["g"](4) == 8 and back["h"](4) == 5
+
+
+def test_a_call_of_an_importable_function_takes_the_c_pickler_and_a_lambda_cloudpickle() -> None:
+    payload = serialize.dump_call(operator.add, (1, 2), {})
+    assert payload == pickle.dumps((operator.add, (1, 2), {}), protocol=5)
+    fn, args, kwargs = serialize.loads(payload)
+    assert fn(*args, **kwargs) == 3
+    offset = 10
+    payload = serialize.dump_call(lambda x: x + offset, (1,), {})  # by value: cloudpickle
+    fn, args, kwargs = serialize.loads(payload)
+    assert fn(*args, **kwargs) == 11
