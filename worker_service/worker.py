@@ -103,6 +103,13 @@ _Inputs = tuple[dict[str, serialize.Frames], list[tuple[str, int]], list[pb.Miss
 
 
 @dataclass(slots=True)
+class _Taken:
+    """A queued run a task thread started itself (see _run_in_thread)."""
+
+    assignment: pb.TaskAssignment
+
+
+@dataclass(slots=True)
 class _Outcome:
     """What a task thread hands back to the loop."""
 
@@ -173,9 +180,13 @@ class Worker:
         self._running: dict[int, asyncio.Future[None]] = {}
         #: runs still fetching inputs before they go to a thread
         self._fetching: dict[int, asyncio.Task[None]] = {}
-        #: outcomes from the task threads not yet handed back (_hand_back)
-        self._done: list[_Outcome] = []
-        self._done_lock = threading.Lock()
+        #: what the task threads did that the loop has not heard yet (_hand_back)
+        self._done: list[_Outcome | _Taken] = []
+        #: queued runs a task thread took up, until the loop hears it
+        self._taken: set[int] = set()
+        #: the ledger, the queue, _done and _taken: task threads take queued
+        #: runs themselves (_run_in_thread)
+        self._lock = threading.Lock()
         #: queued runs by run id, in the order they were assigned
         self._queue: dict[int, _Queued] = {}
         self._cancelled: set[int] = set()
@@ -271,6 +282,7 @@ class Worker:
         and keep the results made here: registering again offers them, and the
         scheduler takes back those it still needs (a restart loses no work)."""
         self._clear_queue()  # never started: the scheduler places them again
+        self._hand_back()  # runs a task thread took up just before count as running
         running = list(self._running.values())
         if running:
             log.info("waiting for %d running task(s) before registering again", len(running))
@@ -380,14 +392,18 @@ class Worker:
                 log.error("ignoring a declaration from the scheduler: %s", exc)
             else:
                 self.resources = declared
-                self.ledger.declare(self.resources)
+                with self._lock:
+                    self.ledger.declare(self.resources)
                 log.info("now declaring %s", self.resources)
         for ref in instructions.release:
             self.store.release(ref.key, ref.run_id)
         for ref in instructions.cancel:
-            if ref.run_id in self._running:
+            with self._lock:
+                running = ref.run_id in self._running or ref.run_id in self._taken
+                queued = None if running else self._queue.pop(ref.run_id, None)
+            if running:
                 self._cancelled.add(ref.run_id)
-            elif (queued := self._queue.pop(ref.run_id, None)) is not None:
+            elif queued is not None:
                 # Dropped unstarted; reported as a cancelled run is.
                 self._drop_prefetch(queued)
                 error = serialize.error_info(asyncio.CancelledError("cancelled"))
@@ -402,7 +418,8 @@ class Worker:
                     # the submitter hears why.
                     self._fail(assignment, serialize.error_info(exc))
                 continue
-            if assignment.run_id in self._running or assignment.run_id in self._queue:
+            run_id = assignment.run_id
+            if run_id in self._running or run_id in self._queue or run_id in self._taken:
                 log.error("skipping run %d: it is here already", assignment.run_id)
                 continue
             resources = dict(assignment.resources)
@@ -423,14 +440,16 @@ class Worker:
                 queued = _Queued(assignment, resources, loop.time())
                 if any(self.store.get(item.key) is None for item in assignment.inputs):
                     queued.inputs = asyncio.create_task(self._gather_inputs(assignment))
-                self._queue[assignment.run_id] = queued
+                with self._lock:
+                    self._queue[assignment.run_id] = queued
         self._start_queued()
 
     def _clear_queue(self) -> None:
-        for queued in self._queue.values():
+        with self._lock:
+            dropped, self._queue = self._queue, {}
+        for queued in dropped.values():
             if queued.inputs is not None:
                 queued.inputs.cancel()
-        self._queue.clear()
 
     def _drop_prefetch(self, queued: _Queued) -> None:
         """A queued run that will not start here: stop fetching its inputs and
@@ -455,12 +474,23 @@ class Worker:
     ) -> None:
         """Take the run's resources here and start it (or refuse it)."""
         try:
-            self.ledger.acquire(a.run_id, resources)
+            with self._lock:
+                self.ledger.acquire(a.run_id, resources)
         except OverCommitted as exc:
             if prefetch is not None:
                 prefetch.cancel()
             self._fail(a, serialize.error_info(exc))
             return
+        self._launch(a, resources, prefetch)
+
+    def _launch(
+        self,
+        a: pb.TaskAssignment,
+        resources: dict[str, float],
+        prefetch: asyncio.Task[_Inputs] | None = None,
+    ) -> None:
+        """A run that holds its resources here: to a task thread, or first
+        to fetch its inputs."""
         if a.queued:
             self._reports.started.append(pb.RunRef(key=a.key, run_id=a.run_id))
             self._wake_writer.set()
@@ -483,18 +513,52 @@ class Worker:
         """Start queued runs that fit now: in order, the first that fits, until
         none does. The oldest one, once it has waited QUEUE_OVERTAKE_S, blocks
         those behind it (it would starve behind a stream of smaller ones)."""
-        while self._queue:
-            chosen: _Queued | None = None
-            for queued in self._queue.values():
-                if self.ledger.fits(queued.resources):
-                    chosen = queued
-                    break
-                if asyncio.get_running_loop().time() - queued.since >= QUEUE_OVERTAKE_S:
+        while True:
+            with self._lock:
+                chosen = self._next_queued()
+                if chosen is None:
                     return
-            if chosen is None:
-                return
-            del self._queue[chosen.assignment.run_id]
-            self._start(chosen.assignment, chosen.resources, chosen.inputs)
+                del self._queue[chosen.assignment.run_id]
+                self.ledger.acquire(chosen.assignment.run_id, chosen.resources)
+            self._launch(chosen.assignment, chosen.resources, chosen.inputs)
+
+    def _next_queued(self) -> _Queued | None:
+        """(Holding _lock.) The queued run to start next, if one fits now."""
+        now = time.monotonic()  # the loop's clock too (queued.since)
+        for queued in self._queue.values():
+            if self.ledger.fits(queued.resources):
+                return queued
+            if now - queued.since >= QUEUE_OVERTAKE_S:
+                return None
+        return None
+
+    def _take_queued(self) -> tuple[_Queued, _Inputs] | None:
+        """(Holding _lock, in a task thread.) Take the next queued run, with
+        its inputs, if it fits now and every input is here (or was fetched
+        for it); else None, and the loop starts it when it next looks."""
+        if self._stopping.is_set():
+            return None
+        queued = self._next_queued()
+        if queued is None:
+            return None
+        prefetch = queued.inputs
+        if prefetch is None:
+            values = self._local_inputs(queued.assignment)
+            if values is None:
+                return None
+            inputs: _Inputs = (values, [], [])
+        else:
+            # Reading a finished task's result is safe from any thread.
+            if not prefetch.done() or prefetch.cancelled() or prefetch.exception() is not None:
+                return None
+            inputs = prefetch.result()
+            if inputs[2]:
+                return None  # some are missing: the loop reports that
+        run_id = queued.assignment.run_id
+        del self._queue[run_id]
+        self.ledger.acquire(run_id, queued.resources)
+        self._taken.add(run_id)
+        return queued, inputs
 
     def _local_inputs(self, a: pb.TaskAssignment) -> dict[str, serialize.Frames] | None:
         """The run's inputs if this worker holds every one, else None."""
@@ -544,24 +608,44 @@ class Worker:
         resources: dict[str, float],
         fetched: list[tuple[str, int]],
     ) -> None:
-        """In a task thread: run it, then hand the outcome back to the loop
-        together with any others that end meanwhile (one wake-up for all)."""
-        ok, outcome, duration = self._execute(a.key, a.payload, values, resources)
-        with self._done_lock:
-            self._done.append(_Outcome(a, ok, outcome, duration, fetched))
-            first = len(self._done) == 1
-        if first:
-            with contextlib.suppress(RuntimeError):  # the loop has closed: the worker is gone
-                loop.call_soon_threadsafe(self._hand_back)
+        """In a task thread: run it, give back what it held, then take up the
+        next queued run that fits and has its inputs here, without waiting
+        for the loop (which hears of both, batched with whatever else the
+        threads did meanwhile: one wake-up for all)."""
+        while True:
+            ok, outcome, duration = self._execute(a.key, a.payload, values, resources)
+            with self._lock:
+                self.ledger.release(a.run_id)
+                was_empty = not self._done
+                self._done.append(_Outcome(a, ok, outcome, duration, fetched))
+                taken = self._take_queued()
+                if taken is not None:
+                    self._done.append(_Taken(taken[0].assignment))
+            if was_empty:
+                with contextlib.suppress(RuntimeError):  # the loop has closed: the worker is gone
+                    loop.call_soon_threadsafe(self._hand_back)
+            if taken is None:
+                return
+            a, resources = taken[0].assignment, taken[0].resources
+            values, fetched, _ = taken[1]
 
     def _hand_back(self) -> None:
         """On the loop: report the outcomes the threads handed back, end those
         runs, then start what now fits."""
-        with self._done_lock:
+        with self._lock:
             done, self._done = self._done, []
-        for outcome in done:
-            self._report(outcome)
-            self._end(outcome.assignment)
+            self._taken.difference_update(
+                item.assignment.run_id for item in done if isinstance(item, _Taken)
+            )
+        loop = asyncio.get_running_loop()
+        for item in done:
+            if isinstance(item, _Taken):
+                a = item.assignment
+                self._reports.started.append(pb.RunRef(key=a.key, run_id=a.run_id))
+                self._running[a.run_id] = loop.create_future()
+            else:
+                self._report(item)
+                self._finish(item.assignment)
         # After these runs' reports: the scheduler frees their leases before
         # it hears that a queued run took the room.
         self._start_queued()
@@ -591,8 +675,13 @@ class Worker:
             self._fail(a, outcome)
 
     def _end(self, a: pb.TaskAssignment) -> None:
-        """The run's code returned (or never ran): give back what it held."""
-        self.ledger.release(a.run_id)
+        """The run never reached a thread: give back what it held."""
+        with self._lock:
+            self.ledger.release(a.run_id)
+        self._finish(a)
+
+    def _finish(self, a: pb.TaskAssignment) -> None:
+        """The run has ended and its resources are back in the ledger."""
         self._cancelled.discard(a.run_id)
         ended = self._running.pop(a.run_id, None)
         if ended is not None and not ended.done():
