@@ -512,14 +512,22 @@ class Worker:
     def _start_queued(self) -> None:
         """Start queued runs that fit now: in order, the first that fits, until
         none does. The oldest one, once it has waited QUEUE_OVERTAKE_S, blocks
-        those behind it (it would starve behind a stream of smaller ones)."""
+        those behind it (it would starve behind a stream of smaller ones).
+
+        What the task threads did is taken in the same hold of the lock as
+        each pick and reported first: a run a thread ended may have freed the
+        room the pick takes, and the scheduler must hear of that end before
+        it hears of this start."""
         while True:
             with self._lock:
+                done = self._take_done()
                 chosen = self._next_queued()
-                if chosen is None:
-                    return
-                del self._queue[chosen.assignment.run_id]
-                self.ledger.acquire(chosen.assignment.run_id, chosen.resources)
+                if chosen is not None:
+                    del self._queue[chosen.assignment.run_id]
+                    self.ledger.acquire(chosen.assignment.run_id, chosen.resources)
+            self._apply_done(done)
+            if chosen is None:
+                return
             self._launch(chosen.assignment, chosen.resources, chosen.inputs)
 
     def _next_queued(self) -> _Queued | None:
@@ -630,13 +638,24 @@ class Worker:
             values, fetched, _ = taken[1]
 
     def _hand_back(self) -> None:
-        """On the loop: report the outcomes the threads handed back, end those
-        runs, then start what now fits."""
-        with self._lock:
-            done, self._done = self._done, []
-            self._taken.difference_update(
-                item.assignment.run_id for item in done if isinstance(item, _Taken)
-            )
+        """On the loop: report what the task threads did, then start what
+        now fits (_start_queued takes their news first)."""
+        self._start_queued()
+        self._wake_writer.set()
+
+    def _take_done(self) -> list[_Outcome | _Taken]:
+        """(Holding _lock.) What the task threads did since the last call."""
+        done, self._done = self._done, []
+        self._taken.difference_update(
+            item.assignment.run_id for item in done if isinstance(item, _Taken)
+        )
+        return done
+
+    def _apply_done(self, done: list[_Outcome | _Taken]) -> None:
+        """Report, in the order they happened, the runs threads ended and the
+        queued runs they took up."""
+        if not done:
+            return
         loop = asyncio.get_running_loop()
         for item in done:
             if isinstance(item, _Taken):
@@ -646,9 +665,6 @@ class Worker:
             else:
                 self._report(item)
                 self._finish(item.assignment)
-        # After these runs' reports: the scheduler frees their leases before
-        # it hears that a queued run took the room.
-        self._start_queued()
         self._wake_writer.set()
 
     def _report(self, done: _Outcome) -> None:
