@@ -622,6 +622,8 @@ class TaskAssignment(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     INCARNATION_FIELD_NUMBER: _builtins.int
     QUEUED_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    DEPTH_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     run_id: _builtins.int
     payload: _builtins.bytes
@@ -632,6 +634,11 @@ class TaskAssignment(_message.Message):
     """Assigned to the worker's queue: it holds nothing yet. The worker starts it
     when its resources are free here and reports that in WorkerReports.started.
     """
+    priority: _builtins.int
+    """Where it stands among the worker's queued runs, as in the scheduler: the
+    highest priority first, then the deepest in its graph, then the oldest.
+    """
+    depth: _builtins.int
     @_builtins.property
     def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
@@ -646,10 +653,12 @@ class TaskAssignment(_message.Message):
         inputs: _abc.Iterable[Global___InputLocation] | None = ...,
         incarnation: _builtins.int = ...,
         queued: _builtins.bool = ...,
+        priority: _builtins.int = ...,
+        depth: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["incarnation", b"incarnation", "inputs", b"inputs", "key", b"key", "payload", b"payload", "queued", b"queued", "resources", b"resources", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["depth", b"depth", "incarnation", b"incarnation", "inputs", b"inputs", "key", b"key", "payload", b"payload", "priority", b"priority", "queued", b"queued", "resources", b"resources", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

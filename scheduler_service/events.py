@@ -216,6 +216,9 @@ class AssignTask:
     incarnation: int = 0
     #: to the worker's queue: it holds nothing until the worker starts it
     queued: bool = False
+    #: the task's priority and depth: a worker starts queued runs in that order
+    priority: int = 0
+    depth: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 import grpc
@@ -60,6 +60,8 @@ log = logging.getLogger("scheduler_service")
 
 #: How often the clock reaches the state machine: the resolution of waiting times.
 TICK_INTERVAL_S = 0.25
+#: Tasks of one SubmitTasks message handed to the state machine at a time.
+SUBMIT_CHUNK = 128
 
 T = TypeVar("T")
 
@@ -407,7 +409,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                     said_goodbye.set()
                     return
                 if kind == "submit":
-                    self._submit(client_id, msg.submit, outbox)
+                    await self._submit(client_id, msg.submit, outbox)
                 elif kind == "cancel":
                     keys = wire.check_keys(msg.cancel.keys, "ClientToScheduler.cancel.keys")
                     self.dispatch(TasksCancelled(client_id, keys))
@@ -433,12 +435,28 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         finally:
             outbox.close()
 
-    def _submit(
+    async def _submit(
         self, client_id: ClientId, batch: pb.SubmitTasks, outbox: Outbox[ClientUpdate]
     ) -> None:
+        """Accept a batch of tasks, SUBMIT_CHUNK at a time: between chunks the
+        writers send what was placed so far, so the first tasks start while
+        the rest are still being read (the seed pipeline's 401 tasks arrive in
+        one message: its first task started ~12 ms later than it could)."""
         wire.check_count(batch.tasks, wire.MAX_ITEMS_PER_MESSAGE, "SubmitTasks.tasks")
+        tasks = batch.tasks
+        for start in range(0, len(tasks), SUBMIT_CHUNK):
+            if start:
+                await asyncio.sleep(0)
+            self._accept(client_id, tasks[start : start + SUBMIT_CHUNK], outbox)
+
+    def _accept(
+        self,
+        client_id: ClientId,
+        specs: Iterable[pb.TaskSpec],
+        outbox: Outbox[ClientUpdate],
+    ) -> None:
         accepted = []
-        for spec in batch.tasks:
+        for spec in specs:
             try:
                 accepted.append(wire.submission_from_pb(spec))
             except wire.WireError as exc:

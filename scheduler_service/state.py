@@ -1458,6 +1458,8 @@ class ClusterState:
                 inputs,
                 task.incarnation,
                 queued,
+                task.priority,
+                task.depth,
             )
         )
 

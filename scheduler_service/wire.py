@@ -86,6 +86,7 @@ __all__ = [
 
 #: Results a (re)registering worker may say it still holds (RegisterWorker.held).
 MAX_HELD_RESULTS = MAX_ITEMS_PER_MESSAGE
+_MAX_UINT32 = (1 << 32) - 1
 #: A run's reported duration: a year is more than any task runs.
 MAX_DURATION_S = 366 * 24 * 3600.0
 
@@ -362,6 +363,8 @@ def assignment_to_pb(cmd: AssignTask) -> pb.TaskAssignment:
         ],
         incarnation=cmd.incarnation,
         queued=cmd.queued,
+        priority=cmd.priority,
+        depth=min(cmd.depth, _MAX_UINT32),
     )
 
 

@@ -1,13 +1,16 @@
-"""A worker process: one stream to the scheduler, a thread pool, a result store.
+"""A worker process: one stream to the scheduler, task threads, a result store.
 
 The scheduler may assign a run to this worker's queue (``queued``): it holds
 nothing until the worker's own ledger has room for it. Queued runs start in
-the order they came, the first that fits, each as a run ends; one that has
-waited longer than QUEUE_OVERTAKE_S lets nothing behind it start first. Each
-start of a queued run is reported (``started``), after the report of the run
-whose end made room for it: reports go in the order things happen here.
-A queued run fetches its inputs from peers while it waits, so that it holds
-its resources for its own work only.
+the scheduler's order (highest priority, then deepest in its graph, then the
+oldest), the first that fits, each as a run ends; one that has waited longer
+than QUEUE_OVERTAKE_S lets nothing behind it start first. A task thread that
+ends a run takes up the next queued run itself when it fits and its inputs
+are here; the loop hears of both together. Each start of a queued run is
+reported (``started``), after the report of the run whose end made room for
+it: reports go in the order things happen here. A queued run fetches its
+inputs from peers while it waits, so that it holds its resources for its own
+work only.
 
 Lifecycle: ``start()`` serves the Worker service (peers fetch results from
 it), then connects to the scheduler and registers. If the stream breaks, the
@@ -20,7 +23,9 @@ threads are abandoned (Python threads cannot be interrupted).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import logging
 import os
 import random
@@ -95,8 +100,15 @@ class _Queued:
     assignment: pb.TaskAssignment
     resources: dict[str, float]
     since: float
+    #: (-priority, -depth, arrival): queued runs start in this order, as the
+    #: scheduler would have placed them
+    rank: tuple[int, int, int]
     #: its inputs, fetched while it waits (None: all of them are local)
     inputs: asyncio.Task[_Inputs] | None = None
+
+
+def _rank(queued: _Queued) -> tuple[int, int, int]:
+    return queued.rank
 
 
 _Inputs = tuple[dict[str, serialize.Frames], list[tuple[str, int]], list[pb.MissingInput]]
@@ -189,6 +201,9 @@ class Worker:
         self._lock = threading.Lock()
         #: queued runs by run id, in the order they were assigned
         self._queue: dict[int, _Queued] = {}
+        #: the same runs in the order they start in (_Queued.rank)
+        self._queue_order: list[_Queued] = []
+        self._arrivals = itertools.count()
         self._cancelled: set[int] = set()
         self._reports = _Reports()
         self._wake_writer = asyncio.Event()
@@ -400,7 +415,7 @@ class Worker:
         for ref in instructions.cancel:
             with self._lock:
                 running = ref.run_id in self._running or ref.run_id in self._taken
-                queued = None if running else self._queue.pop(ref.run_id, None)
+                queued = None if running else self._dequeue(ref.run_id)
             if running:
                 self._cancelled.add(ref.run_id)
             elif queued is not None:
@@ -437,16 +452,19 @@ class Worker:
                 )
             else:
                 loop = asyncio.get_running_loop()
-                queued = _Queued(assignment, resources, loop.time())
+                rank = (-assignment.priority, -assignment.depth, next(self._arrivals))
+                queued = _Queued(assignment, resources, loop.time(), rank)
                 if any(self.store.get(item.key) is None for item in assignment.inputs):
                     queued.inputs = asyncio.create_task(self._gather_inputs(assignment))
                 with self._lock:
                     self._queue[assignment.run_id] = queued
+                    bisect.insort(self._queue_order, queued, key=_rank)
         self._start_queued()
 
     def _clear_queue(self) -> None:
         with self._lock:
             dropped, self._queue = self._queue, {}
+            self._queue_order = []
         for queued in dropped.values():
             if queued.inputs is not None:
                 queued.inputs.cancel()
@@ -511,8 +529,8 @@ class Worker:
 
     def _start_queued(self) -> None:
         """Start queued runs that fit now: in order, the first that fits, until
-        none does. The oldest one, once it has waited QUEUE_OVERTAKE_S, blocks
-        those behind it (it would starve behind a stream of smaller ones).
+        none does. One that has waited QUEUE_OVERTAKE_S blocks those behind it
+        (it would starve behind a stream of smaller ones).
 
         What the task threads did is taken in the same hold of the lock as
         each pick and reported first: a run a thread ended may have freed the
@@ -523,17 +541,24 @@ class Worker:
                 done = self._take_done()
                 chosen = self._next_queued()
                 if chosen is not None:
-                    del self._queue[chosen.assignment.run_id]
+                    self._dequeue(chosen.assignment.run_id)
                     self.ledger.acquire(chosen.assignment.run_id, chosen.resources)
             self._apply_done(done)
             if chosen is None:
                 return
             self._launch(chosen.assignment, chosen.resources, chosen.inputs)
 
+    def _dequeue(self, run_id: int) -> _Queued | None:
+        """(Holding _lock.) Take a run out of the queue."""
+        queued = self._queue.pop(run_id, None)
+        if queued is not None:
+            self._queue_order.remove(queued)
+        return queued
+
     def _next_queued(self) -> _Queued | None:
         """(Holding _lock.) The queued run to start next, if one fits now."""
         now = time.monotonic()  # the loop's clock too (queued.since)
-        for queued in self._queue.values():
+        for queued in self._queue_order:
             if self.ledger.fits(queued.resources):
                 return queued
             if now - queued.since >= QUEUE_OVERTAKE_S:
@@ -563,7 +588,7 @@ class Worker:
             if inputs[2]:
                 return None  # some are missing: the loop reports that
         run_id = queued.assignment.run_id
-        del self._queue[run_id]
+        self._dequeue(run_id)
         self.ledger.acquire(run_id, queued.resources)
         self._taken.add(run_id)
         return queued, inputs

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from client_sdk import Client
-from tests.conftest import Processes, assert_all_released, cluster_state
+from tests.conftest import Processes, assert_all_released, cluster_state, wait_for
 from tests.e2e.helpers import max_overlap, timed_sleep
 
 SLEEP_S = 0.2
@@ -72,4 +72,23 @@ def test_queued_tasks_fetch_their_inputs_while_they_wait_and_cancel_cleanly(
         results = client.gather(consumers)
     assert [n for n, _ in results] == [1000] * 4
     assert max_overlap([span for _, span in results]) == 1
+    assert_all_released(scheduler_address)
+
+
+def test_a_worker_starts_its_queued_runs_highest_priority_first(
+    processes: Processes, scheduler_address: str
+) -> None:
+    """Both queued behind a running task, the later, higher-priority one
+    starts first when the worker has room (it is queued there, so the
+    scheduler's own order no longer decides)."""
+    processes.worker(scheduler_address, "--nthreads", "1")
+    with Client(scheduler_address) as client:
+        blocker = client.submit(timed_sleep, 1.0, key="blocker")
+        wait_for(lambda: cluster_state(scheduler_address).workers[0].running == 1, 15, "a start")
+        low = client.submit(timed_sleep, 0.0, key="low")
+        wait_for(lambda: cluster_state(scheduler_address).workers[0].queued == 1, 5, "low queued")
+        high = client.submit(timed_sleep, 0.0, key="high", priority=10)
+        wait_for(lambda: cluster_state(scheduler_address).workers[0].queued == 2, 5, "both queued")
+        (_, blocked_until), (low_start, _), (high_start, _) = client.gather([blocker, low, high])
+    assert blocked_until <= high_start < low_start
     assert_all_released(scheduler_address)
