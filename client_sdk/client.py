@@ -57,6 +57,8 @@ RECONNECT_TIMEOUT_S = 30.0
 MAX_RECONNECT_BACKOFF_S = 2.0
 #: Tasks per message when a reconnecting client submits its pending ones again.
 RESUBMIT_BATCH = 5_000
+#: Tasks of a map() handed to the client's loop at a time.
+MAP_BATCH = 1_000
 #: While fetching a result, how often to check that its holder still has it.
 FETCH_RECHECK_S = 0.2
 #: The same reason for waiting is logged at most once in this many seconds.
@@ -895,12 +897,19 @@ class Client:
         # The function is pickled once for all the tasks (cloudpickle takes
         # ~20 us per call for a function defined in __main__).
         function = serialize.dump_function(fn) if callable(fn) and argsets else None
-        specs = [
-            self._spec(fn, tuple(a), kwargs, k, options, function)
-            for a, k in zip(argsets, keys, strict=True)
-        ]
-        futures = [Future(spec.key, self) for spec in specs]
-        self._submit_specs(specs)
+        futures: list[Future] = []
+        # Handed over MAP_BATCH at a time: the first tasks are on their way
+        # (and running) while the rest are still being pickled. A map of
+        # 20,000 took 165 ms to build before its first task was sent.
+        for start in range(0, len(argsets), MAP_BATCH):
+            specs = [
+                self._spec(fn, tuple(a), kwargs, k, options, function)
+                for a, k in zip(
+                    argsets[start : start + MAP_BATCH], keys[start : start + MAP_BATCH], strict=True
+                )
+            ]
+            futures.extend(Future(spec.key, self) for spec in specs)
+            self._submit_specs(specs)
         return _ready(futures) if self.asynchronous else futures
 
     def gather(self, futures: Any) -> Any:

@@ -207,6 +207,8 @@ class Worker:
         self._cancelled: set[int] = set()
         self._reports = _Reports()
         self._wake_writer = asyncio.Event()
+        #: ends a report's wait for company early: the worker ran out of work
+        self._flush_reports = asyncio.Event()
         self._registered = asyncio.Event()
         self._stopping = asyncio.Event()
         self._main: asyncio.Task[None] | None = None
@@ -376,11 +378,17 @@ class Worker:
             self._wake_writer.clear()
             if not self._reports:
                 continue
-            if self._running or self._queue:
+            if self._busy():
                 # More reports are on their way: let them travel together.
                 # Each message costs both ends tens of microseconds of CPU
-                # whatever it carries; an idle worker reports at once.
-                await asyncio.sleep(REPORT_COALESCE_S)
+                # whatever it carries; an idle worker reports at once, and
+                # one that runs out of work meanwhile stops waiting.
+                self._flush_reports.clear()
+                timer = asyncio.get_running_loop().call_later(
+                    REPORT_COALESCE_S, self._flush_reports.set
+                )
+                await self._flush_reports.wait()
+                timer.cancel()
                 self._wake_writer.clear()
             reports, self._reports = self._reports, _Reports()
             await call.write(
@@ -676,6 +684,10 @@ class Worker:
         )
         return done
 
+    def _busy(self) -> bool:
+        """Runs are going on here or waiting in the queue (more reports soon)."""
+        return bool(self._running or self._queue or self._taken)
+
     def _apply_done(self, done: list[_Outcome | _Taken]) -> None:
         """Report, in the order they happened, the runs threads ended and the
         queued runs they took up."""
@@ -691,6 +703,8 @@ class Worker:
                 self._report(item)
                 self._finish(item.assignment)
         self._wake_writer.set()
+        if not self._busy():
+            self._flush_reports.set()
 
     def _report(self, done: _Outcome) -> None:
         a, outcome = done.assignment, done.outcome
