@@ -492,22 +492,16 @@ class Worker:
 
     # ------------------------------------------------------------ running
 
-    def _start(
-        self,
-        a: pb.TaskAssignment,
-        resources: dict[str, float],
-        prefetch: asyncio.Task[_Inputs] | None = None,
-    ) -> None:
-        """Take the run's resources here and start it (or refuse it)."""
+    def _start(self, a: pb.TaskAssignment, resources: dict[str, float]) -> None:
+        """A run assigned to start at once: take its resources here and start
+        it (or refuse it, should the scheduler's books and ours disagree)."""
         try:
             with self._lock:
                 self.ledger.acquire(a.run_id, resources)
         except OverCommitted as exc:
-            if prefetch is not None:
-                prefetch.cancel()
             self._fail(a, serialize.error_info(exc))
             return
-        self._launch(a, resources, prefetch)
+        self._launch(a, resources)
 
     def _launch(
         self,
