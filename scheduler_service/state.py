@@ -1200,7 +1200,8 @@ class ClusterState:
         if self._hold_until:
             return  # recovering: workers offer what they hold first
         while True:
-            self._place_reserved(cmds)
+            if self.reservations:
+                self._place_reserved(cmds)
             full, dirty_workers, dirty_shapes = (
                 self._recheck_all,
                 self._dirty_workers,
@@ -1525,13 +1526,17 @@ class ClusterState:
         task.worker_id = worker.worker_id
         task.run_id = run_id
         task.waiting_reason = ""
-        inputs = tuple(
-            InputLocation(
-                dep_key,
-                tuple(self.workers[w].address for w in sorted(self.tasks[dep_key].who_has)),
-                self.tasks[dep_key].nbytes,
+        inputs = (
+            tuple(
+                InputLocation(
+                    dep_key,
+                    tuple(self.workers[w].address for w in sorted(self.tasks[dep_key].who_has)),
+                    self.tasks[dep_key].nbytes,
+                )
+                for dep_key in task.dependencies
             )
-            for dep_key in task.dependencies
+            if task.dependencies
+            else ()  # no generator to build and run for the many without inputs
         )
         cmds.append(
             AssignTask(
@@ -1711,8 +1716,9 @@ class ClusterState:
             )
         for shape in self._parked:
             check(shape in self._ready, f"parked shape {shape} has no ready tasks")
-            parked = self.tasks.get(self._head_of[shape][3])
-            if parked is not None:
+            _, _, gen, key = self._head_of[shape]
+            parked = self.tasks.get(key)
+            if parked is not None and parked.state == READY and parked.ready_gen == gen:
                 check(
                     not any(fits(parked.resources, w.declared) for w in self._eligible(parked)),
                     f"{parked.key} parked though a worker could hold it",
