@@ -1249,29 +1249,25 @@ class ClusterState:
             task = tasks.get(entry[3])
             if task is not None and task.state == READY and task.ready_gen == entry[2]:
                 return task
-            heapq.heappop(heads)
-            self._advance(shape)
+            self._take_head(shape)
         return None
 
-    def _advance(self, shape: Shape) -> None:
-        """Drop the head of ``shape``'s heap (placed, or stale) and put its next
-        ready task among the heads; forget the shape if it has none left. The
-        caller has popped the shape's item off the standing heap."""
+    def _take_head(self, shape: Shape) -> None:
+        """The top of the standing heap, ``shape``'s head, is assigned (or went
+        stale): drop it from the shape's heap, and let the shape's next ready
+        task take its place among the heads; forget the shape if it has none
+        left. One heapreplace, not a pop and a push: half the sifting."""
         heap = self._ready[shape]
         heapq.heappop(heap)
         following = self._peek(heap)
         if following is not None:
-            self._new_head(shape, following)
+            self._head_of[shape] = following
+            heapq.heapreplace(self._heads, (following, shape))
         else:
+            heapq.heappop(self._heads)
             del self._ready[shape]
             del self._head_of[shape]
             self._last_start.pop(shape, None)
-
-    def _take_head(self, shape: Shape) -> None:
-        """The best head (of ``shape``) is being assigned: its shape's next
-        ready task takes its place."""
-        heapq.heappop(self._heads)
-        self._advance(shape)
 
     def _set_aside(self, task: TaskRecord, skipped: list[tuple[_Entry, Shape]]) -> None:
         """The best head fits nowhere this pass looks: set it aside until the
