@@ -13,6 +13,7 @@ import gc
 import random
 import time
 import tracemalloc
+from collections import deque
 
 from apportion.resources import to_quanta
 from scheduler_service.events import (
@@ -49,20 +50,24 @@ def decisions_per_second(n_workers: int, n_tasks: int, budget_s: float) -> tuple
     rng = random.Random(n_workers)
     state = ClusterState()
     make_workers(state, n_workers, rng)
-    running: list[AssignTask] = []
+    # A deque: list.pop(0) moves every other run along, 4 us a finish with
+    # the 40,000 runs of 10,000 workers, which the rate would have counted.
+    running: deque[AssignTask] = deque()
     for cmd in state.handle(TasksSubmitted("c", make_tasks(n_tasks, rng))):
         if isinstance(cmd, AssignTask):
             running.append(cmd)
     decisions = 0
-    start = time.perf_counter()
+    start = last_decision = time.perf_counter()
     while running and time.perf_counter() - start < budget_s:
-        run = running.pop(0)
+        run = running.popleft()
         for cmd in state.handle(TaskFinished(run.worker_id, run.key, run.run_id, 8)):
             if isinstance(cmd, AssignTask):
                 running.append(cmd)
                 decisions += 1
-    elapsed = time.perf_counter() - start
-    return decisions / elapsed, decisions
+                last_decision = time.perf_counter()
+    # Up to the last decision only: once every task is placed, the runs left
+    # (40,000 with 10,000 workers) finish with nothing to decide.
+    return decisions / (last_decision - start), decisions
 
 
 def bytes_per_pending_task(n_tasks: int) -> float:
