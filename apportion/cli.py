@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
 from typing import Annotated, Any, NoReturn
 
 import grpc
@@ -350,24 +349,6 @@ def _die_with_parent() -> None:
         pass
 
 
-#: Added to each worker process's environment by the nanny (as Dask's nanny
-#: sets MALLOC_TRIM_THRESHOLD_): glibc backs its large allocations with
-#: transparent huge pages, so a 100 MB result that arrives from a peer costs
-#: ~50 page faults instead of ~25,600. The 100 MB hand-off between two workers
-#: went from 770-795 to 1,430-1,560 MB/s (2 cores). No effect where THP is
-#: off ("never") or glibc predates 2.35; a GLIBC_TUNABLES that names it wins.
-HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def worker_environment(env: Mapping[str, str]) -> dict[str, str]:
-    """``env`` with what a worker process gets on top (HUGEPAGE_TUNABLE)."""
-    out = dict(env)
-    tunables = out.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" not in tunables:
-        out["GLIBC_TUNABLES"] = f"{tunables}:{HUGEPAGE_TUNABLE}" if tunables else HUGEPAGE_TUNABLE
-    return out
-
-
 def _supervise(scheduler_address: str, settings: WorkerSettings) -> int:
     """Run ``nworkers`` single worker processes; restart any that die.
 
@@ -396,12 +377,7 @@ def _supervise(scheduler_address: str, settings: WorkerSettings) -> int:
         if settings.host:
             args += ["--host", settings.host]
         started[index] = time.monotonic()
-        return subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
-            env=worker_environment(os.environ),
-        )
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -248,24 +247,3 @@ def test_local_runs_a_cluster_until_sigterm(processes: Processes) -> None:
     for pid in {pid for pid, _, _ in results}:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
-
-
-def test_the_nanny_backs_its_workers_large_allocations_with_huge_pages(
-    processes: Processes, scheduler_address: str
-) -> None:
-    """The worker process the nanny starts gets glibc's hugetlb tunable added
-    to what it inherits; a setting of the user's own is kept as it is."""
-    processes.worker(
-        scheduler_address, "--name", "mine", env={"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
-    )
-    processes.worker(scheduler_address, "--name", "default", env={"GLIBC_TUNABLES": ""})
-    by_name = {w.name: w.pid for w in cluster_state(scheduler_address).workers}
-
-    def tunables(pid: int) -> str:
-        assert pid > 0
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        found = [e for e in environ if e.startswith(b"GLIBC_TUNABLES=")]
-        return found[0].decode().partition("=")[2] if found else ""
-
-    assert tunables(by_name["default"]) == "glibc.malloc.hugetlb=1"
-    assert tunables(by_name["mine"]) == "glibc.malloc.hugetlb=0"

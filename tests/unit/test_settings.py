@@ -109,13 +109,3 @@ def test_scheduler_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("APPORTION_SCHEDULER__PORT", "70000")
     with pytest.raises(pydantic.ValidationError):
         SchedulerSettings()
-
-
-def test_worker_environment_adds_the_hugepage_tunable_to_what_is_there() -> None:
-    from apportion.cli import HUGEPAGE_TUNABLE, worker_environment
-
-    assert worker_environment({})["GLIBC_TUNABLES"] == HUGEPAGE_TUNABLE
-    mixed = worker_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "X": "1"})
-    assert mixed == {"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{HUGEPAGE_TUNABLE}", "X": "1"}
-    own = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
-    assert worker_environment(own) == own
