@@ -256,6 +256,33 @@ def test_dropped_futures_and_closed_clients_release_their_tasks(
     )
 
 
+def test_a_key_dropped_and_submitted_again_at_once_is_never_lost(
+    processes: Processes, scheduler_address: str
+) -> None:
+    """Releases of dropped futures and submits travel in batches: a key whose
+    future is dropped and submitted again straight away (key=...) must still
+    get its result, and nothing may be left behind."""
+    processes.worker(scheduler_address, "--nthreads", "2")
+    with Client(scheduler_address) as client:
+        keep = [client.submit(inc, i) for i in range(20)]  # a release batch under way
+        for i in range(50):
+            dropped = client.submit(inc, i, key=f"again-{i}")
+            del dropped
+            again = client.submit(inc, i + 100, key=f"again-{i}")
+            # The first task's result (it was still there) or the second's.
+            assert again.result(timeout=30) in (i + 1, i + 101)
+            del again
+        assert client.gather(keep) == list(range(1, 21))
+        del keep
+        gc.collect()
+        wait_for(
+            lambda: sum(cluster_state(scheduler_address).task_counts.values()) == 0,
+            10,
+            "every task to be released",
+        )
+    assert_all_released(scheduler_address)
+
+
 @pytest.mark.parametrize("worker_queue", ["0", "default"])
 def test_priority_orders_queued_tasks(
     processes: Processes, tmp_path: Path, worker_queue: str
