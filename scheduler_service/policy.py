@@ -47,8 +47,10 @@ class SchedulingPolicy:
     recovery_grace: float = 3.0
     #: Assigned runs each worker may hold queued, holding no resources yet, so
     #: that it starts the next one the moment one ends instead of waiting a
-    #: round trip to the scheduler. None: QUEUE_PER_THREAD per thread of the
-    #: worker (what ``apportion scheduler`` uses unless told otherwise); 0: no queue,
+    #: round trip to the scheduler. None (what ``apportion scheduler`` uses
+    #: unless told otherwise): per kind of task, about QUEUE_TARGET_S of its
+    #: measured work per thread, from QUEUE_PER_THREAD up to
+    #: QUEUE_MAX_PER_THREAD; N: N per worker, whatever the tasks; 0: no queue,
     #: a task is assigned only where it fits in what is free (the default
     #: here, so that a bare ClusterState places exactly as without queues).
     worker_queue: int | None = 0
