@@ -16,8 +16,9 @@ QUEUE_PER_THREAD = 2
 #: enough to keep each thread busy this long, the time a refill takes to come
 #: back under load (a worker's reports wait up to 1 ms to travel together, then
 #: the scheduler's answer). At most QUEUE_MAX_PER_THREAD per thread: no-op
-#: tasks on 2 x 2 threads ran 4,600 tasks/s with 4 per thread, 9,300 with 16,
-#: and fewer again with 64 (bigger batches, but each worker idles between them).
+#: tasks on 2 x 2 threads (reports waiting 1 ms) ran 5,900 tasks/s with 4 per
+#: thread, 9,300 with 16 and 7,800 with 64 (bigger batches, but each worker
+#: idles between them); measured before task threads took up queued runs.
 QUEUE_TARGET_S = 0.005
 QUEUE_MAX_PER_THREAD = 16
 #: Weight of the newest run in a worker's mean task duration.

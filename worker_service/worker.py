@@ -77,7 +77,7 @@ QUEUE_OVERTAKE_S = 1.0
 #: How long a busy worker's reports wait for others to travel with them. No-op
 #: tasks on 2 cores (2 workers x 2 threads): one message per report, 4,400
 #: tasks/s and 440 us of CPU per task across all processes; with 1 ms (and
-#: deeper queues, see scheduler_service.policy) 9,300 tasks/s and 215 us.
+#: deeper queues, see scheduler_service.policy) 9,300 tasks/s and 220 us.
 REPORT_COALESCE_S = 0.001
 
 

@@ -25,6 +25,11 @@ from tests.conftest import Processes, assert_all_released, cluster_state, wait_f
 from tests.e2e.helpers import where_and_held
 
 
+def wait_until_no_tasks(address: str, what: str) -> None:
+    """Wait (10 s at most) until the scheduler holds no task at all."""
+    wait_for(lambda: sum(cluster_state(address).task_counts.values()) == 0, 10, what)
+
+
 def inc(x: int) -> int:
     return x + 1
 
@@ -238,22 +243,14 @@ def test_dropped_futures_and_closed_clients_release_their_tasks(
         assert sum(cluster_state(scheduler_address).task_counts.values()) == 10
         del futures
         gc.collect()
-        wait_for(
-            lambda: sum(cluster_state(scheduler_address).task_counts.values()) == 0,
-            10,
-            "the scheduler to forget released tasks",
-        )
+        wait_until_no_tasks(scheduler_address, "the scheduler to forget released tasks")
         running = client.submit(sleep_then, 0.5, 1, resources={"A": 1})
         queued = client.submit(sleep_then, 0.5, 2, resources={"A": 1})
         wait_for(lambda: cluster_state(scheduler_address).workers[0].running == 1, 10, "a run")
         assert running.status == queued.status == "pending"
     # Closing the client released both; the running one's code still returns.
     assert_all_released(scheduler_address)
-    wait_for(
-        lambda: sum(cluster_state(scheduler_address).task_counts.values()) == 0,
-        10,
-        "the scheduler to forget the closed client's tasks",
-    )
+    wait_until_no_tasks(scheduler_address, "the scheduler to forget the closed client's tasks")
 
 
 def test_a_key_dropped_and_submitted_again_at_once_is_never_lost(
@@ -275,11 +272,7 @@ def test_a_key_dropped_and_submitted_again_at_once_is_never_lost(
         assert client.gather(keep) == list(range(1, 21))
         del keep
         gc.collect()
-        wait_for(
-            lambda: sum(cluster_state(scheduler_address).task_counts.values()) == 0,
-            10,
-            "every task to be released",
-        )
+        wait_until_no_tasks(scheduler_address, "every task to be released")
     assert_all_released(scheduler_address)
 
 
