@@ -1,8 +1,8 @@
 """apportion: a resource-aware distributed task scheduler.
 
-This package holds what the scheduler, the workers, the client SDK and the
-command line share: resource parsing, serialization, settings and the gRPC
-server plumbing. The public Python API lives in :mod:`client_sdk`.
+This package is the command line (``apportion``, :mod:`apportion.cli`): it
+composes the services. What they share lives in :mod:`apportion_common`; the
+public Python API in :mod:`client_sdk`.
 """
 
 __version__ = "0.1.0"

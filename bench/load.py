@@ -78,7 +78,7 @@ def work(client_index: int, task_index: int) -> tuple[int, int, int]:
 
 def payload_bytes(samples: int = 50) -> float:
     """The mean pickled payload of one task, as this process's client sends it."""
-    from apportion import serialize
+    from apportion_common import serialize
 
     sizes = [len(serialize.dump_call(work, (i % 20, i * 97), {})) for i in range(samples)]
     return sum(sizes) / len(sizes)

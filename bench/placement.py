@@ -15,7 +15,7 @@ import time
 import tracemalloc
 from collections import deque
 
-from apportion.resources import to_quanta
+from apportion_common.resources import to_quanta
 from scheduler_service.events import (
     AssignTask,
     TaskFinished,

@@ -6,8 +6,8 @@
 1024
 """
 
-from apportion.security import TLS
-from apportion.task_context import TaskContext, get_task_context
+from apportion_common.security import TLS
+from apportion_common.task_context import TaskContext, get_task_context
 
 from .annotate import annotate
 from .client import Client

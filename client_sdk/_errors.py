@@ -1,13 +1,32 @@
-"""Turning a task's remote error back into an exception of the same type."""
+"""A task's remote error, turned back into an exception: the one place that
+maps what the scheduler says (an :class:`~apportion_common.status.ErrorKind`)
+to the SDK's exception classes."""
 
 from __future__ import annotations
 
 import builtins
 import importlib
 
-from apportion import serialize
+from apportion_common import serialize
+from apportion_common.status import ErrorKind
 
-from .exceptions import MissingDependencyError, TaskError
+from .exceptions import (
+    KilledWorker,
+    MissingDependencyError,
+    NoValidWorkerError,
+    SchedulerConnectionError,
+    TaskError,
+)
+
+#: Errors apportion raised on a task's behalf, by kind (ErrorKind.TASK is the
+#: task's own: rebuilt from the pickled exception or its type's name).
+_RAISED_BY_APPORTION: dict[ErrorKind, type[Exception]] = {
+    ErrorKind.KILLED_WORKER: KilledWorker,
+    ErrorKind.NO_VALID_WORKER: NoValidWorkerError,
+    ErrorKind.MISSING_DEPENDENCY: MissingDependencyError,
+    ErrorKind.SCHEDULER_CONNECTION: SchedulerConnectionError,
+    ErrorKind.INVALID_TASK: ValueError,
+}
 
 
 def _find_type(type_name: str) -> type[BaseException] | None:
@@ -23,6 +42,9 @@ def _find_type(type_name: str) -> type[BaseException] | None:
 
 
 def rebuild_exception(error: serialize.ErrorInfo) -> BaseException:
+    own = _RAISED_BY_APPORTION.get(error.kind)
+    if own is not None:
+        return own(error.message)
     exc: BaseException | None = None
     if error.exception:
         try:
@@ -32,14 +54,11 @@ def rebuild_exception(error: serialize.ErrorInfo) -> BaseException:
         except Exception:
             exc = None
     if exc is None:
-        if error.type_name == "client_sdk.exceptions.MissingDependencyError":
-            exc = MissingDependencyError(error.message)
-        else:
-            kind = _find_type(error.type_name)
-            try:
-                exc = kind(error.message) if kind is not None else None
-            except Exception:
-                exc = None
+        kind = _find_type(error.type_name)
+        try:
+            exc = kind(error.message) if kind is not None else None
+        except Exception:
+            exc = None
     if exc is None:
         exc = TaskError(error.type_name, error.message)
     if error.traceback:

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from apportion.resources import check_resources
+from apportion_common.resources import check_resources
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,11 +26,13 @@ from typing import Any, TypeVar
 
 import grpc
 
-from apportion import serialize
-from apportion.resources import check_resources
-from apportion.security import TLS, ClientSecurity, tls_from_paths
-from apportion.settings import SecuritySettings
-from apportion.transfer import ChannelPool, ResultUnavailable
+from apportion_common import serialize
+from apportion_common.resources import check_resources
+from apportion_common.security import TLS, ClientSecurity, tls_from_paths
+from apportion_common.settings import SecuritySettings
+from apportion_common.status import ErrorKind
+from apportion_common.status_pb import ERROR_KIND_FROM_PB, TASK_STATUS_FROM_PB
+from apportion_common.transfer import ChannelPool, ResultUnavailable
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
 
@@ -42,13 +44,6 @@ from .future import Future
 log = logging.getLogger("client_sdk")
 
 T = TypeVar("T")
-
-_STATUS = {
-    pb.TASK_STATUS_PENDING: "pending",
-    pb.TASK_STATUS_FINISHED: "finished",
-    pb.TASK_STATUS_ERROR: "error",
-    pb.TASK_STATUS_CANCELLED: "cancelled",
-}
 
 CONNECT_TIMEOUT_S = 10.0
 #: How long a client whose stream broke keeps trying to reach the scheduler
@@ -356,7 +351,7 @@ class _ClientCore:
         state = self.keys[key]
         state.status = "error"
         state.error = serialize.ErrorInfo(
-            "client_sdk.exceptions.SchedulerConnectionError", self.lost or "", "", b""
+            "SchedulerConnectionError", self.lost or "", kind=ErrorKind.SCHEDULER_CONNECTION
         )
         state.changed.set()
 
@@ -364,7 +359,7 @@ class _ClientCore:
         state = self.keys.get(update.key)
         if state is None:
             return  # released by us meanwhile
-        status = _STATUS.get(update.status)
+        status = TASK_STATUS_FROM_PB.get(update.status)
         if status is None:
             # Not "pending": a status this client does not know (a newer
             # scheduler's, or a corrupt one) must not make a finished task wait.
@@ -391,6 +386,9 @@ class _ClientCore:
                 update.error.message,
                 update.error.traceback,
                 update.error.exception,
+                # A kind this client does not know (a newer scheduler's) is
+                # shown as what it is called: a TaskError of that name.
+                ERROR_KIND_FROM_PB.get(update.error.kind, ErrorKind.TASK),
             )
         state.changed.set()
 
@@ -544,8 +542,6 @@ def _raise_if_failed(key: str, state: _KeyState) -> None:
         raise FutureCancelledError(key)
     if state.status == "error":
         assert state.error is not None
-        if state.error.type_name == "client_sdk.exceptions.SchedulerConnectionError":
-            raise SchedulerConnectionError(state.error.message)
         raise rebuild_exception(state.error)
 
 

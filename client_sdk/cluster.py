@@ -16,8 +16,8 @@ from typing import Any
 
 import grpc
 
-from apportion.resources import check_resources, format_resources
-from apportion.security import TLS
+from apportion_common.resources import check_resources, format_resources
+from apportion_common.security import TLS
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
 

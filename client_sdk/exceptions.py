@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import concurrent.futures
 
-from apportion.resources import ResourceSpecError
-from apportion.serialize import SerializationError
+from apportion_common.resources import ResourceSpecError
+from apportion_common.serialize import SerializationError
 
 
 class ApportionError(Exception):

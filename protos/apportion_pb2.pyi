@@ -23,6 +23,48 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ErrorKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ErrorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ERROR_KIND_TASK: _ErrorKind.ValueType  # 0
+    """The task's own code: type_name and exception say what it raised."""
+    ERROR_KIND_KILLED_WORKER: _ErrorKind.ValueType  # 1
+    """It was running on more workers that died than allowed_failures."""
+    ERROR_KIND_NO_VALID_WORKER: _ErrorKind.ValueType  # 2
+    """No connected worker could hold it for no_worker_timeout seconds."""
+    ERROR_KIND_MISSING_DEPENDENCY: _ErrorKind.ValueType  # 3
+    """An input it names is unknown to the scheduler."""
+    ERROR_KIND_SCHEDULER_CONNECTION: _ErrorKind.ValueType  # 4
+    """The scheduler no longer knows the task (it restarted without a state
+    directory, or the client stayed away past its grace period).
+    """
+    ERROR_KIND_INVALID_TASK: _ErrorKind.ValueType  # 5
+    """Refused at the boundary before it became a task (a bad field)."""
+
+class ErrorKind(_ErrorKind, metaclass=_ErrorKindEnumTypeWrapper):
+    """Who raised a task's error: its own code, or apportion on its behalf (each
+    a client exception class of its own).
+    """
+
+ERROR_KIND_TASK: ErrorKind.ValueType  # 0
+"""The task's own code: type_name and exception say what it raised."""
+ERROR_KIND_KILLED_WORKER: ErrorKind.ValueType  # 1
+"""It was running on more workers that died than allowed_failures."""
+ERROR_KIND_NO_VALID_WORKER: ErrorKind.ValueType  # 2
+"""No connected worker could hold it for no_worker_timeout seconds."""
+ERROR_KIND_MISSING_DEPENDENCY: ErrorKind.ValueType  # 3
+"""An input it names is unknown to the scheduler."""
+ERROR_KIND_SCHEDULER_CONNECTION: ErrorKind.ValueType  # 4
+"""The scheduler no longer knows the task (it restarted without a state
+directory, or the client stayed away past its grace period).
+"""
+ERROR_KIND_INVALID_TASK: ErrorKind.ValueType  # 5
+"""Refused at the boundary before it became a task (a bad field)."""
+Global___ErrorKind: _TypeAlias = ErrorKind  # noqa: Y015
+
 class _TaskStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -388,13 +430,17 @@ class TaskError(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     TRACEBACK_FIELD_NUMBER: _builtins.int
     EXCEPTION_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     type_name: _builtins.str
-    """Fully qualified exception type, e.g. "builtins.ValueError"."""
+    """Fully qualified exception type, e.g. "builtins.ValueError", for the task's
+    own errors; the name of apportion's error for the others (kind).
+    """
     message: _builtins.str
     traceback: _builtins.str
     """The formatted traceback from the worker."""
     exception: _builtins.bytes
     """The exception itself, cloudpickled, when it could be pickled."""
+    kind: Global___ErrorKind.ValueType
     def __init__(
         self,
         *,
@@ -402,10 +448,11 @@ class TaskError(_message.Message):
         message: _builtins.str = ...,
         traceback: _builtins.str = ...,
         exception: _builtins.bytes = ...,
+        kind: Global___ErrorKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exception", b"exception", "message", b"message", "traceback", b"traceback", "type_name", b"type_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exception", b"exception", "kind", b"kind", "message", b"message", "traceback", b"traceback", "type_name", b"type_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -2,15 +2,16 @@
 
 These are plain data: the servicer turns protobuf messages into events and
 commands into protobuf messages, so nothing here knows about gRPC.
-Resource amounts are fixed-point integers (see :mod:`apportion.resources`).
+Resource amounts are fixed-point integers (see :mod:`apportion_common.resources`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from apportion.resources import Quanta
-from apportion.serialize import ErrorInfo
+from apportion_common.resources import Quanta
+from apportion_common.serialize import ErrorInfo
+from apportion_common.status import TaskStatus
 
 WorkerId = int
 ClientId = str
@@ -246,7 +247,7 @@ class ReleaseData:
 class ClientUpdate:
     client_id: ClientId
     key: str
-    status: str  # "pending" | "finished" | "error" | "cancelled"
+    status: TaskStatus
     addresses: tuple[str, ...] = ()
     nbytes: int = 0
     error: ErrorInfo | None = None

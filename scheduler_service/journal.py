@@ -20,7 +20,8 @@ import json
 import sqlite3
 from pathlib import Path
 
-from apportion.serialize import ErrorInfo
+from apportion_common.serialize import ErrorInfo
+from apportion_common.status import ErrorKind
 
 from .events import (
     ClientGone,
@@ -179,6 +180,7 @@ def _error_json(error: ErrorInfo) -> str:
             "message": error.message,
             "traceback": error.traceback,
             "exception": error.exception.hex(),
+            "kind": error.kind.value,
         }
     )
 
@@ -190,4 +192,6 @@ def _error_from_json(error_json: str) -> ErrorInfo:
         str(fields["message"]),
         str(fields["traceback"]),
         bytes.fromhex(str(fields["exception"])),
+        # Journals written before kinds were kept hold the task's own errors.
+        ErrorKind(fields.get("kind", ErrorKind.TASK.value)),
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from typing import Protocol
 
-from apportion.resources import Quanta, from_quanta
+from apportion_common.resources import Quanta, from_quanta
 
 
 class Candidate(Protocol):

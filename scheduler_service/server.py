@@ -13,9 +13,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from apportion.grpc_server import ServingHealth, bind, install_stop_signals, make_server
-from apportion.security import Role, ServerSecurity
-from apportion.services import add_service
+from apportion_common.grpc_server import ServingHealth, bind, install_stop_signals, make_server
+from apportion_common.security import Role, ServerSecurity
+from apportion_common.services import add_service
 from protos import apportion_pb2 as pb
 
 from .journal import Journal
@@ -49,7 +49,7 @@ class SchedulerServer:
     ) -> None:
         self.host = host
         self.port = port
-        #: Tokens per role and TLS (apportion.security); None: open, plaintext.
+        #: Tokens per role and TLS (apportion_common.security); None: open, plaintext.
         self.security = security or ServerSecurity()
         self._server = make_server(self.security.interceptors())
         self._journal = Journal(state_dir) if state_dir is not None else None

@@ -18,8 +18,9 @@ from typing import Generic, TypeVar
 
 import grpc
 
-from apportion.resources import from_quanta
-from apportion.serialize import ErrorInfo
+from apportion_common.resources import from_quanta
+from apportion_common.serialize import ErrorInfo
+from apportion_common.status import ErrorKind, TaskStatus
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
 
@@ -466,8 +467,8 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                     ClientUpdate(
                         client_id,
                         spec.key,
-                        "error",
-                        error=ErrorInfo("builtins.ValueError", str(exc), "", b""),
+                        TaskStatus.ERROR,
+                        error=ErrorInfo("ValueError", str(exc), kind=ErrorKind.INVALID_TASK),
                     )
                 )
         if accepted:

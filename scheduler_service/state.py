@@ -43,8 +43,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from apportion.resources import Quanta
-from apportion.serialize import ErrorInfo
+from apportion_common.resources import Quanta
+from apportion_common.serialize import ErrorInfo
+from apportion_common.status import ErrorKind, TaskStatus
 
 from .events import (
     AssignTask,
@@ -268,12 +269,12 @@ def _named(task: TaskRecord, worker: WorkerRecord) -> bool:
     return worker.name in task.allowed or worker.address in task.allowed
 
 
-def _status_of(task: TaskRecord) -> str:
+def _status_of(task: TaskRecord) -> TaskStatus:
     if task.state == MEMORY:
-        return "finished"
+        return TaskStatus.FINISHED
     if task.state == ERRED:
-        return "error"
-    return "pending"
+        return TaskStatus.ERROR
+    return TaskStatus.PENDING
 
 
 class ClusterState:
@@ -441,7 +442,7 @@ class ClusterState:
         if unknown:
             names = ", ".join(unknown)
             reason = f"task {task.key!r} needs {names}, which no worker seen so far declares"
-            cmds.append(ClientUpdate(client, task.key, "pending", waiting_reason=reason))
+            cmds.append(ClientUpdate(client, task.key, TaskStatus.PENDING, waiting_reason=reason))
 
     def _new_task(self, spec: TaskSubmission) -> TaskRecord:
         # Tasks of one shape share its shape tuple, resources dict and worker
@@ -489,11 +490,10 @@ class ClusterState:
             self._err(
                 task,
                 ErrorInfo(
-                    type_name="client_sdk.exceptions.MissingDependencyError",
-                    message=f"task {task.key!r} depends on {missing[0]!r}, "
+                    "MissingDependencyError",
+                    f"task {task.key!r} depends on {missing[0]!r}, "
                     "which the scheduler does not know (released or never submitted)",
-                    traceback="",
-                    exception=b"",
+                    kind=ErrorKind.MISSING_DEPENDENCY,
                 ),
                 cmds,
             )
@@ -533,7 +533,7 @@ class ClusterState:
                 continue  # forgotten while its dependents were cancelled
             for client in current.wanted_by:
                 if not (client == requester and current.key in named):
-                    cmds.append(ClientUpdate(client, current.key, "cancelled"))
+                    cmds.append(ClientUpdate(client, current.key, TaskStatus.CANCELLED))
                 self.clients.get(client, set()).discard(current.key)
             current.wanted_by.clear()
             self._forget(current, cmds)
@@ -561,13 +561,12 @@ class ClusterState:
             task = self.tasks.get(key)
             if task is None:
                 error = ErrorInfo(
-                    "client_sdk.exceptions.SchedulerConnectionError",
+                    "SchedulerConnectionError",
                     f"the scheduler no longer knows task {key!r}: it restarted without "
                     "--state-dir, or this client stayed away longer than its grace period",
-                    "",
-                    b"",
+                    kind=ErrorKind.SCHEDULER_CONNECTION,
                 )
-                cmds.append(ClientUpdate(client, key, "error", error=error))
+                cmds.append(ClientUpdate(client, key, TaskStatus.ERROR, error=error))
                 continue
             if client not in task.wanted_by:
                 if self.journaling:
@@ -673,7 +672,9 @@ class ClusterState:
         if kept_on is not None:
             self.workers[kept_on].reserved_for = None
         for client in task.wanted_by:
-            cmds.append(ClientUpdate(client, task.key, "finished", (worker.address,), nbytes))
+            cmds.append(
+                ClientUpdate(client, task.key, TaskStatus.FINISHED, (worker.address,), nbytes)
+            )
         self._result_ready(task, cmds)
 
     def _on_worker_left(self, event: WorkerLeft, cmds: list[Command]) -> None:
@@ -725,11 +726,10 @@ class ClusterState:
     def _killed_worker(self, task: TaskRecord) -> ErrorInfo:
         workers = ", ".join(task.suspects)
         return ErrorInfo(
-            type_name="client_sdk.exceptions.KilledWorker",
-            message=f"task {task.key!r} was running on {len(task.suspects)} workers that died "
+            "KilledWorker",
+            f"task {task.key!r} was running on {len(task.suspects)} workers that died "
             f"({workers}); allowed_failures is {self.policy.allowed_failures}",
-            traceback="",
-            exception=b"",
+            kind=ErrorKind.KILLED_WORKER,
         )
 
     def _on_resources_changed(self, event: WorkerResourcesChanged, cmds: list[Command]) -> None:
@@ -786,11 +786,10 @@ class ClusterState:
             for task in queued:
                 if self.now - task.ready_since >= timeout and task.state == READY:
                     error = ErrorInfo(
-                        type_name="client_sdk.exceptions.NoValidWorkerError",
-                        message=f"task {task.key!r} waited {timeout:g}s for a worker that "
+                        "NoValidWorkerError",
+                        f"task {task.key!r} waited {timeout:g}s for a worker that "
                         f"could hold it: {reason}",
-                        traceback="",
-                        exception=b"",
+                        kind=ErrorKind.NO_VALID_WORKER,
                     )
                     self._err(task, error, cmds)
 
@@ -805,7 +804,7 @@ class ClusterState:
                     dependent.state = WAITING  # its heap entry goes stale
         if self._needs_data(task):
             for client in task.wanted_by:
-                cmds.append(ClientUpdate(client, task.key, "pending"))
+                cmds.append(ClientUpdate(client, task.key, TaskStatus.PENDING))
             task.waiting_reason = ""  # told nothing now: tell again if it must wait
             self._make_runnable(task, cmds)
 
@@ -921,7 +920,7 @@ class ClusterState:
                     ClientUpdate(
                         client,
                         task.key,
-                        "finished",
+                        TaskStatus.FINISHED,
                         addresses,
                         task.nbytes,
                         inline_result=event.inline_result,
@@ -997,7 +996,7 @@ class ClusterState:
             current.error = error
             current.waiting_on.clear()
             for client in current.wanted_by:
-                cmds.append(ClientUpdate(client, current.key, "error", error=error))
+                cmds.append(ClientUpdate(client, current.key, TaskStatus.ERROR, error=error))
             if self.journaling:
                 cmds.append(TaskErredFinally(current.key, error))
             stack.extend(self.tasks[k] for k in current.dependents)
@@ -1071,7 +1070,10 @@ class ClusterState:
             for client in task.wanted_by:
                 cmds.append(
                     ClientUpdate(
-                        client, task.key, "pending", waiting_reason=f"task {task.key!r}: {reason}"
+                        client,
+                        task.key,
+                        TaskStatus.PENDING,
+                        waiting_reason=f"task {task.key!r}: {reason}",
                     )
                 )
 
@@ -1186,10 +1188,10 @@ class ClusterState:
 
     def _update_for(self, client: ClientId, task: TaskRecord) -> ClientUpdate:
         status = _status_of(task)
-        if status == "finished":
+        if status == TaskStatus.FINISHED:
             addresses = tuple(self.workers[w].address for w in sorted(task.who_has))
             return ClientUpdate(client, task.key, status, addresses, task.nbytes)
-        if status == "error":
+        if status == TaskStatus.ERROR:
             return ClientUpdate(client, task.key, status, error=task.error)
         return ClientUpdate(client, task.key, status, waiting_reason=task.waiting_reason)
 

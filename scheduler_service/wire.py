@@ -2,7 +2,7 @@
 
 Everything that arrives is checked before it becomes an event: a message that
 cannot be used raises :class:`WireError` naming the field that was wrong (the
-limits and the shared checks are in :mod:`apportion.boundary`). One pydantic
+limits and the shared checks are in :mod:`apportion_common.boundary`). One pydantic
 ``TypeAdapter`` per message kind does the checking; see that module for why
 and what it costs.
 """
@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 from pydantic import Field, TypeAdapter
 from typing_extensions import TypedDict
 
-from apportion.boundary import (
+from apportion_common.boundary import (
     MAX_DEPENDENCIES,
     MAX_ERROR_PICKLE_BYTES,
     MAX_ERROR_TYPE_LENGTH,
@@ -40,8 +40,9 @@ from apportion.boundary import (
     cut,
     shorten,
 )
-from apportion.resources import from_quanta, to_quanta
-from apportion.serialize import ErrorInfo
+from apportion_common.resources import from_quanta, to_quanta
+from apportion_common.serialize import ErrorInfo
+from apportion_common.status_pb import ERROR_KIND_TO_PB, TASK_STATUS_TO_PB
 from protos import apportion_pb2 as pb
 
 from .events import (
@@ -90,12 +91,6 @@ _MAX_UINT32 = (1 << 32) - 1
 #: A run's reported duration: a year is more than any task runs.
 MAX_DURATION_S = 366 * 24 * 3600.0
 
-_STATUS_TO_PB = {
-    "pending": pb.TASK_STATUS_PENDING,
-    "finished": pb.TASK_STATUS_FINISHED,
-    "error": pb.TASK_STATUS_ERROR,
-    "cancelled": pb.TASK_STATUS_CANCELLED,
-}
 
 # ------------------------------------------------------------ message schemas
 # Field names are the protobuf ones, so an error names the field as sent.
@@ -228,7 +223,7 @@ async def read_message(context: Any) -> object:
 
 def finished_from_pb(worker_id: WorkerId, done: pb.TaskFinished, what: str) -> TaskFinished:
     """Plain checks rather than a TypeAdapter: every task ends with one of
-    these (see the module docstring of :mod:`apportion.boundary` for the cost)."""
+    these (see the module docstring of :mod:`apportion_common.boundary` for the cost)."""
     key = done.key
     run_id = done.run_id
     inline_result = done.inline_result
@@ -331,7 +326,8 @@ def set_resources_from_pb(request: pb.SetWorkerResourcesRequest) -> tuple[str, d
 def error_from_pb(error: pb.TaskError) -> ErrorInfo:
     """A worker's report of a task's exception. Over-long text is cut, not
     refused: a user's exception may carry a huge message, and refusing it
-    would close the worker's stream over the user's bug."""
+    would close the worker's stream over the user's bug. A worker reports
+    only what task code raised: its kind is always TASK."""
     return ErrorInfo(
         type_name=cut(error.type_name, MAX_ERROR_TYPE_LENGTH) or "builtins.Exception",
         message=cut(error.message),
@@ -349,6 +345,7 @@ def error_to_pb(error: ErrorInfo) -> pb.TaskError:
         message=error.message,
         traceback=error.traceback,
         exception=error.exception,
+        kind=ERROR_KIND_TO_PB[error.kind],
     )
 
 
@@ -371,7 +368,7 @@ def assignment_to_pb(cmd: AssignTask) -> pb.TaskAssignment:
 def update_to_pb(cmd: ClientUpdate) -> pb.TaskUpdate:
     update = pb.TaskUpdate(
         key=cmd.key,
-        status=_STATUS_TO_PB[cmd.status],
+        status=TASK_STATUS_TO_PB[cmd.status],
         addresses=cmd.addresses,
         nbytes=cmd.nbytes,
         waiting_reason=cmd.waiting_reason,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from apportion.resources import Quanta, to_quanta
+from apportion_common.resources import Quanta, to_quanta
 
 
 class OverCommitted(RuntimeError):

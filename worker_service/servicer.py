@@ -1,6 +1,6 @@
 """The Worker gRPC service: peers and clients fetch results from here.
 
-FetchResult's chunks leave already serialized (:func:`apportion.transfer.chunks`
+FetchResult's chunks leave already serialized (:func:`apportion_common.transfer.chunks`
 encodes them with one copy of the data, where protobuf takes two), so the
 service is registered by :func:`add_worker_service` with a pass-through
 serializer for that stream instead of the generated ``add_WorkerServicer_to_server``.
@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from apportion.boundary import WireError, check_count, check_key
-from apportion.services import add_service
-from apportion.transfer import BATCH_FETCH_MAX_KEYS, BATCH_FETCH_REPLY_BYTES, chunks
+from apportion_common.boundary import WireError, check_count, check_key
+from apportion_common.services import add_service
+from apportion_common.transfer import BATCH_FETCH_MAX_KEYS, BATCH_FETCH_REPLY_BYTES, chunks
 from protos import apportion_pb2 as pb
 
 from .store import ResultStore

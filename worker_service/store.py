@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from apportion.serialize import Frames
+from apportion_common.serialize import Frames
 
 
 @dataclass(frozen=True, slots=True)

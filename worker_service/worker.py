@@ -38,9 +38,9 @@ from typing import Any
 
 import grpc
 
-from apportion import boundary, serialize
-from apportion.grpc_server import ServingHealth, bind, make_server
-from apportion.security import (
+from apportion_common import boundary, serialize
+from apportion_common.grpc_server import ServingHealth, bind, make_server
+from apportion_common.security import (
     TLS,
     UNAUTHENTICATED_EXIT_CODE,
     Authorizer,
@@ -49,8 +49,8 @@ from apportion.security import (
     ServerSecurity,
     token_digest,
 )
-from apportion.task_context import TaskContext, set_task_context
-from apportion.transfer import ChannelPool, ResultUnavailable
+from apportion_common.task_context import TaskContext, set_task_context
+from apportion_common.transfer import ChannelPool, ResultUnavailable
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
 
@@ -893,7 +893,7 @@ async def run_worker(
     tls: TLS | None = None,
 ) -> None:
     """Run one worker until SIGINT/SIGTERM."""
-    from apportion.grpc_server import install_stop_signals
+    from apportion_common.grpc_server import install_stop_signals
 
     worker = Worker(
         scheduler_address,

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import trustme
 
-from apportion.security import TLS, ClientSecurity
+from apportion_common.security import TLS, ClientSecurity
 from client_sdk import Client, LocalCluster, SchedulerConnectionError
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
-from tests.conftest import APPORTION, Processes, wait_for
+from tests.helpers.processes import APPORTION, Processes, wait_for
 
 TOKEN = "s3cret-token_for.tests"
 WORKER_TOKEN = "worker-only-secret"

@@ -14,12 +14,12 @@ from types import ModuleType
 import grpc
 import pytest
 
-from apportion import serialize
-from apportion.grpc_server import insecure_channel
+from apportion_common import serialize
+from apportion_common.grpc_server import insecure_channel
 from client_sdk import Client, SerializationError
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
-from tests.conftest import Processes, assert_all_released, cluster_state
+from tests.helpers.processes import Processes, assert_all_released, cluster_state
 
 TIMEOUT = 30.0
 
@@ -74,7 +74,7 @@ async def test_a_garbage_payload_errs_that_task_alone(
         assert serialize.loads(final["good"].inline_result) == 4
         error = final["garbage"].status, final["garbage"].error
         assert error[0] == pb.TASK_STATUS_ERROR
-        assert error[1].type_name == "apportion.serialize.SerializationError"
+        assert error[1].type_name == "apportion_common.serialize.SerializationError"
         assert "cannot unpickle the function of task 'garbage'" in error[1].message
         await call.done_writing()
     # The worker is still there and still works, for anyone.

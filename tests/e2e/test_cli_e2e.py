@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from client_sdk import Client
-from tests.conftest import (
+from tests.helpers.processes import (
     APPORTION,
     Processes,
     cluster_state,
@@ -19,7 +19,7 @@ from tests.conftest import (
     wait_for,
     wait_for_workers,
 )
-from tests.e2e.helpers import max_overlap, timed_sleep
+from tests.helpers.tasks import max_overlap, timed_sleep
 
 UNREACHABLE = "127.0.0.1:1"  # nothing listens there: a worker that started would hang
 

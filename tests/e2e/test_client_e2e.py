@@ -21,8 +21,8 @@ from client_sdk import (
     annotate,
     get_task_context,
 )
-from tests.conftest import Processes, assert_all_released, cluster_state, wait_for
-from tests.e2e.helpers import where_and_held
+from tests.helpers.processes import Processes, assert_all_released, cluster_state, wait_for
+from tests.helpers.tasks import where_and_held
 
 
 def wait_until_no_tasks(address: str, what: str) -> None:

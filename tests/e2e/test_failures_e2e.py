@@ -14,8 +14,8 @@ import pytest
 
 import client_sdk
 from client_sdk import Client, get_task_context
-from tests.conftest import Processes, assert_all_released, cluster_state, wait_for
-from tests.e2e.helpers import timed_sleep, touch_then_sleep
+from tests.helpers.processes import Processes, assert_all_released, cluster_state, wait_for
+from tests.helpers.tasks import timed_sleep, touch_then_sleep
 from worker_service.worker import INLINE_RESULT_BYTES
 
 

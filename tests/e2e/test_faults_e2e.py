@@ -20,7 +20,7 @@ import pytest
 
 import client_sdk
 from client_sdk import Client
-from tests.conftest import (
+from tests.helpers.processes import (
     Processes,
     assert_all_released,
     cluster_state,

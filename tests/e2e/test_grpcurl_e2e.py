@@ -6,7 +6,7 @@ import json
 import subprocess
 from collections.abc import Callable
 
-from tests.conftest import Processes, read_line
+from tests.helpers.processes import Processes, read_line
 
 Grpcurl = Callable[..., subprocess.CompletedProcess[str]]
 

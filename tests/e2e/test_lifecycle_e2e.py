@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from client_sdk import Client
-from tests.conftest import APPORTION, Processes, cluster_state, read_line, wait_for
+from tests.helpers.processes import APPORTION, Processes, cluster_state, read_line, wait_for
 
 
 def free_port() -> int:

@@ -34,7 +34,7 @@ from typing import IO, Any
 
 import pytest
 
-from tests.conftest import APPORTION, wait_for
+from tests.helpers.processes import APPORTION, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 IP = shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin")

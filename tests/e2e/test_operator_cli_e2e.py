@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from client_sdk import Client
-from tests.conftest import Processes, cluster_state, wait_for, wait_for_workers
-from tests.e2e.helpers import timed_sleep, touch_then_sleep
+from tests.helpers.processes import Processes, cluster_state, wait_for, wait_for_workers
+from tests.helpers.tasks import timed_sleep, touch_then_sleep
 
 
 def _cli(processes: Processes, *args: str) -> tuple[int, str, str]:

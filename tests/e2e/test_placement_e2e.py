@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from client_sdk import Client
-from tests.conftest import Processes, assert_all_released
-from tests.e2e.helpers import where_and_held
+from tests.helpers.processes import Processes, assert_all_released
+from tests.helpers.tasks import where_and_held
 
 
 def where(_: int) -> str:

@@ -9,8 +9,8 @@ import random
 import pytest
 
 from client_sdk import Client, get_task_context
-from tests.conftest import Processes, assert_all_released, cluster_state, wait_for
-from tests.e2e.helpers import max_overlap, timed_sleep, where_and_held
+from tests.helpers.processes import Processes, assert_all_released, cluster_state, wait_for
+from tests.helpers.tasks import max_overlap, timed_sleep, where_and_held
 
 SLEEP_S = 0.3
 PAYLOAD_BYTES = 20_000_000

@@ -14,8 +14,8 @@ import pytest
 
 import client_sdk
 from client_sdk import Client, get_task_context
-from tests.conftest import Processes, assert_all_released, cluster_state, wait_for
-from tests.e2e.helpers import max_overlap, timed_sleep, touch_then_sleep, where_and_held
+from tests.helpers.processes import Processes, assert_all_released, cluster_state, wait_for
+from tests.helpers.tasks import max_overlap, timed_sleep, touch_then_sleep, where_and_held
 
 
 def worker_name() -> str:

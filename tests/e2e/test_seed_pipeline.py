@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 from client_sdk import Client, get_task_context
-from tests.conftest import Processes, assert_all_released
-from tests.e2e.helpers import max_overlap
+from tests.helpers.processes import Processes, assert_all_released
+from tests.helpers.tasks import max_overlap
 
 
 def load(i: int) -> list[int]:

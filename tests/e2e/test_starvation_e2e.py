@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 
 from client_sdk import Client
-from tests.conftest import Processes
-from tests.e2e.helpers import max_overlap
+from tests.helpers.processes import Processes
+from tests.helpers.tasks import max_overlap
 
 
 def small(i: int) -> tuple[float, float]:

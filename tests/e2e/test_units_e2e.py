@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from client_sdk import Client
-from tests.conftest import Processes
-from tests.e2e.helpers import where_and_held
+from tests.helpers.processes import Processes
+from tests.helpers.tasks import where_and_held
 
 GIB = 1024**3
 

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from client_sdk import Client
-from tests.conftest import Processes, assert_all_released, cluster_state, wait_for
-from tests.e2e.helpers import max_overlap, timed_sleep
+from tests.helpers.processes import Processes, assert_all_released, cluster_state, wait_for
+from tests.helpers.tasks import max_overlap, timed_sleep
 
 SLEEP_S = 0.2
 TASKS = 8

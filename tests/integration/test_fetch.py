@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from apportion import serialize
-from apportion.grpc_server import insecure_channel, make_server
-from apportion.transfer import ChannelPool, ResultUnavailable
+from apportion_common import serialize
+from apportion_common.grpc_server import insecure_channel, make_server
+from apportion_common.transfer import ChannelPool, ResultUnavailable
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
 from worker_service.servicer import WorkerServicer, add_worker_service

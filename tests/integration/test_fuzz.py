@@ -31,8 +31,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from apportion import serialize
-from apportion.grpc_server import insecure_channel
+from apportion_common import serialize
+from apportion_common.grpc_server import insecure_channel
 from client_sdk import Client
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
@@ -197,7 +197,7 @@ class Cluster:
 def unexpected(record: logging.LogRecord) -> bool:
     """An error log no bad input should cause: any from our services, and any
     exception gRPC caught escaping a handler (requests that do not parse are
-    refused by apportion.services before gRPC would log one)."""
+    refused by apportion_common.services before gRPC would log one)."""
     return record.name.startswith(("scheduler_service", "worker_service", "grpc"))
 
 
@@ -667,7 +667,7 @@ async def test_a_message_over_the_receive_limit_is_refused_and_the_scheduler_car
 ) -> None:
     """gRPC refuses a message over the server's receive limit (256 MiB) before
     any of our code runs: the sender gets RESOURCE_EXHAUSTED."""
-    from apportion.grpc_server import MAX_MESSAGE_BYTES
+    from apportion_common.grpc_server import MAX_MESSAGE_BYTES
 
     # A channel that would send it (ours refuse to, at the same limit).
     async with grpc.aio.insecure_channel(

@@ -11,8 +11,8 @@ import math
 import grpc
 import pytest
 
-from apportion import serialize
-from apportion.grpc_server import insecure_channel
+from apportion_common import serialize
+from apportion_common.grpc_server import insecure_channel
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
 from scheduler_service import SchedulerServer

@@ -104,7 +104,7 @@ AddressOrEmpty = Annotated[
 
 
 def _resource_name(name: str) -> str:
-    # Worded as the command line words it (apportion.resources.check_amount).
+    # Worded as the command line words it (apportion_common.resources.check_amount).
     if not name.strip():
         raise ValueError("the name is empty" if not name else "the name is blank")
     if len(name) > MAX_RESOURCE_NAME_LENGTH:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apportion.resources import Quanta, to_quanta
+from apportion_common.resources import Quanta, to_quanta
 from scheduler_service.placement import fits, infeasibility_reason, pick_worker
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from scheduler_service.events import Tick
 from scheduler_service.state import PROCESSING, READY
-from tests.unit.test_state import Sim, assigns
+from tests.helpers.scheduler_sim import Sim, assigns
 
 
 def busy_memory_worker(sim: Sim) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from apportion.resources import Quanta
+from apportion_common.resources import Quanta
 from scheduler_service.events import (
     AssignTask,
     CancelRun,
@@ -27,7 +27,7 @@ from scheduler_service.events import (
 from scheduler_service.placement import pick_queue
 from scheduler_service.policy import QUEUE_MAX_PER_THREAD, SchedulingPolicy
 from scheduler_service.state import ERRED, PROCESSING, READY, ClusterState, key_prefix
-from tests.unit.test_state import BOOM, Sim, assigns, q
+from tests.helpers.scheduler_sim import BOOM, Sim, assigns, q
 from worker_service.ledger import Ledger
 
 

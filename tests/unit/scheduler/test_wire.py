@@ -14,8 +14,8 @@ import timeit
 
 import pytest
 
-from apportion import boundary, serialize
-from apportion.boundary import WireError, check_address
+from apportion_common import boundary, serialize
+from apportion_common.boundary import WireError, check_address
 from client_sdk.client import _ClientCore, _KeyState
 from protos import apportion_pb2 as pb
 from scheduler_service import wire

@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
-from apportion.resources import Quanta, to_quanta
-from apportion.serialize import ErrorInfo
+from apportion_common.resources import Quanta, to_quanta
+from apportion_common.serialize import ErrorInfo
 from scheduler_service.events import (
     AssignTask,
     CancelRun,

@@ -14,8 +14,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from apportion import security
-from apportion.security import (
+from apportion_common import security
+from apportion_common.security import (
     TLS,
     Authorizer,
     ClientSecurity,
@@ -28,7 +28,7 @@ from apportion.security import (
     roles_for,
     token_digest,
 )
-from apportion.settings import SecuritySettings
+from apportion_common.settings import SecuritySettings
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
 from scheduler_service import SchedulerServer

@@ -1,6 +1,6 @@
 """Moving results between processes: chunked streams over the Worker service.
 
-Results are pickled values (:class:`~apportion.serialize.Frames`: a pickle
+Results are pickled values (:class:`~apportion_common.serialize.Frames`: a pickle
 plus its large buffers, uncopied) kept by the worker that made (or fetched)
 them. They travel as a stream of chunks, so a value far larger than gRPC's
 message limit moves without any single large message. The sender cuts chunks

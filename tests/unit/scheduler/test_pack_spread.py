@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from apportion.resources import to_quanta
+from apportion_common.resources import to_quanta
 from scheduler_service import SchedulingPolicy
 from scheduler_service.events import TasksSubmitted, TaskSubmission, WorkerJoined
 from scheduler_service.placement import pick_worker
 from scheduler_service.state import ClusterState
-from tests.unit.test_state import assigns
+from tests.helpers.scheduler_sim import assigns
 
 
 @dataclass

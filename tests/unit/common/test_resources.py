@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apportion.resources import (
+from apportion_common.resources import (
     QUANTA_PER_UNIT,
     ResourceSpecError,
     check_amount,

@@ -3,6 +3,7 @@ the undeclared-resource warning, on the pure state machine."""
 
 from __future__ import annotations
 
+from apportion_common.status import ErrorKind
 from scheduler_service import SchedulingPolicy
 from scheduler_service.events import (
     DeclareResources,
@@ -13,7 +14,7 @@ from scheduler_service.events import (
     WorkerResourcesChanged,
 )
 from scheduler_service.state import ERRED, PROCESSING, READY, ClusterState
-from tests.unit.test_state import Sim, assigns, q, updates
+from tests.helpers.scheduler_sim import Sim, assigns, q, updates
 
 
 def restricted(sim: Sim, key: str, workers: tuple[str, ...], loose: bool = False, **res: float):
@@ -82,7 +83,7 @@ def test_killed_worker_after_allowed_failures() -> None:
     assert sim.status("bad") == ERRED
     (update,) = updates(cmds, "bad")
     assert update.error is not None
-    assert update.error.type_name == "client_sdk.exceptions.KilledWorker"
+    assert update.error.kind is ErrorKind.KILLED_WORKER
     assert "'bad'" in update.error.message and "w1" in update.error.message
     assert sim.status("innocent") == READY  # one death is allowed: queued again
     sim.join(3)
@@ -174,7 +175,7 @@ def test_no_worker_timeout_errs_tasks_no_worker_can_hold() -> None:
     cmds = sim(Tick(105.5))
     (update,) = updates(cmds, "never")
     assert update.status == "error" and update.error is not None
-    assert update.error.type_name == "client_sdk.exceptions.NoValidWorkerError"
+    assert update.error.kind is ErrorKind.NO_VALID_WORKER
     assert "TPU=1" in update.error.message
     assert sim.status("fine") == PROCESSING
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from apportion.resources import to_quanta
-from apportion.serialize import ErrorInfo
+from apportion_common.resources import to_quanta
+from apportion_common.serialize import ErrorInfo
 from scheduler_service.events import (
     JOURNAL_COMMANDS,
     AssignTask,

@@ -23,6 +23,8 @@ from typing import Any
 
 import cloudpickle
 
+from .status import ErrorKind
+
 
 class SerializationError(TypeError):
     """A function, argument or result that cannot be pickled."""
@@ -37,12 +39,14 @@ class InputRef:
 
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
-    """An exception raised by a task, in a form that survives the wire."""
+    """An exception raised by a task (or by apportion on its behalf: ``kind``),
+    in a form that survives the wire."""
 
     type_name: str
     message: str
-    traceback: str
-    exception: bytes  # cloudpickled exception, or b"" when it would not pickle
+    traceback: str = ""
+    exception: bytes = b""  # cloudpickled exception, or b"" when it would not pickle
+    kind: ErrorKind = ErrorKind.TASK
 
 
 def dumps(obj: object) -> bytes:

@@ -7,7 +7,7 @@ import os
 import pydantic
 import pytest
 
-from apportion.settings import SchedulerSettings, WorkerSettings
+from apportion_common.settings import SchedulerSettings, WorkerSettings
 
 
 @pytest.fixture(autouse=True)

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from apportion import serialize
-from apportion.serialize import OUT_OF_BAND_MIN_BYTES, Frames
-from apportion.transfer import chunk_view, chunks
+from apportion_common import serialize
+from apportion_common.serialize import OUT_OF_BAND_MIN_BYTES, Frames
+from apportion_common.transfer import chunk_view, chunks
 from protos import apportion_pb2 as pb
 
 BIG = OUT_OF_BAND_MIN_BYTES * 3 + 5

@@ -1,0 +1,64 @@
+"""``apportion local``: a scheduler and workers on this machine until interrupted."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Annotated
+
+import typer
+
+from apportion_common.resources import ResourceSpecError, parse_resources
+from client_sdk import LocalCluster
+
+from .options import (
+    TlsCaOption,
+    TlsCertOption,
+    TlsKeyOption,
+    TokenOption,
+    fail,
+    read_tls,
+    security_settings,
+)
+
+
+def local(
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 2,
+    nthreads: Annotated[int, typer.Option(help="Threads per worker.")] = 1,
+    resources: Annotated[str | None, typer.Option(help="Resources of each worker.")] = None,
+    port: Annotated[int, typer.Option(help="Scheduler port (0 picks one).")] = 8786,
+    token: TokenOption = None,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+) -> None:
+    """Run a scheduler and workers on this machine until interrupted."""
+    if workers < 0 or nthreads < 1:
+        fail("--workers must be >= 0 and --nthreads >= 1")
+    secure = security_settings(token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
+    tls = read_tls(secure, serving=True)
+    try:
+        res = parse_resources(resources) if resources is not None else {}
+    except ResourceSpecError as exc:
+        fail(str(exc))
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    try:
+        cluster = LocalCluster(
+            n_workers=workers,
+            nthreads=nthreads,
+            resources=res,
+            port=port,
+            token=secure.token,
+            tls=tls,
+        )
+    except (RuntimeError, TimeoutError) as exc:
+        fail(f"the local cluster did not start: {exc}")
+    with cluster:
+        typer.echo(f"apportion local cluster: scheduler at {cluster.address}, {workers} workers")
+        creds = ", token=..." if secure.token else ""
+        creds += ", tls=TLS(ca=..., cert=..., key=...)" if tls is not None else ""
+        typer.echo(f"  connect with: Client({cluster.address!r}{creds}); stop with Ctrl-C")
+        while not stopping.wait(0.5):
+            pass

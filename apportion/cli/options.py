@@ -1,0 +1,95 @@
+"""What several commands share: failing with one line, logging, addresses,
+settings errors, security flags."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Annotated, Any, NoReturn
+
+import typer
+from pydantic import ValidationError
+
+from apportion_common.security import TLS, ClientSecurity, SecurityConfigError, tls_from_paths
+from apportion_common.settings import SecuritySettings
+
+
+def fail(message: str) -> NoReturn:
+    typer.echo(f"apportion: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("APPORTION_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def check_address(address: str) -> str:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        fail(f"address {address!r}: expected HOST:PORT")
+    return address
+
+
+def settings_error(exc: ValidationError) -> str:
+    """The first thing pydantic found wrong, as one line naming the setting."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return f"{where}: {first['msg'].removeprefix('Value error, ')}"
+
+
+# Security options, shared by every command that serves or calls (security.py).
+# Prefer the environment for tokens: other users of a machine can see argv.
+TokenOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Shared secret, sent as 'authorization: Bearer TOKEN' (env APPORTION_TOKEN).",
+        show_default=False,
+    ),
+]
+TlsCaOption = Annotated[
+    str | None,
+    typer.Option(help="CA certificate (PEM) the other side's must chain to (APPORTION_TLS_CA)."),
+]
+TlsCertOption = Annotated[
+    str | None, typer.Option(help="This side's certificate (PEM) (APPORTION_TLS_CERT).")
+]
+TlsKeyOption = Annotated[
+    str | None, typer.Option(help="This side's private key (PEM) (APPORTION_TLS_KEY).")
+]
+
+
+def security_settings(**flags: str | None) -> SecuritySettings:
+    """Flags over APPORTION_TOKEN, APPORTION_TLS_* and the like; bad ones exit 2."""
+    try:
+        given: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
+        return SecuritySettings(**given)
+    except ValidationError as exc:
+        fail(settings_error(exc))
+
+
+def read_tls(settings: SecuritySettings, serving: bool) -> TLS | None:
+    """The TLS files, read now: a missing or bad one stops us before anything starts."""
+    try:
+        tls = tls_from_paths(settings.tls_ca, settings.tls_cert, settings.tls_key)
+        if tls is not None and serving:
+            tls.server_credentials()
+        elif tls is not None:
+            tls.channel_credentials()
+    except SecurityConfigError as exc:
+        fail(str(exc))
+    return tls
+
+
+def caller_security(
+    token: str | None, tls_ca: str | None, tls_cert: str | None, tls_key: str | None
+) -> ClientSecurity:
+    """For commands that call the scheduler as a client: --token, else
+    APPORTION_CLIENT_TOKEN, else APPORTION_TOKEN."""
+    settings = security_settings(token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
+    chosen = settings.token if token is not None else settings.client_role_token
+    return ClientSecurity(chosen, read_tls(settings, serving=False))

@@ -1,0 +1,144 @@
+"""``apportion scheduler``: run the scheduler until interrupted."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from apportion_common.security import Authorizer, ServerSecurity
+from apportion_common.settings import SchedulerSettings
+from scheduler_service import SchedulingPolicy, run_scheduler
+
+from .options import (
+    TlsCaOption,
+    TlsCertOption,
+    TlsKeyOption,
+    TokenOption,
+    fail,
+    read_tls,
+    security_settings,
+    settings_error,
+    setup_logging,
+)
+
+
+def scheduler(
+    host: Annotated[str | None, typer.Option(help="Interface to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on (0 picks one).")] = None,
+    starvation_after: Annotated[
+        float | None,
+        typer.Option(help="Seconds before a waiting task gets a worker reserved (default 2)."),
+    ] = None,
+    placement: Annotated[
+        str | None,
+        typer.Option(help="spread: least busy fitting worker first (default); pack: busiest."),
+    ] = None,
+    allowed_failures: Annotated[
+        int | None,
+        typer.Option(help="Worker deaths a task may cause before it errs (default 3)."),
+    ] = None,
+    no_worker_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds before a task no worker can hold errs (default: wait)."),
+    ] = None,
+    worker_ttl: Annotated[
+        float | None,
+        typer.Option(help="Seconds of silence before a worker is declared lost (default 5)."),
+    ] = None,
+    client_grace: Annotated[
+        float | None,
+        typer.Option(help="Seconds a disconnected client has to come back (default 10)."),
+    ] = None,
+    state_dir: Annotated[
+        str | None,
+        typer.Option(help="Keep a journal of accepted tasks here; survive restarts."),
+    ] = None,
+    worker_queue: Annotated[
+        int | None,
+        typer.Option(
+            help="Tasks each worker may hold queued, to start as soon as one ends "
+            "(default: two per thread, more of a kind of task measured short: "
+            "about 5 ms of work per thread, at most 16; 0: none; N: N per worker)."
+        ),
+    ] = None,
+    token: TokenOption = None,
+    worker_token: Annotated[
+        str | None,
+        typer.Option(
+            help="Replaces --token for workers (APPORTION_WORKER_TOKEN).", show_default=False
+        ),
+    ] = None,
+    client_token: Annotated[
+        str | None,
+        typer.Option(
+            help="Replaces --token for clients and the CLI (APPORTION_CLIENT_TOKEN).",
+            show_default=False,
+        ),
+    ] = None,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+) -> None:
+    """Run the scheduler until interrupted."""
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "host": host,
+            "port": port,
+            "starvation_after": starvation_after,
+            "placement": placement,
+            "allowed_failures": allowed_failures,
+            "no_worker_timeout": no_worker_timeout,
+            "worker_ttl": worker_ttl,
+            "client_grace": client_grace,
+            "state_dir": state_dir,
+            "worker_queue": worker_queue,
+        }.items()
+        if v is not None
+    }
+    try:
+        settings = SchedulerSettings(**overrides)
+    except ValidationError as exc:
+        fail(settings_error(exc))
+    secure = security_settings(
+        token=token,
+        worker_token=worker_token,
+        client_token=client_token,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+    )
+    worker_secret, client_secret = secure.worker_role_token, secure.client_role_token
+    security = ServerSecurity(
+        None
+        if worker_secret is None and client_secret is None
+        else Authorizer.for_tokens(worker=worker_secret, client=client_secret),
+        read_tls(secure, serving=True),
+    )
+    setup_logging()
+    try:
+        policy = SchedulingPolicy(
+            starvation_after=settings.starvation_after,
+            placement=settings.placement,
+            allowed_failures=settings.allowed_failures,
+            no_worker_timeout=settings.no_worker_timeout,
+            client_grace=settings.client_grace,
+            recovery_grace=settings.recovery_grace,
+            worker_queue=settings.worker_queue,
+        )
+        asyncio.run(
+            run_scheduler(
+                settings.host,
+                settings.port,
+                policy=policy,
+                validate=settings.check_invariants,
+                worker_ttl=settings.worker_ttl,
+                state_dir=settings.state_dir,
+                security=security,
+            )
+        )
+    except OSError as exc:
+        fail(str(exc))

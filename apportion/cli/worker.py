@@ -1,0 +1,146 @@
+"""``apportion worker``: worker processes, under a nanny unless told otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from apportion_common.resources import ResourceSpecError, format_resources, parse_resources
+from apportion_common.settings import WorkerSettings
+from worker_service import run_worker
+from worker_service.nanny import Nanny
+
+from .options import (
+    TlsCaOption,
+    TlsCertOption,
+    TlsKeyOption,
+    TokenOption,
+    check_address,
+    fail,
+    read_tls,
+    security_settings,
+    settings_error,
+    setup_logging,
+)
+
+
+def worker(
+    scheduler_address: Annotated[str, typer.Argument(help="The scheduler, HOST:PORT.")],
+    resources: Annotated[
+        str | None,
+        typer.Option(help='Resources of each worker process, e.g. "GPU=2 MEMORY=100e9".'),
+    ] = None,
+    nthreads: Annotated[int | None, typer.Option(help="Threads per worker process.")] = None,
+    nworkers: Annotated[int | None, typer.Option(help="Worker processes to start.")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Worker name (suffixed -0, -1... if several).")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Address to serve results on.")] = None,
+    nanny: Annotated[
+        bool,
+        typer.Option(
+            "--nanny/--no-nanny",
+            help="Run each worker process under a parent that restarts it if it dies.",
+        ),
+    ] = True,
+    token: TokenOption = None,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+) -> None:
+    """Run worker processes that execute tasks within their declared resources."""
+    check_address(scheduler_address)
+    settings = _worker_settings(resources, nthreads, nworkers, name, host)
+    secure = security_settings(token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
+    # --token, else APPORTION_WORKER_TOKEN, else APPORTION_TOKEN.
+    worker_secret = secure.token if token is not None else secure.worker_role_token
+    tls = read_tls(secure, serving=True)  # a worker also serves results
+    # Child worker processes read these from the environment they inherit
+    # (not argv, which other users of the machine can see).
+    if worker_secret is not None:
+        os.environ["APPORTION_WORKER_TOKEN"] = worker_secret
+    if tls is not None:
+        os.environ.update(tls.env())
+    setup_logging()
+    if nanny or settings.nworkers > 1:
+        supervisor = Nanny(
+            lambda index: _child_command(scheduler_address, settings, index), settings.nworkers
+        )
+        supervisor.stop_on_signals()
+        raise typer.Exit(supervisor.run())
+    asyncio.run(
+        run_worker(
+            scheduler_address,
+            resources=settings.resources,
+            nthreads=settings.nthreads,
+            name=settings.name,
+            host=settings.host,
+            token=worker_secret,
+            tls=tls,
+        )
+    )
+    # Task threads cannot be interrupted; do not let one hold the process up.
+    if threading.active_count() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def _child_command(scheduler_address: str, settings: WorkerSettings, index: int) -> list[str]:
+    """How the nanny starts worker process ``index``: this command, one process."""
+    args = [
+        sys.executable,
+        "-m",
+        "apportion",
+        "worker",
+        scheduler_address,
+        "--no-nanny",
+        "--nthreads",
+        str(settings.nthreads),
+        "--nworkers",
+        "1",
+        "--resources",
+        format_resources(settings.resources),
+    ]
+    if settings.name:
+        several = settings.nworkers > 1
+        args += ["--name", f"{settings.name}-{index}" if several else settings.name]
+    if settings.host:
+        args += ["--host", settings.host]
+    return args
+
+
+def _worker_settings(
+    resources: str | None,
+    nthreads: int | None,
+    nworkers: int | None,
+    name: str | None,
+    host: str | None,
+) -> WorkerSettings:
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in {"nthreads": nthreads, "nworkers": nworkers, "name": name, "host": host}.items()
+        if v is not None
+    }
+    try:
+        parsed = parse_resources(resources) if resources is not None else None
+        if parsed is not None:
+            # Passed in, the environment's resources are not even read (a bad
+            # one there must not stop a worker whose flag overrides it): see
+            # _ResourcesFromEnv.
+            overrides["resources"] = parsed
+        settings = WorkerSettings(**overrides)
+    except ResourceSpecError as exc:
+        fail(str(exc))
+    except ValidationError as exc:
+        fail(settings_error(exc))
+    if parsed is not None:
+        # The flag replaces resources from the environment as a whole.
+        settings = settings.model_copy(update={"resources": parsed})
+    return settings

@@ -1,0 +1,1 @@
+"""Harnesses the tests share: real processes, the scheduler simulator, task functions."""
