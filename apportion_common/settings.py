@@ -98,6 +98,9 @@ class WorkerSettings(BaseSettings):
     nworkers: int = Field(1, ge=1, le=1_000)
     name: str | None = None
     host: str | None = None
+    #: Check the worker's books after every stimulus and exit with status 70
+    #: on a fault (for tests; costs time).
+    check_invariants: bool = False
 
     @field_validator("resources", mode="before")
     @classmethod

@@ -18,9 +18,10 @@ from collections.abc import Callable
 
 log = logging.getLogger("worker_service")
 
-#: A child that exits with one of these would fail the same way again
-#: (2: refused, bad settings; 77: refused credentials).
-FATAL_EXIT_CODES = frozenset({2, 77})
+#: A child that exits with one of these would fail the same way again (2:
+#: refused, bad settings; 77: refused credentials), or must not be hidden by a
+#: restart (70: its books broke, with invariant checks on).
+FATAL_EXIT_CODES = frozenset({2, 70, 77})
 #: A child that dies younger than this is restarted after a pause (no hot loop).
 MIN_LIFETIME_S = 1.0
 #: How long stopping waits for a child to leave after SIGTERM before SIGKILL.

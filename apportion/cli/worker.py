@@ -83,6 +83,7 @@ def worker(
             host=settings.host,
             token=worker_secret,
             tls=tls,
+            validate=settings.check_invariants,
         )
     )
     # Task threads cannot be interrupted; do not let one hold the process up.

@@ -92,3 +92,26 @@ def test_a_worker_starts_its_queued_runs_highest_priority_first(
         (_, blocked_until), (low_start, _), (high_start, _) = client.gather([blocker, low, high])
     assert blocked_until <= high_start < low_start
     assert_all_released(scheduler_address)
+
+
+def test_a_free_thread_is_never_held_back_by_a_queued_task_waiting_for_a_resource(
+    processes: Processes, scheduler_address: str
+) -> None:
+    """Dask's test_constrained_vs_ready_priority_2 on real processes. One
+    worker, 2 threads, R=1: ``a`` holds a thread, ``b`` a thread and R; then
+    ``y`` (needs R) and ``x`` (needs only a thread) are queued there, y first.
+    When a ends, x starts at once, although y has waited over a second by then
+    (it used to block every task queued behind it after QUEUE_OVERTAKE_S, 1 s)."""
+    processes.worker(scheduler_address, "--nthreads", "2", "--resources", "R=1")
+    with Client(scheduler_address) as client:
+        a = client.submit(timed_sleep, 1.5, key="a")
+        b = client.submit(timed_sleep, 4.0, key="b", resources={"R": 1})
+        wait_for(lambda: cluster_state(scheduler_address).workers[0].running == 2, 15, "a and b")
+        y = client.submit(timed_sleep, 0.1, key="y", resources={"R": 1})
+        x = client.submit(timed_sleep, 0.1, key="x")
+        wait_for(lambda: cluster_state(scheduler_address).workers[0].queued == 2, 5, "both queued")
+        (_, a_end), (_, b_end), (y_start, _), (x_start, _) = client.gather([a, b, y, x])
+    assert a_end <= x_start < a_end + 0.5, (a_end, x_start)
+    assert x_start < b_end - 1.0
+    assert b_end <= y_start  # y needs R: it starts when b gives R back
+    assert_all_released(scheduler_address)

@@ -18,6 +18,8 @@ import grpc
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
 
+#: The status a scheduler or worker exits with when a check of its books fails.
+INVARIANT_EXIT_CODE = 70
 APPORTION = str(Path(sys.executable).parent / "apportion")
 START_TIMEOUT = 30.0
 
@@ -67,8 +69,14 @@ class Processes:
     def start(
         self, *args: str, env: dict[str, str] | None = None, capture: bool = False
     ) -> subprocess.Popen[bytes]:
-        # Every scheduler a test starts checks its books after every event.
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1", APPORTION_SCHEDULER__CHECK_INVARIANTS="1")
+        # Every scheduler and worker a test starts checks its books after every
+        # event (and exits with INVARIANT_EXIT_CODE on a fault: stop_all fails then).
+        full_env = dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            APPORTION_SCHEDULER__CHECK_INVARIANTS="1",
+            APPORTION_WORKER__CHECK_INVARIANTS="1",
+        )
         if env:
             full_env.update(env)
         proc = subprocess.Popen(
@@ -109,6 +117,8 @@ class Processes:
             for stream in (proc.stdout, proc.stderr):
                 if stream is not None:
                     stream.close()
+        broken = [p.args for p in self.procs if p.returncode == INVARIANT_EXIT_CODE]
+        assert not broken, f"these processes found their books broken (status 70): {broken}"
 
 
 def read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:

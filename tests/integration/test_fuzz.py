@@ -185,7 +185,8 @@ class Cluster:
             )
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         self.server.servicer.state.validate()
-        self.worker.ledger.validate()
+        self.worker.state.validate()
+        assert self.worker.broken is None
         errors = [
             r.getMessage()
             for r in self.caplog.records
@@ -224,14 +225,16 @@ async def real_task_runs(server: SchedulerServer, worker: Worker) -> None:
         assert asyncio.get_running_loop().time() < deadline, f"still held: {held}"
         await asyncio.sleep(0.05)
     server.servicer.state.validate()
-    assert worker.ledger.used() == {}
+    assert worker.state.ledger.used() == {}
 
 
 @pytest.fixture
 async def cluster(
     scheduler_server: SchedulerServer, caplog: pytest.LogCaptureFixture
 ) -> AsyncIterator[Cluster]:
-    async with Worker(scheduler_server.address, nthreads=2, resources={"GPU": 2}) as worker:
+    async with Worker(
+        scheduler_server.address, nthreads=2, resources={"GPU": 2}, validate=True
+    ) as worker:
         await worker.wait_registered(10)
         worker.store.put(STORED_KEY, 0, b"x" * 100)
         async with (
@@ -445,9 +448,10 @@ REFS = st.builds(pb.RunRef, key=KEYS, run_id=st.one_of(st.integers(0, 5), U64))
 @pytest.fixture
 async def lone_worker() -> AsyncIterator[Worker]:
     """A worker that is never connected: its instructions come from the test."""
-    worker = Worker("127.0.0.1:1", nthreads=2, resources={"GPU": 2})
+    worker = Worker("127.0.0.1:1", nthreads=2, resources={"GPU": 2}, validate=True)
     try:
         yield worker
+        assert worker.broken is None
     finally:
         await worker.close()
 
@@ -472,17 +476,17 @@ async def test_instructions_to_a_worker(
     if declared is not None:
         instructions.declared.SetInParent()
         instructions.declared.amounts.update(declared)
-    lone_worker._on_instructions(instructions)
-    lone_worker.ledger.validate()
+    lone_worker.on_instructions(instructions)
+    lone_worker.state.validate()
     await asyncio.wait_for(
         asyncio.gather(*lone_worker._running.values(), return_exceptions=True), CALL_TIMEOUT
     )
     assert not lone_worker._running
-    assert lone_worker.ledger.held == {}
+    assert lone_worker.state.ledger.held == {}
     # Every report it would send back names a usable key and run.
-    for failed in lone_worker._reports.failed:
+    for failed in lone_worker._link.reports.failed:
         assert 0 < len(failed.key) <= 1024 and failed.run_id >= 1
-    lone_worker._reports = type(lone_worker._reports)()
+    lone_worker._link.reports = type(lone_worker._link.reports)()
 
 
 # ------------------------------------------- what the fuzz found, and limits
@@ -693,7 +697,9 @@ async def test_a_message_over_the_receive_limit_is_refused_and_the_scheduler_car
 async def test_the_worker_refuses_a_bad_fetch_and_skips_a_bad_assignment(
     scheduler_server: SchedulerServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with Worker(scheduler_server.address, nthreads=1, resources={"GPU": 1}) as worker:
+    async with Worker(
+        scheduler_server.address, nthreads=1, resources={"GPU": 1}, validate=True
+    ) as worker:
         await worker.wait_registered(10)
         async with insecure_channel(worker.address) as channel:
             fetch = pb_grpc.WorkerStub(channel).FetchResult
@@ -710,8 +716,8 @@ async def test_the_worker_refuses_a_bad_fetch_and_skips_a_bad_assignment(
         no_run = pb.TaskAssignment(key="no-run", run_id=0, payload=VALID_PAYLOAD)
         declared = pb.ResourceAmounts()
         declared.amounts["GPU"] = -1
-        worker._on_instructions(pb.WorkerInstructions(assign=[bad, no_run], declared=declared))
-        assert worker.ledger.used() == {} and not worker._running
+        worker.on_instructions(pb.WorkerInstructions(assign=[bad, no_run], declared=declared))
+        assert worker.state.ledger.used() == {} and not worker._running
         assert worker.resources == {"GPU": 1}
         messages = [r.getMessage() for r in caplog.records if r.name == "worker_service"]
         assert any("assign[0]: resources['GPU']" in m for m in messages), messages
@@ -719,8 +725,8 @@ async def test_the_worker_refuses_a_bad_fetch_and_skips_a_bad_assignment(
         assert any("declared" in m for m in messages), messages
         # The one with a usable key and run is reported failed, so a scheduler
         # that did send it would free its lease.
-        assert [f.key for f in worker._reports.failed] == ["bad"]
-        assert "resources['GPU']" in worker._reports.failed[0].error.message
+        assert [f.key for f in worker._link.reports.failed] == ["bad"]
+        assert "resources['GPU']" in worker._link.reports.failed[0].error.message
 
         # And the worker still runs real work.
         async with Client(scheduler_server.address, asynchronous=True) as client:

@@ -1,0 +1,125 @@
+"""Getting a run's inputs: from this worker's store, or from the peers that hold them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from apportion_common.serialize import Frames
+from apportion_common.transfer import ChannelPool, ResultUnavailable
+
+from .assignment import Assignment, InputLocation
+from .store import ResultStore
+
+log = logging.getLogger("worker_service")
+
+#: Inputs one run fetches from peers at the same time: side by side, a run
+#: with many inputs does not wait a round trip for each.
+MAX_CONCURRENT_FETCHES = 16
+#: Inputs at most this large (as the scheduler announces them) that live on
+#: one peer come in one FetchResults call rather than a stream each.
+SMALL_FETCH_BYTES = 64 * 1024
+
+
+@dataclass(slots=True)
+class Inputs:
+    """A run's inputs as far as they could be had."""
+
+    values: dict[str, Frames] = field(default_factory=dict)
+    #: (key, nbytes) of those fetched from peers (and now kept here too)
+    fetched: list[tuple[str, int]] = field(default_factory=list)
+    #: (key, address tried) of those no holder gave; the run cannot start
+    missing: list[tuple[str, str]] = field(default_factory=list)
+
+
+def local_inputs(store: ResultStore, a: Assignment) -> dict[str, Frames] | None:
+    """The run's inputs if this worker holds every one, else None."""
+    values: dict[str, Frames] = {}
+    for item in a.inputs:
+        local = store.get(item.key)
+        if local is None:
+            return None
+        values[item.key] = local
+    return values
+
+
+class InputFetcher:
+    """Fetches inputs from peers into this worker's store."""
+
+    def __init__(self, store: ResultStore, peers: ChannelPool, own_address: str) -> None:
+        self._store = store
+        self._peers = peers
+        #: this worker's own address: never fetched from (a local copy is in the store)
+        self.own_address = own_address
+
+    async def gather(self, a: Assignment) -> Inputs:
+        inputs = Inputs()
+        remote: dict[str, InputLocation] = {}
+        for item in a.inputs:
+            local = self._store.get(item.key)
+            if local is not None:
+                inputs.values[item.key] = local
+            else:
+                remote.setdefault(item.key, item)
+        if not remote:
+            return inputs
+        together = await self._fetch_small_together(a.key, remote.values())
+        for key, small in together.items():
+            del remote[key]
+            self._keep(inputs, key, small)
+        limit = asyncio.Semaphore(MAX_CONCURRENT_FETCHES)
+
+        async def fetch(item: InputLocation) -> tuple[Frames | None, list[str]]:
+            tried: list[str] = []
+            async with limit:
+                for address in item.addresses:
+                    if address != self.own_address:  # our own copy would have been local
+                        try:
+                            return await self._peers.fetch(address, item.key), tried
+                        except ResultUnavailable as exc:
+                            log.warning("task %s: input %s", a.key, exc)
+                    tried.append(address)
+            return None, tried
+
+        outcomes = await asyncio.gather(*(fetch(item) for item in remote.values()))
+        for key, (data, tried) in zip(remote, outcomes, strict=True):
+            if data is None:
+                inputs.missing.extend((key, address) for address in tried or [""])
+            else:
+                self._keep(inputs, key, data)
+        return inputs
+
+    def _keep(self, inputs: Inputs, key: str, data: Frames) -> None:
+        self._store.put(key, 0, data)
+        inputs.values[key] = data
+        inputs.fetched.append((key, data.nbytes))
+
+    async def _fetch_small_together(
+        self, task_key: str, inputs: Iterable[InputLocation]
+    ) -> dict[str, Frames]:
+        """Small inputs that live on the same peer, fetched in one round trip
+        per peer (FetchResults); what does not come back this way is fetched
+        one by one after (another holder, a result larger than announced)."""
+        by_peer: dict[str, list[str]] = {}
+        for item in inputs:
+            if item.nbytes <= SMALL_FETCH_BYTES:
+                peer = next((a for a in item.addresses if a != self.own_address), None)
+                if peer is not None:
+                    by_peer.setdefault(peer, []).append(item.key)
+        groups = [(peer, keys) for peer, keys in by_peer.items() if len(keys) > 1]
+        if not groups:
+            return {}
+
+        async def fetch(peer: str, keys: list[str]) -> dict[str, Frames]:
+            try:
+                return await self._peers.fetch_small(peer, keys, SMALL_FETCH_BYTES)
+            except ResultUnavailable as exc:
+                log.warning("task %s: inputs %s", task_key, exc)
+                return {}
+
+        found: dict[str, Frames] = {}
+        for part in await asyncio.gather(*(fetch(peer, keys) for peer, keys in groups)):
+            found.update(part)
+        return found

@@ -1,0 +1,195 @@
+"""The worker's one stream to the scheduler: register, read instructions,
+write reports, heartbeat; and again, with backoff, when the stream breaks.
+
+Reports wait in :attr:`SchedulerLink.reports` until the writer sends them. A
+busy worker's reports wait up to :data:`REPORT_COALESCE_S` for others to travel
+with them: each message costs both ends the same CPU whatever it carries. An
+idle worker reports at once, and one that runs out of work meanwhile says so
+(:meth:`SchedulerLink.flush`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from typing import Any, Protocol
+
+import grpc
+
+from apportion_common.security import UNAUTHENTICATED_EXIT_CODE, ClientSecurity
+from protos import apportion_pb2 as pb
+from protos import apportion_pb2_grpc as pb_grpc
+
+from . import wire
+
+log = logging.getLogger("worker_service")
+
+MAX_BACKOFF_S = 5.0
+#: How long a busy worker's reports wait for others to travel with them.
+REPORT_COALESCE_S = 0.001
+
+
+class WorkerRefused(Exception):
+    """The scheduler refused this worker for good (bad settings, wrong token).
+
+    Not SystemExit inside the task: that would tear the event loop down
+    mid-flight; ``run_worker`` turns it into the exit status after closing.
+    """
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(f"refused by the scheduler (exit status {exit_code})")
+        self.exit_code = exit_code
+
+
+class LinkOwner(Protocol):
+    """What the stream needs of the worker it serves."""
+
+    nthreads: int
+    resources: dict[str, float]
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def busy(self) -> bool:
+        """Runs are going on or queued: more reports are coming."""
+        ...
+
+    def registration_held(self) -> list[tuple[str, int, int]]:
+        """(key, incarnation, nbytes) of results to offer when registering."""
+        ...
+
+    def on_registered(self, registered: pb.WorkerRegistered) -> None: ...
+
+    def on_instructions(self, instructions: pb.WorkerInstructions) -> None: ...
+
+    async def orphan_everything(self) -> None:
+        """The stream broke: settle what ran under it before registering again."""
+        ...
+
+
+class SchedulerLink:
+    def __init__(self, scheduler_address: str, credentials: ClientSecurity, owner: LinkOwner):
+        self.scheduler_address = scheduler_address
+        self._credentials = credentials
+        self._owner = owner
+        self.reports = wire.Reports()
+        self.registered = asyncio.Event()
+        self.worker_id = 0
+        self._wake = asyncio.Event()
+        #: ends a report's wait for company early: the worker ran out of work
+        self._flush = asyncio.Event()
+
+    def wake(self) -> None:
+        """Reports are waiting: send them (soon)."""
+        self._wake.set()
+
+    def flush(self) -> None:
+        """The worker ran out of work: send what waits now."""
+        self._flush.set()
+
+    async def run_forever(self, stopping: asyncio.Event) -> None:
+        backoff = 0.1
+        while not stopping.is_set():
+            try:
+                await self._session()
+                backoff = 0.1
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and not self.registered.is_set():
+                    # Its registration (settings) was refused: it would be again.
+                    log.error("the scheduler refused this worker: %s", exc.details())
+                    raise WorkerRefused(2) from None
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    # The same credentials would be refused again: stop here.
+                    log.error(
+                        "the scheduler %s refused this worker (UNAUTHENTICATED: %s); "
+                        "start it with the worker token: --token or APPORTION_TOKEN",
+                        self.scheduler_address,
+                        exc.details(),
+                    )
+                    raise WorkerRefused(UNAUTHENTICATED_EXIT_CODE) from None
+                log.warning(
+                    "scheduler %s unreachable (%s: %s); retrying in %.1fs",
+                    self.scheduler_address,
+                    exc.code().name,
+                    exc.details(),
+                    backoff,
+                )
+            self.registered.clear()
+            await self._owner.orphan_everything()
+            # What the old stream never carried would only confuse the next one.
+            self.reports = wire.Reports()
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    async def _session(self) -> None:
+        owner = self._owner
+        async with self._credentials.aio_channel(self.scheduler_address) as channel:
+            stub = pb_grpc.SchedulerStub(channel)
+            call = stub.WorkerStream(metadata=self._credentials.metadata)
+            await call.write(
+                wire.registration_to_pb(
+                    owner.name,
+                    owner.address,
+                    owner.nthreads,
+                    owner.resources,
+                    os.getpid(),
+                    owner.registration_held(),
+                )
+            )
+            first = await call.read()
+            if first is grpc.aio.EOF:
+                raise ConnectionError("the scheduler closed the stream before registering us")
+            assert isinstance(first, pb.SchedulerToWorker)
+            self.worker_id = first.registered.worker_id
+            owner.on_registered(first.registered)
+            interval = first.registered.heartbeat_interval_s or 2.0
+            log.info(
+                "registered with %s as worker %d (%s)",
+                self.scheduler_address,
+                self.worker_id,
+                owner.address,
+            )
+            self.registered.set()
+            writer = asyncio.create_task(self._write_reports(call))
+            heartbeat = asyncio.create_task(self._heartbeat(interval))
+            try:
+                while True:
+                    msg = await call.read()
+                    if msg is grpc.aio.EOF:
+                        log.warning("the scheduler closed our stream")
+                        return
+                    assert isinstance(msg, pb.SchedulerToWorker)
+                    owner.on_instructions(msg.instructions)
+            finally:
+                writer.cancel()
+                heartbeat.cancel()
+                await asyncio.gather(writer, heartbeat, return_exceptions=True)
+                call.cancel()
+
+    async def _heartbeat(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.reports.heartbeat = True
+            self._wake.set()
+
+    async def _write_reports(self, call: Any) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self.reports:
+                continue
+            if self._owner.busy:
+                # More reports are on their way: let them travel together.
+                self._flush.clear()
+                timer = asyncio.get_running_loop().call_later(REPORT_COALESCE_S, self._flush.set)
+                await self._flush.wait()
+                timer.cancel()
+                self._wake.clear()
+            reports, self.reports = self.reports, wire.Reports()
+            await call.write(wire.reports_to_pb(reports))

@@ -1,0 +1,159 @@
+"""Protobuf <-> the worker's own data. Protobuf stops here.
+
+Instructions from the scheduler are checked (:mod:`apportion_common.boundary`)
+and become :class:`~worker_service.assignment.Assignment` s; the worker's
+reports (:class:`Reports`) become one ``WorkerReports`` message per write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from apportion_common import boundary
+from apportion_common.resources import to_quanta
+from apportion_common.serialize import ErrorInfo
+from protos import apportion_pb2 as pb
+
+from .assignment import Assignment, InputLocation
+
+
+def assignment_from_pb(a: pb.TaskAssignment, what: str) -> Assignment:
+    """Raise :class:`~apportion_common.boundary.WireError` if ``a`` is unusable."""
+    boundary.check_assignment(a, what)
+    resources = dict(a.resources)
+    return Assignment(
+        key=a.key,
+        run_id=a.run_id,
+        payload=a.payload,
+        resources=resources,
+        need=to_quanta(resources),
+        inputs=tuple(InputLocation(i.key, tuple(i.addresses), i.nbytes) for i in a.inputs)
+        if a.inputs
+        else (),  # most runs have none: no generator to build and run
+        incarnation=a.incarnation,
+        queued=a.queued,
+        priority=a.priority,
+        depth=a.depth,
+    )
+
+
+def reportable(a: pb.TaskAssignment) -> bool:
+    """A malformed assignment whose key and run id are still usable: reporting
+    its failure lets the scheduler free the run's lease and tell the submitter."""
+    return a.run_id >= 1 and 0 < len(a.key) <= boundary.MAX_KEY_LENGTH
+
+
+def declared_from_pb(instructions: pb.WorkerInstructions) -> dict[str, float] | None:
+    """What the worker declares from now (set-resources), if the batch says."""
+    if not instructions.HasField("declared"):
+        return None
+    return boundary.check_amounts(instructions.declared.amounts, "WorkerInstructions.declared")
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    key: str
+    run_id: int
+    nbytes: int
+    #: (key, nbytes) of inputs fetched from peers for it, now held here too
+    fetched: list[tuple[str, int]]
+    #: the pickled result itself, when small enough to travel with the report
+    inline_result: bytes
+    #: seconds its code ran
+    duration: float
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    key: str
+    run_id: int
+    error: ErrorInfo
+
+
+@dataclass(frozen=True, slots=True)
+class MissingInputs:
+    key: str
+    run_id: int
+    #: (input key, the address it could not be fetched from; "" for none)
+    missing: list[tuple[str, str]]
+
+
+@dataclass(slots=True)
+class Reports:
+    """What the worker has to tell the scheduler, in the order it happened
+    within each kind (the scheduler applies ends before starts)."""
+
+    finished: list[Finished] = field(default_factory=list)
+    failed: list[Failed] = field(default_factory=list)
+    missing: list[MissingInputs] = field(default_factory=list)
+    #: (key, run id) of queued runs that took their lease and began
+    started: list[tuple[str, int]] = field(default_factory=list)
+    heartbeat: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.finished or self.failed or self.missing or self.started or self.heartbeat)
+
+
+def reports_to_pb(reports: Reports) -> pb.WorkerToScheduler:
+    return pb.WorkerToScheduler(
+        reports=pb.WorkerReports(
+            finished=[
+                pb.TaskFinished(
+                    key=f.key,
+                    run_id=f.run_id,
+                    nbytes=f.nbytes,
+                    fetched_keys=[k for k, _ in f.fetched],
+                    fetched_nbytes=[n for _, n in f.fetched],
+                    inline_result=f.inline_result,
+                    duration_s=f.duration,
+                )
+                for f in reports.finished
+            ],
+            failed=[
+                pb.TaskFailed(
+                    key=f.key,
+                    run_id=f.run_id,
+                    error=pb.TaskError(
+                        type_name=f.error.type_name,
+                        message=f.error.message,
+                        traceback=f.error.traceback,
+                        exception=f.error.exception,
+                    ),
+                )
+                for f in reports.failed
+            ],
+            missing_inputs=[
+                pb.TaskMissingInputs(
+                    key=m.key,
+                    run_id=m.run_id,
+                    inputs=[pb.MissingInput(key=k, address=addr) for k, addr in m.missing],
+                )
+                for m in reports.missing
+            ],
+            heartbeat=reports.heartbeat,
+            started=[pb.RunRef(key=key, run_id=run_id) for key, run_id in reports.started],
+        )
+    )
+
+
+def registration_to_pb(
+    name: str,
+    address: str,
+    nthreads: int,
+    resources: dict[str, float],
+    pid: int,
+    held: list[tuple[str, int, int]],
+) -> pb.WorkerToScheduler:
+    return pb.WorkerToScheduler(
+        register=pb.RegisterWorker(
+            name=name,
+            address=address,
+            nthreads=nthreads,
+            resources=resources,
+            pid=pid,
+            held=[
+                pb.HeldResult(key=key, incarnation=incarnation, nbytes=nbytes)
+                for key, incarnation, nbytes in held
+            ],
+        )
+    )
