@@ -20,6 +20,8 @@ from protos import apportion_pb2 as pb
 
 from .store import ResultStore
 
+WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
+
 
 class WorkerServicer:
     def __init__(self, store: ResultStore) -> None:

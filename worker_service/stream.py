@@ -64,9 +64,11 @@ class LinkOwner(Protocol):
         """(key, incarnation, nbytes) of results to offer when registering."""
         ...
 
-    def on_registered(self, registered: pb.WorkerRegistered) -> None: ...
+    def on_registered(self, client_token_sha256: bytes) -> None:
+        """Registered; clients present a token whose SHA-256 is this (b"": none)."""
+        ...
 
-    def on_instructions(self, instructions: pb.WorkerInstructions) -> None: ...
+    def on_instructions(self, instructions: wire.Instructions) -> None: ...
 
     async def orphan_everything(self) -> None:
         """The stream broke: settle what ran under it before registering again."""
@@ -147,7 +149,7 @@ class SchedulerLink:
                 raise ConnectionError("the scheduler closed the stream before registering us")
             assert isinstance(first, pb.SchedulerToWorker)
             self.worker_id = first.registered.worker_id
-            owner.on_registered(first.registered)
+            owner.on_registered(first.registered.client_token_sha256)
             interval = first.registered.heartbeat_interval_s or 2.0
             log.info(
                 "registered with %s as worker %d (%s)",
@@ -165,7 +167,7 @@ class SchedulerLink:
                         log.warning("the scheduler closed our stream")
                         return
                     assert isinstance(msg, pb.SchedulerToWorker)
-                    owner.on_instructions(msg.instructions)
+                    owner.on_instructions(wire.instructions_from_pb(msg.instructions))
             finally:
                 writer.cancel()
                 heartbeat.cancel()

@@ -37,17 +37,55 @@ def assignment_from_pb(a: pb.TaskAssignment, what: str) -> Assignment:
     )
 
 
-def reportable(a: pb.TaskAssignment) -> bool:
-    """A malformed assignment whose key and run id are still usable: reporting
-    its failure lets the scheduler free the run's lease and tell the submitter."""
-    return a.run_id >= 1 and 0 < len(a.key) <= boundary.MAX_KEY_LENGTH
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """An assignment that could not be used, and why. ``key`` and ``run_id``
+    are set when still usable: reporting its failure then lets the scheduler
+    free the run's lease and tell the submitter."""
+
+    reason: str
+    key: str = ""
+    run_id: int = 0
 
 
-def declared_from_pb(instructions: pb.WorkerInstructions) -> dict[str, float] | None:
-    """What the worker declares from now (set-resources), if the batch says."""
-    if not instructions.HasField("declared"):
-        return None
-    return boundary.check_amounts(instructions.declared.amounts, "WorkerInstructions.declared")
+@dataclass(frozen=True, slots=True)
+class Instructions:
+    """One batch from the scheduler, checked, in the order to apply it."""
+
+    #: what the worker declares from now (set-resources), if the batch says
+    declared: dict[str, float] | None
+    #: why a declaration in the batch was refused
+    declared_refused: str
+    #: (key, run id) of results to drop (run id 0: whatever is stored)
+    release: list[tuple[str, int]]
+    #: run ids cancelled
+    cancel: list[int]
+    assign: list[Assignment | Malformed]
+
+
+def instructions_from_pb(batch: pb.WorkerInstructions) -> Instructions:
+    declared, refused = None, ""
+    if batch.HasField("declared"):
+        try:
+            declared = boundary.check_amounts(batch.declared.amounts, "WorkerInstructions.declared")
+        except boundary.WireError as exc:
+            refused = str(exc)
+    assign: list[Assignment | Malformed] = []
+    for i, raw in enumerate(batch.assign):
+        try:
+            assign.append(assignment_from_pb(raw, f"WorkerInstructions.assign[{i}]"))
+        except boundary.WireError as exc:
+            usable = raw.run_id >= 1 and 0 < len(raw.key) <= boundary.MAX_KEY_LENGTH
+            assign.append(
+                Malformed(str(exc), raw.key, raw.run_id) if usable else Malformed(str(exc))
+            )
+    return Instructions(
+        declared,
+        refused,
+        [(ref.key, ref.run_id) for ref in batch.release],
+        [ref.run_id for ref in batch.cancel],
+        assign,
+    )
 
 
 @dataclass(frozen=True, slots=True)

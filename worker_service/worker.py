@@ -52,14 +52,13 @@ from apportion_common.security import (
 from apportion_common.serialize import Frames
 from apportion_common.task_context import TaskContext
 from apportion_common.transfer import ChannelPool
-from protos import apportion_pb2 as pb
 
 from . import wire
 from .assignment import Assignment
 from .execute import Outcome, execute
 from .inputs import InputFetcher, Inputs, local_inputs
 from .ledger import OverCommitted
-from .servicer import WorkerServicer, add_worker_service
+from .servicer import WORKER_SERVICE, WorkerServicer, add_worker_service
 from .state import InvariantError, Refused, WorkerState
 from .store import ResultStore
 from .stream import SchedulerLink, WorkerRefused
@@ -67,7 +66,6 @@ from .threads import TaskThreads
 
 log = logging.getLogger("worker_service")
 
-WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
 #: Results up to this size travel with the report (and on to the waiting
 #: client), sparing it one fetch per task; larger ones are fetched in chunks.
 INLINE_RESULT_BYTES = 16 * 1024
@@ -226,14 +224,14 @@ class Worker:
     def registration_held(self) -> list[tuple[str, int, int]]:
         return self._held
 
-    def on_registered(self, registered: pb.WorkerRegistered) -> None:
+    def on_registered(self, client_token_sha256: bytes) -> None:
         """Accept the scheduler's clients at FetchResult by the digest of their token.
 
         No digest: the scheduler lets clients in without a token, so a token
         here would protect nothing they could not already get through it.
         """
         if self._authorizer is not None:
-            self._authorizer.set_role(Role.CLIENT, registered.client_token_sha256 or None)
+            self._authorizer.set_role(Role.CLIENT, client_token_sha256 or None)
 
     async def orphan_everything(self) -> None:
         """After losing the scheduler: let running code return (its resources
@@ -248,39 +246,36 @@ class Worker:
             await asyncio.gather(*running, return_exceptions=True)
         self._held = self.store.keep_only_own()
 
-    def on_instructions(self, instructions: pb.WorkerInstructions) -> None:
+    def on_instructions(self, instructions: wire.Instructions) -> None:
         # A malformed instruction is logged and skipped: it must neither crash
         # the worker nor get into its ledger.
-        try:
-            declared = wire.declared_from_pb(instructions)
-        except boundary.WireError as exc:
-            log.error("ignoring a declaration from the scheduler: %s", exc)
-        else:
-            if declared is not None:
-                self.resources = declared
-                log.info("now declaring %s", self.resources)
-                for started in self._stimulus(self.state.declare, to_quanta(declared)):
-                    self._launch(started)
-        for ref in instructions.release:
-            self.store.release(ref.key, ref.run_id)
-        for ref in instructions.cancel:
-            dropped = self._stimulus(self.state.cancel, ref.run_id)
+        if instructions.declared_refused:
+            log.error(
+                "ignoring a declaration from the scheduler: %s", instructions.declared_refused
+            )
+        declared = instructions.declared
+        if declared is not None:
+            self.resources = declared
+            log.info("now declaring %s", self.resources)
+            for started in self._stimulus(self.state.declare, to_quanta(declared)):
+                self._launch(started)
+        for key, run_id in instructions.release:
+            self.store.release(key, run_id)
+        for run_id in instructions.cancel:
+            dropped = self._stimulus(self.state.cancel, run_id)
             if dropped is not None:
                 # Dropped unstarted; reported as a cancelled run is.
                 self._drop_prefetch(dropped.run_id)
                 self._report_failure(dropped, _cancelled_error())
-        for i, raw in enumerate(instructions.assign):
-            try:
-                a = wire.assignment_from_pb(raw, f"WorkerInstructions.assign[{i}]")
-            except boundary.WireError as exc:
-                log.error("skipping a malformed assignment: %s", exc)
-                if wire.reportable(raw):
-                    self._link.reports.failed.append(
-                        wire.Failed(raw.key, raw.run_id, serialize.error_info(exc))
-                    )
+        for a in instructions.assign:
+            if isinstance(a, wire.Malformed):
+                log.error("skipping a malformed assignment: %s", a.reason)
+                if a.run_id:
+                    error = serialize.error_info(boundary.WireError(a.reason))
+                    self._link.reports.failed.append(wire.Failed(a.key, a.run_id, error))
                     self._link.wake()
-                continue
-            self._assign(a)
+            else:
+                self._assign(a)
 
     # ------------------------------------------------------------ stimuli
 

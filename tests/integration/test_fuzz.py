@@ -38,6 +38,7 @@ from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
 from scheduler_service import SchedulerServer
 from worker_service import Worker
+from worker_service import wire as worker_wire
 
 CALL_TIMEOUT = 5.0
 #: Examples per test: a few seconds in all on 2 cores. Raise it for a longer
@@ -476,7 +477,7 @@ async def test_instructions_to_a_worker(
     if declared is not None:
         instructions.declared.SetInParent()
         instructions.declared.amounts.update(declared)
-    lone_worker.on_instructions(instructions)
+    lone_worker.on_instructions(worker_wire.instructions_from_pb(instructions))
     lone_worker.state.validate()
     await asyncio.wait_for(
         asyncio.gather(*lone_worker._running.values(), return_exceptions=True), CALL_TIMEOUT
@@ -716,7 +717,8 @@ async def test_the_worker_refuses_a_bad_fetch_and_skips_a_bad_assignment(
         no_run = pb.TaskAssignment(key="no-run", run_id=0, payload=VALID_PAYLOAD)
         declared = pb.ResourceAmounts()
         declared.amounts["GPU"] = -1
-        worker.on_instructions(pb.WorkerInstructions(assign=[bad, no_run], declared=declared))
+        batch = pb.WorkerInstructions(assign=[bad, no_run], declared=declared)
+        worker.on_instructions(worker_wire.instructions_from_pb(batch))
         assert worker.state.ledger.used() == {} and not worker._running
         assert worker.resources == {"GPU": 1}
         messages = [r.getMessage() for r in caplog.records if r.name == "worker_service"]

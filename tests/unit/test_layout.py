@@ -3,8 +3,8 @@ import which, and where protobuf stops.
 
 The shared library imports no service; no service imports another, nor the
 command line; the command line (``apportion``) may import them all. Inside
-the scheduler, protobuf stops at the servicer: the state machine and its
-rooms work on plain dataclasses.
+the scheduler and the worker, protobuf stops at the wire: their state
+machines work on plain dataclasses.
 """
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ ALLOWED = {
     "client_sdk": {"apportion_common"},
     "apportion": {"apportion_common", "scheduler_service", "worker_service", "client_sdk"},
 }
-#: Scheduler modules that may touch protobuf: where messages come in and go out.
-SCHEDULER_WIRE = {"servicer.py", "wire.py", "server.py"}
+#: Modules that may touch protobuf: where messages come in and go out.
+WIRE_MODULES = {
+    "scheduler_service": {"servicer.py", "wire.py", "server.py"},
+    "worker_service": {"servicer.py", "wire.py", "stream.py"},
+}
 
 
 def _imports(path: Path) -> set[str]:
@@ -51,7 +54,8 @@ def test_a_package_imports_only_what_it_may(package: str) -> None:
         assert not wrong, f"{path.relative_to(ROOT)} imports {sorted(wrong)}"
 
 
-def test_protobuf_stops_at_the_scheduler_s_servicer() -> None:
-    for path in _modules("scheduler_service"):
-        if path.name not in SCHEDULER_WIRE:
+@pytest.mark.parametrize("package", sorted(WIRE_MODULES))
+def test_protobuf_stops_at_the_wire(package: str) -> None:
+    for path in _modules(package):
+        if path.name not in WIRE_MODULES[package]:
             assert "protos" not in _imports(path), f"{path.relative_to(ROOT)} imports protos"
