@@ -8,16 +8,14 @@ sent it hears what was wrong.
 
 Checks are pydantic ``TypeAdapter`` s over ``TypedDict`` s, one per message
 kind (a message that is only a key gets a plain check): a schema per
-message is easy to read, and pydantic-core's errors name the field path
-(``dependencies[3]: String should have at most 1024 characters``). A
-typical TaskSpec (one resource, one dependency) is checked and made into the
-scheduler's event in about 4.0 us, less than the hand-written checks before
-it (4.5 us); ``python -m tests.unit.test_wire`` times it. The exception is
-TaskFinished, which every task sends: a TypeAdapter took 2.4 us a report
-where the unchecked conversion before took 1.5 us (mostly building its input
-dict), so it has plain checks with the same wording and a fast path for the
-usual report (1.0 us). Payloads are measured apart (a TypeAdapter would copy
-the bytes).
+message is easy to read, pydantic-core's errors name the field path
+(``dependencies[3]: String should have at most 1024 characters``), and it
+costs no more than hand-written checks (``python -m
+tests.unit.scheduler.test_wire`` times it). The exception is TaskFinished,
+which every task sends: building the adapter's input dict costs more than the
+conversion itself, so it has plain checks with the same wording and a fast
+path for the usual report. Payloads are measured apart (a TypeAdapter would
+copy the bytes).
 
 The limits bound what one message can make a peer do or keep; each is far
 above what a well-behaved peer sends (the gRPC message limit, 256 MiB, bounds

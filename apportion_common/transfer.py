@@ -143,9 +143,9 @@ class ChannelPool:
         self, address: str, keys: list[str], max_bytes: int, timeout: float | None = None
     ) -> dict[str, Frames]:
         """Those of ``keys`` whose results the worker at ``address`` holds and
-        are at most ``max_bytes``, in one round trip (FetchResults). An
-        aggregate of 200 small inputs from two peers waited 55-100 ms for 200
-        FetchResult streams; the missing ones are for the caller to fetch."""
+        are at most ``max_bytes``, in one round trip (FetchResults) rather than
+        a stream each (an aggregate's many small inputs would wait a round trip
+        apiece); the missing ones are for the caller to fetch."""
         try:
             reply = await self.stub(address).FetchResults(
                 pb.FetchResultsRequest(keys=keys, max_bytes=max_bytes), timeout=timeout

@@ -25,167 +25,37 @@ Every wait is bounded (``--timeout`` for the whole run); every process started
 is stopped at the end, also on error or Ctrl-C. Raw figures go to
 bench/results/load.json, process logs to bench/results/load-logs/.
 
-The client processes run this module too: ``python -m bench.load _client ...``
-(internal; the parent drives each over its stdin and reads JSON lines from
-its stdout).
+The client processes run bench/load_client.py (``python -m bench.load_client``;
+the parent drives each over its stdin and reads JSON lines from its stdout);
+bench/load_figures.py holds the figures and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import gc
-import itertools
 import json
 import os
 import platform
 import queue
-import resource
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from bench.clusters import BIN, ROOT, processes
+from bench.load_client import SLOT
+from bench.load_figures import Figures, fit, print_table
+from bench.procstat import cpu_seconds, memory_of, tree_cpu_seconds
 
-#: The resource every task needs and no worker offers until phase 2.
-SLOT = "SLOT"
 #: Fractions of each client's tasks submitted before each memory sample.
 STEPS = (0.0, 0.10, 0.25, 0.50, 0.75, 1.0)
 LOG_DIR = ROOT / "bench" / "results" / "load-logs"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-# ---------------------------------------------------------------- the task
-
-
-def expected_value(client_index: int, task_index: int) -> int:
-    """What task ``task_index`` of client ``client_index`` must return (a hash,
-    so that a result delivered to the wrong future cannot pass as right)."""
-    return (client_index * 1_000_003 + task_index) * 2_654_435_761 % 4_294_967_291
-
-
-def work(client_index: int, task_index: int) -> tuple[int, int, int]:
-    return client_index, task_index, expected_value(client_index, task_index)
-
-
-def payload_bytes(samples: int = 50) -> float:
-    """The mean pickled payload of one task, as this process's client sends it."""
-    from apportion_common import serialize
-
-    sizes = [len(serialize.dump_call(work, (i % 20, i * 97), {})) for i in range(samples)]
-    return sum(sizes) / len(sizes)
-
-
-# ----------------------------------------------------------- client process
-
-
-def _emit(obj: dict[str, Any]) -> None:
-    print(json.dumps(obj), flush=True)
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def verify(index: int, results: list[Any]) -> dict[str, int]:
-    """Count what is wrong with one client's results (all zeros: all right)."""
-    expected = {(index, ti, expected_value(index, ti)) for ti in range(len(results))}
-    got: Counter[Any] = Counter()
-    errors = misplaced = 0
-    for ti, value in enumerate(results):
-        if isinstance(value, BaseException):
-            errors += 1
-            continue
-        value = tuple(value) if isinstance(value, list | tuple) else value
-        got[value] += 1
-        if value != (index, ti, expected_value(index, ti)):
-            misplaced += 1
-    return {
-        "received": sum(got.values()),
-        "errors": errors,
-        "missing": len(expected - got.keys()),
-        "duplicated": sum(n - 1 for n in got.values() if n > 1),
-        "wrong": sum(n for v, n in got.items() if v not in expected),
-        "misplaced": misplaced,
-    }
-
-
-async def _client(address: str, index: int) -> None:
-    """Submit, gather and check when the parent says so (one command a line)."""
-    from client_sdk import Client
-
-    loop = asyncio.get_running_loop()
-    async with Client(address, asynchronous=True) as client:
-        # Run as ``-m bench.load``, work() lives in __main__ and travels by
-        # value, as the functions of a user's script do; imported from
-        # bench.load (--by-reference), it travels as a reference.
-        _emit({"ready": True, "payload_bytes": payload_bytes(), "cpu_s": _cpu()})
-        futures: list[Any] = []
-        submit_s = 0.0
-        while True:
-            line = await loop.run_in_executor(None, sys.stdin.readline)
-            if not line:
-                return  # the parent is gone
-            command, *rest = line.split()
-            if command == "submit":
-                upto = int(rest[0])
-                started = time.perf_counter()
-                indices = range(len(futures), upto)
-                futures += await client.map(
-                    work, [index] * len(indices), indices, resources={SLOT: 1}
-                )
-                submit_s += time.perf_counter() - started
-                _emit({"submitted": len(futures)})
-            elif command == "gather":
-                timeout = float(rest[0])
-                cpu_before = _cpu()
-                try:
-                    results = await asyncio.wait_for(
-                        asyncio.gather(*futures, return_exceptions=True), timeout
-                    )
-                except TimeoutError:
-                    statuses = Counter(f.status for f in futures)
-                    _emit({"report": {"timed_out": True, "statuses": dict(statuses)}})
-                    continue
-                last_result = time.time()
-                counts = verify(index, results)
-                # Dropping the futures releases the tasks (the scheduler must
-                # then hold none); the stream stays open until "exit".
-                futures = []
-                del results
-                gc.collect()
-                _emit(
-                    {
-                        "report": {
-                            "timed_out": False,
-                            "last_result": last_result,
-                            "submit_s": submit_s,
-                            "cpu_before_gather_s": cpu_before,
-                            "cpu_s": _cpu(),
-                            **counts,
-                        }
-                    }
-                )
-            elif command == "exit":
-                return
-
-
-def client_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.load _client")
-    parser.add_argument("--address", required=True)
-    parser.add_argument("--index", type=int, required=True)
-    args = parser.parse_args(argv)
-    asyncio.run(_client(args.address, args.index))
-
 
 # --------------------------------------------------------- parent: plumbing
 
@@ -255,66 +125,6 @@ def spawn(
     return proc
 
 
-@dataclass(frozen=True)
-class Memory:
-    rss: int
-    hwm: int
-    uss: int | None
-    pss: int | None
-
-
-def memory_of(pid: int) -> Memory:
-    status = Path(f"/proc/{pid}/status").read_text()
-    fields = {
-        k: int(v.split()[0]) * 1024
-        for k, _, v in (line.partition(":") for line in status.splitlines())
-        if k in ("VmRSS", "VmHWM")
-    }
-    uss = pss = None
-    with contextlib.suppress(OSError):  # smaps_rollup: Linux 4.14+
-        rollup = {
-            k: int(v.split()[0]) * 1024
-            for k, _, v in (
-                line.partition(":")
-                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
-            )
-        }
-        uss = rollup["Private_Clean"] + rollup["Private_Dirty"]
-        pss = rollup["Pss"]
-    return Memory(fields["VmRSS"], fields["VmHWM"], uss, pss)
-
-
-def _stat(pid: int) -> list[str]:
-    """/proc/PID/stat from field 3 (state) on: the name may hold spaces."""
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a live process."""
-    fields = _stat(pid)
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU time of a live process and its live descendants (``apportion
-    worker`` may run the worker itself in a child, under a nanny)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                parents[int(entry.name)] = int(_stat(int(entry.name))[1])
-    tree, total = {pid}, 0.0
-    for _ in range(len(parents)):  # grow the tree until nothing new joins it
-        grown = {child for child, parent in parents.items() if parent in tree} - tree
-        if not grown:
-            break
-        tree |= grown
-    for member in tree:
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            total += cpu_seconds(member)
-    return total
-
-
 class Observer:
     """GetClusterState over a plain unary call (no client stream of its own)."""
 
@@ -354,9 +164,12 @@ class Clients:
     ) -> None:
         self.replies: queue.Queue[tuple[int, dict[str, Any] | None]] = queue.Queue()
         entry = (
-            ["-c", "import sys; from bench.load import client_main; client_main(sys.argv[1:])"]
+            [
+                "-c",
+                "import sys; from bench.load_client import client_main; client_main(sys.argv[1:])",
+            ]
             if by_reference
-            else ["-m", "bench.load", "_client"]
+            else ["-m", "bench.load_client"]
         )
         self.procs = [
             spawn(
@@ -431,67 +244,6 @@ def start_scheduler(procs: list[subprocess.Popen[bytes]], deadline: Deadline) ->
 
     deadline.wait_for(listening, "the scheduler to listen", 30)
     return proc.pid, address[0]
-
-
-def fit(points: list[tuple[float, float]]) -> dict[str, Any]:
-    """Least squares y = slope * x + intercept, R², and each interval's slope."""
-    n = len(points)
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    sxy = sum((x - mx) * (y - my) for x, y in points)
-    syy = sum((y - my) ** 2 for _, y in points)
-    slope = sxy / sxx
-    return {
-        "slope": slope,
-        "intercept": my - slope * mx,
-        "r2": (sxy * sxy) / (sxx * syy) if syy else 1.0,
-        "interval_slopes": [
-            (y1 - y0) / (x1 - x0) for (x0, y0), (x1, y1) in itertools.pairwise(points) if x1 != x0
-        ],
-    }
-
-
-# -------------------------------------------------------------- parent: run
-
-
-@dataclass
-class Figures:
-    clients: int
-    tasks_per_client: int
-    workers: int
-    nthreads: int
-    tasks: int = 0
-    samples: list[dict[str, Any]] = field(default_factory=list)
-    fits: dict[str, Any] = field(default_factory=dict)
-    payload_bytes: float = 0.0
-    key_bytes: float = 0.0
-    clients_ready_s: float = 0.0
-    submit_s: float = 0.0
-    submit_steps_s: list[float] = field(default_factory=list)
-    submit_tps: float = 0.0
-    #: wall time each client spent in map() (pickling its tasks), summed
-    client_map_s: list[float] = field(default_factory=list)
-    client_cpu_submit_s: list[float] = field(default_factory=list)
-    scheduler_cpu_submit_s: float = 0.0
-    workers_joined_after_s: float = 0.0
-    drain_s: float = 0.0
-    drain_tps: float = 0.0
-    drain_from_spawn_tps: float = 0.0
-    scheduler_cpu_drain_s: float = 0.0
-    worker_cpu_s: list[float] = field(default_factory=list)
-    client_cpu_drain_s: list[float] = field(default_factory=list)
-    client_warnings: int = 0
-    checks: dict[str, int] = field(default_factory=dict)
-    release_s: float = 0.0
-    rss_peak: int = 0
-    rss_released: int = 0
-    rss_clients_gone: int = 0
-    by_reference: bool = False
-    loadavg_start: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    loadavg_end: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    uss_released: int | None = None
-    wall_s: float = 0.0
 
 
 def wait_idle(pid: int, deadline: Deadline, at_most: float = 10.0) -> None:
@@ -661,98 +413,12 @@ def run(args: argparse.Namespace) -> Figures:
     return figures
 
 
-# ------------------------------------------------------------------ report
-
-
-def print_table(f: Figures) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    mib = 2**20
-    samples = Table(title="Scheduler memory against queued tasks")
-    for name in ("queued tasks", "VmRSS (MiB)", "USS (MiB)", "PSS (MiB)"):
-        samples.add_column(name, justify="right")
-    for s in f.samples:
-        samples.add_row(
-            f"{s['tasks']:,}",
-            f"{s['rss'] / mib:.1f}",
-            "-" if s["uss"] is None else f"{s['uss'] / mib:.1f}",
-            "-" if s["pss"] is None else f"{s['pss'] / mib:.1f}",
-        )
-
-    how = "by reference" if f.by_reference else "by value, from the client's __main__"
-    table = Table(
-        title=f"{f.tasks:,} tasks from {f.clients} clients; {f.workers} workers x "
-        f"{f.nthreads} threads (SLOT={f.nthreads}); task function pickled {how}"
-    )
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    for name, label in (("rss", "VmRSS"), ("uss", "USS")):
-        if name not in f.fits:
-            continue
-        line = f.fits[name]
-        table.add_row(
-            f"scheduler bytes per queued task ({label}, least squares; R²)",
-            f"{line['slope']:,.0f}; {line['r2']:.4f}",
-        )
-        table.add_row(
-            f"  payloads aside ({label} slope - {f.payload_bytes:.0f} B payload)",
-            f"{line['slope'] - f.payload_bytes:,.0f}",
-        )
-        table.add_row(
-            f"  {label} slope per interval (B/task)",
-            ", ".join(f"{s:,.0f}" for s in line["interval_slopes"]),
-        )
-    table.add_row(
-        "pickled payload per task; key (bytes)", f"{f.payload_bytes:.0f}; {f.key_bytes:.0f}"
-    )
-    table.add_row("clients started and connected (s)", f"{f.clients_ready_s:.1f}")
-    table.add_row("submit: until the scheduler held every task (s)", f"{f.submit_s:.1f}")
-    table.add_row("submit rate (tasks/s)", f"{f.submit_tps:,.0f}")
-    table.add_row(
-        "  CPU in submit: scheduler / all clients (s)",
-        f"{f.scheduler_cpu_submit_s:.1f} / {sum(f.client_cpu_submit_s):.1f}",
-    )
-    table.add_row("first worker joined, after its start (s)", f"{f.workers_joined_after_s:.1f}")
-    table.add_row("drain: first worker joined -> last result (s)", f"{f.drain_s:.1f}")
-    table.add_row("completion throughput (tasks/s)", f"{f.drain_tps:,.0f}")
-    table.add_row(
-        "  CPU in drain: scheduler / workers / clients (s)",
-        f"{f.scheduler_cpu_drain_s:.1f} / {sum(f.worker_cpu_s):.1f} / "
-        f"{sum(f.client_cpu_drain_s):.1f}",
-    )
-    c = f.checks
-    table.add_row(
-        "results received / errors / missing / duplicated / wrong",
-        f"{c['received']:,} / {c['errors']} / {c['missing']} / {c['duplicated']} / "
-        f"{c['wrong'] + c['misplaced']}",
-    )
-    table.add_row("futures dropped -> 0 tasks held, 0 resources used (s)", f"{f.release_s:.1f}")
-    table.add_row("scheduler RSS peak (VmHWM, MiB)", f"{f.rss_peak / mib:.1f}")
-    table.add_row(
-        "scheduler RSS after release; after clients left (MiB)",
-        f"{f.rss_released / mib:.1f}; {f.rss_clients_gone / mib:.1f}",
-    )
-    table.add_row("client WARNING lines (one per queued task)", f"{f.client_warnings:,}")
-    table.add_row("total wall time (s)", f"{f.wall_s:.1f}")
-    table.add_row(
-        "load average at start; at end",
-        f"{f.loadavg_start[0]:.2f}; {f.loadavg_end[0]:.2f}",
-    )
-    console = Console(width=max(Console().width, 110))
-    console.print(samples)
-    console.print(table)
-
-
 def _interrupt(signum: int, frame: object) -> None:
     """SIGTERM ends the run as Ctrl-C does, so every process is stopped."""
     raise KeyboardInterrupt
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "_client":
-        client_main(sys.argv[2:])
-        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=20, help="client processes (20)")
     parser.add_argument(
