@@ -293,8 +293,8 @@ def run(args: argparse.Namespace) -> Figures:
                         lambda: sum(observer.tasks().values()) >= want,  # noqa: B023 (called here)
                         f"the scheduler to hold {want:,} tasks",
                         300,
-                        # GetClusterState counts every task (~12 ms at 100,000):
-                        # polled faster, it would slow the scheduler it measures.
+                        # GetClusterState counts every task: polled faster,
+                        # it would slow the scheduler it measures.
                         interval=0.1,
                     )
                     figures.submit_steps_s.append(time.monotonic() - started)
