@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import grpc
 import typer
@@ -13,7 +13,7 @@ from rich.table import Table
 
 from apportion_common.resources import ResourceSpecError, format_resources, parse_resources
 from apportion_common.security import ClientSecurity
-from client_sdk.client import cluster_info
+from client_sdk.info import ClusterInfo, cluster_info
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
 
@@ -130,7 +130,7 @@ def _call(
         fail(f"cannot reach the scheduler at {scheduler_address}: {code.name}: {exc.details()}")
 
 
-def _print_status(info: dict[str, Any]) -> None:
+def _print_status(info: ClusterInfo) -> None:
     table = Table(title=f"apportion scheduler {info['address']}")
     columns = ("worker", "address", "threads", "running", "queued", "resources (used / declared)")
     for column in columns:

@@ -16,7 +16,8 @@ import pytest
 
 from apportion_common import boundary, serialize
 from apportion_common.boundary import WireError, check_address
-from client_sdk.client import _ClientCore, _KeyState
+from client_sdk._core import ClientCore, KeyState
+from client_sdk._transport import GrpcTransport
 from protos import apportion_pb2 as pb
 from scheduler_service import wire
 
@@ -209,8 +210,8 @@ def test_key_lists_and_client_ids() -> None:
 def test_the_client_ignores_an_update_with_an_unknown_status(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    core = _ClientCore("127.0.0.1:1")
-    core.keys["done"] = state = _KeyState()
+    core = ClientCore(GrpcTransport("127.0.0.1:1"))
+    core.keys["done"] = state = KeyState()
     core._apply(pb.TaskUpdate(key="done", status=pb.TASK_STATUS_FINISHED, inline_result=b"r"))
     assert state.status == "finished" and state.changed.is_set()
     # Neither an unset status nor one from a newer scheduler makes it wait again.
