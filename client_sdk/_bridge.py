@@ -111,6 +111,7 @@ class Bridge:
             core.release(keys)
 
     def status(self, key: str) -> str:
+        """``key``'s status as the core knows it; "lost" for a key it does not hold."""
         core = self._core
         state = core.keys.get(key) if core is not None else None
         return state.status if state is not None else "lost"

@@ -116,14 +116,16 @@ class Client(Generic[IsAsync]):
     ) -> None:
         # _transport: what the core reaches the network through (tests give a
         # stub); by default gRPC, with the token and TLS resolved here.
-        self.address = _address_of(address)
+        self.address = scheduler = _address_of(address)
         self.asynchronous = asynchronous
         self._timeout = timeout
         security = client_security(address, token, tls)
         self._specs = SpecBuilder()
 
         def make_core() -> ClientCore:
-            transport = _transport or GrpcTransport(self.address, security)
+            # (Not a method: the bridge holds it, and must not hold the Client,
+            # so that a Client nobody holds is closed at once.)
+            transport = _transport or GrpcTransport(scheduler, security)
             return ClientCore(transport, reconnect_timeout)
 
         self._bridge: SyncBridge | AsyncBridge
@@ -135,22 +137,25 @@ class Client(Generic[IsAsync]):
 
     # ---------------------------------------------------------- lifecycle
 
+    def _async_bridge(self) -> AsyncBridge:
+        if not isinstance(self._bridge, AsyncBridge):
+            raise TypeError("a synchronous Client is used with 'with', not 'async with'")
+        return self._bridge
+
     async def _aconnect(self) -> Self:
-        assert isinstance(self._bridge, AsyncBridge)
-        await self._bridge.connect(self._timeout)
+        await self._async_bridge().connect(self._timeout)
         return self
 
     def __await__(self) -> Generator[Any, None, Self]:
         return self._aconnect().__await__()
 
     async def __aenter__(self) -> Self:
-        assert isinstance(self._bridge, AsyncBridge)
-        if not self._bridge.connected:
+        if not self._async_bridge().connected:
             await self._aconnect()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._aclose()
+        await self._async_bridge().close()
 
     def __enter__(self) -> Self:
         if self.asynchronous:
@@ -161,10 +166,6 @@ class Client(Generic[IsAsync]):
         assert isinstance(self._bridge, SyncBridge)  # see __enter__
         self._bridge.close()
 
-    async def _aclose(self) -> None:
-        assert isinstance(self._bridge, AsyncBridge)
-        await self._bridge.close()
-
     @overload
     def close(self: Client[Literal[False]]) -> None: ...
     @overload
@@ -172,7 +173,7 @@ class Client(Generic[IsAsync]):
     def close(self) -> Any:
         """Close the stream (the scheduler releases this client's tasks)."""
         if isinstance(self._bridge, AsyncBridge):
-            return self._aclose()
+            return self._bridge.close()
         self._bridge.close()
         return None
 
