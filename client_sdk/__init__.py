@@ -4,6 +4,15 @@
 >>> with LocalCluster(n_workers=2, resources={"GPU": 2}) as cluster, Client(cluster) as client:
 ...     client.submit(pow, 2, 10, resources={"GPU": 1}).result()
 1024
+
+Where things are: ``client`` (the Client facade) hands work to ``_bridge``
+(a loop thread for the sync client, the caller's loop for the async one),
+which runs ``_core`` (key states, the stream, reconnects, results); task
+specs are built in ``_spec``; the network is behind ``_transport`` (a
+Protocol, and its gRPC implementation), whose errors ``_grpc_errors`` maps
+to the exceptions of ``exceptions``; a task's own error is rebuilt in
+``_errors``. ``future``, ``annotate``, ``cluster`` (LocalCluster) and
+``info`` (the dicts of scheduler_info) are public.
 """
 
 from apportion_common.security import TLS

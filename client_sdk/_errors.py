@@ -1,6 +1,7 @@
 """A task's remote error, turned back into an exception: the one place that
 maps what the scheduler says (an :class:`~apportion_common.status.ErrorKind`)
-to the SDK's exception classes."""
+to the SDK's exception classes. (A failed gRPC *call* is mapped in
+:mod:`client_sdk._grpc_errors`.)"""
 
 from __future__ import annotations
 

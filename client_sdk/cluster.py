@@ -21,7 +21,7 @@ from apportion_common.security import TLS
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
 
-from .client import _client_security
+from ._transport import client_security
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -57,7 +57,7 @@ class LocalCluster:
         self.tls = tls
         # What this object's own calls present: the same, or what the processes
         # will read from the environment they inherit when not given here.
-        self._security = _client_security(None, token, tls)
+        self._security = client_security(None, token, tls)
         # Through the environment, not argv: other users on the machine see argv.
         self._env = dict(tls.env() if tls is not None else {})
         if token is not None:

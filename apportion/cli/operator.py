@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
 
-import grpc
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from apportion_common.resources import ResourceSpecError, format_resources, parse_resources
 from apportion_common.security import ClientSecurity
-from client_sdk.client import cluster_info
+from client_sdk import SchedulerConnectionError
+from client_sdk._grpc_errors import Caller
+from client_sdk._transport import GrpcTransport
+from client_sdk.info import ClusterInfo, cluster_info
 from protos import apportion_pb2 as pb
-from protos import apportion_pb2_grpc as pb_grpc
 
 from .options import (
     TlsCaOption,
@@ -47,9 +49,7 @@ def status(
     state = _call(
         scheduler_address,
         security,
-        lambda stub, metadata: stub.GetClusterState(
-            pb.GetClusterStateRequest(), timeout=CALL_TIMEOUT_S, metadata=metadata
-        ),
+        lambda scheduler: scheduler.get_cluster_state(pb.GetClusterStateRequest(), CALL_TIMEOUT_S),
     )
     info = cluster_info(state)
     if as_json:
@@ -78,9 +78,7 @@ def set_resources(
     reply = _call(
         scheduler_address,
         security,
-        lambda stub, metadata: stub.SetWorkerResources(
-            request, timeout=CALL_TIMEOUT_S, metadata=metadata
-        ),
+        lambda scheduler: scheduler.set_worker_resources(request, CALL_TIMEOUT_S),
     )
     w = reply.worker
     declared = format_resources(dict(w.resources)) or "nothing"
@@ -101,9 +99,7 @@ def explain(
     reply = _call(
         scheduler_address,
         security,
-        lambda stub, metadata: stub.ExplainTask(
-            pb.ExplainTaskRequest(key=key), timeout=CALL_TIMEOUT_S, metadata=metadata
-        ),
+        lambda scheduler: scheduler.explain_task(pb.ExplainTaskRequest(key=key), CALL_TIMEOUT_S),
     )
     typer.echo(reply.explanation)
 
@@ -111,26 +107,27 @@ def explain(
 def _call(
     scheduler_address: str,
     security: ClientSecurity,
-    call: Callable[[pb_grpc.SchedulerStub, tuple[tuple[str, str], ...]], R],
+    call: Callable[[GrpcTransport], Awaitable[R]],
 ) -> R:
+    """One call on the scheduler, through the client SDK's transport; its
+    errors, as the SDK maps them, exit 2 with one line."""
+
+    async def run() -> R:
+        scheduler = GrpcTransport(scheduler_address, security, caller=Caller.COMMAND)
+        try:
+            return await call(scheduler)
+        finally:
+            await scheduler.close()
+
     try:
-        with security.sync_channel(scheduler_address) as channel:
-            return call(pb_grpc.SchedulerStub(channel), security.metadata)
-    except grpc.RpcError as exc:
-        code = exc.code()
-        if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-            fail(exc.details())
-        if code == grpc.StatusCode.UNAUTHENTICATED:
-            sent = "a token it did not accept" if security.token else "no token"
-            fail(
-                f"the scheduler at {scheduler_address} refused this call "
-                f"(UNAUTHENTICATED: {exc.details()}); "
-                f"this command sent {sent}: pass --token or set APPORTION_TOKEN"
-            )
-        fail(f"cannot reach the scheduler at {scheduler_address}: {code.name}: {exc.details()}")
+        return asyncio.run(run())
+    except (KeyError, ValueError) as exc:  # NOT_FOUND, INVALID_ARGUMENT
+        fail(str(exc.args[0]))
+    except SchedulerConnectionError as exc:
+        fail(str(exc))
 
 
-def _print_status(info: dict[str, Any]) -> None:
+def _print_status(info: ClusterInfo) -> None:
     table = Table(title=f"apportion scheduler {info['address']}")
     columns = ("worker", "address", "threads", "running", "queued", "resources (used / declared)")
     for column in columns:

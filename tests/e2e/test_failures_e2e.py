@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import signal
 import threading
@@ -13,7 +14,10 @@ from pathlib import Path
 import pytest
 
 import client_sdk
+from apportion_common.serialize import Frames
 from client_sdk import Client, get_task_context
+from client_sdk._transport import GrpcTransport, SchedulerStream
+from protos import apportion_pb2 as pb
 from tests.helpers.processes import Processes, assert_all_released, cluster_state, wait_for
 from tests.helpers.tasks import timed_sleep, touch_then_sleep
 from worker_service.worker import INLINE_RESULT_BYTES
@@ -195,6 +199,58 @@ def test_an_error_flows_to_dependents_and_cancel_flows_to_dependents(
         blocker.result(timeout=15)
 
 
+class HoldingBackFetches(GrpcTransport):
+    """The client's real transport, except that a fetch from ``held`` waits
+    until the scheduler has told the client of another holder of the key."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address)
+        self.held = ""
+        self.fetching = threading.Event()
+        self.moved = asyncio.Event()
+        #: the holders of each finished key, as the scheduler last said
+        self.holders: dict[str, tuple[str, ...]] = {}
+
+    def open_stream(self) -> SchedulerStream:
+        return _NotingHolders(super().open_stream(), self)
+
+    def finished(self, key: str, addresses: tuple[str, ...]) -> None:
+        self.holders[key] = addresses
+        if self.held and addresses != (self.held,):
+            self.moved.set()
+
+    async def fetch(self, address: str, key: str) -> Frames:
+        if address == self.held:
+            self.fetching.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.moved.wait(), 10)
+        return await super().fetch(address, key)
+
+
+class _NotingHolders:
+    """A stream that tells its transport where each finished result lives."""
+
+    def __init__(self, stream: SchedulerStream, transport: HoldingBackFetches) -> None:
+        self._stream = stream
+        self._transport = transport
+
+    async def write(self, message: pb.ClientToScheduler) -> None:
+        await self._stream.write(message)
+
+    async def read(self) -> pb.SchedulerToClient | None:
+        msg = await self._stream.read()
+        for update in msg.updates if msg is not None else ():
+            if update.status == pb.TASK_STATUS_FINISHED:
+                self._transport.finished(update.key, tuple(update.addresses))
+        return msg
+
+    async def done_writing(self) -> None:
+        await self._stream.done_writing()
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+
 def test_result_is_found_when_the_recompute_lands_during_a_failed_fetch(
     processes: Processes, scheduler_address: str
 ) -> None:
@@ -202,34 +258,18 @@ def test_result_is_found_when_the_recompute_lands_during_a_failed_fetch(
     holder when that worker dies; before the fetch fails, the scheduler has
     recomputed the result elsewhere and told the client. The client must read
     it from the new holder, not wait for a change that already came. (The
-    fetch is held back through the client's internals to make the race certain.)
+    fetch is held back by the client's transport to make the race certain.)
     """
     doomed = processes.worker(scheduler_address, "--name", "doomed")
-    with Client(scheduler_address) as client:
+    transport = HoldingBackFetches(scheduler_address)
+    with Client(scheduler_address, _transport=transport) as client:
         early = client.submit(double_with_padding, 21)
         assert early.result(timeout=15)[:2] == (42, "doomed")
-        core = client.core
-        (doomed_address,) = core.keys[early.key].addresses
+        (transport.held,) = transport.holders[early.key]
         processes.worker(scheduler_address, "--name", "survivor")
-        real_fetch = core._peers.fetch
-        fetching = threading.Event()
-
-        async def fetch_after_the_recompute(
-            address: str, key: str, timeout: float | None = None
-        ) -> bytearray:
-            if address == doomed_address:
-                fetching.set()
-                deadline = time.monotonic() + 10
-                while core.keys[key].addresses == (doomed_address,):
-                    if time.monotonic() > deadline:
-                        break
-                    await asyncio.sleep(0.02)
-            return await real_fetch(address, key, timeout)
-
-        core._peers.fetch = fetch_after_the_recompute  # type: ignore[method-assign]
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             result = pool.submit(early.result, 10)
-            assert fetching.wait(10)
+            assert transport.fetching.wait(10)
             os.kill(doomed.pid, signal.SIGKILL)
             assert result.result(timeout=20)[:2] == (42, "survivor")
 

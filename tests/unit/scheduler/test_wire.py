@@ -8,7 +8,6 @@ the scheduler pays at its boundary):
 
 from __future__ import annotations
 
-import logging
 import math
 import timeit
 
@@ -16,7 +15,6 @@ import pytest
 
 from apportion_common import boundary, serialize
 from apportion_common.boundary import WireError, check_address
-from client_sdk.client import _ClientCore, _KeyState
 from protos import apportion_pb2 as pb
 from scheduler_service import wire
 
@@ -204,21 +202,6 @@ def test_key_lists_and_client_ids() -> None:
     )
     with pytest.raises(WireError, match=r"ClientHello\.client_id"):
         wire.client_id_from_pb(pb.ClientHello())
-
-
-def test_the_client_ignores_an_update_with_an_unknown_status(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    core = _ClientCore("127.0.0.1:1")
-    core.keys["done"] = state = _KeyState()
-    core._apply(pb.TaskUpdate(key="done", status=pb.TASK_STATUS_FINISHED, inline_result=b"r"))
-    assert state.status == "finished" and state.changed.is_set()
-    # Neither an unset status nor one from a newer scheduler makes it wait again.
-    for status in (pb.TASK_STATUS_UNSPECIFIED, 99):
-        with caplog.at_level(logging.WARNING, "client_sdk"):
-            core._apply(pb.TaskUpdate(key="done", status=status))  # type: ignore[arg-type]
-        assert state.status == "finished" and state.changed.is_set()
-        assert f"unknown status {status}" in caplog.text
 
 
 def time_task_spec_checks(number: int = 100_000) -> dict[str, float]:

@@ -1,0 +1,55 @@
+"""The scheduler's view of the cluster as plain dicts.
+
+:func:`cluster_info` turns the scheduler's ``GetClusterState`` reply into what
+``Client.scheduler_info()`` returns and ``apportion status --json`` prints;
+:func:`worker_info` is one worker's entry, as ``Client.set_resources()``
+returns it. The shapes are :class:`ClusterInfo` and :class:`WorkerInfo`.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+from protos import apportion_pb2 as pb
+
+
+class WorkerInfo(TypedDict):
+    name: str
+    nthreads: int
+    resources: dict[str, float]
+    used_resources: dict[str, float]
+    #: tasks running there now
+    running: int
+    #: tasks queued there, holding nothing yet
+    queued: int
+
+
+class ClusterInfo(TypedDict):
+    address: str
+    #: by worker address
+    workers: dict[str, WorkerInfo]
+    #: how many tasks are in each state
+    tasks: dict[str, int]
+
+
+def worker_info(w: pb.WorkerInfo) -> WorkerInfo:
+    return {
+        "name": w.name,
+        "nthreads": w.nthreads,
+        "resources": dict(w.resources),
+        "used_resources": dict(w.used_resources),
+        "running": w.running,
+        "queued": w.queued,
+    }
+
+
+def cluster_info(state: pb.ClusterState) -> ClusterInfo:
+    """``GetClusterState`` as the dict that ``Client.scheduler_info()`` returns."""
+    return {
+        "address": state.address,
+        "workers": {w.address: worker_info(w) for w in state.workers},
+        "tasks": dict(state.task_counts),
+    }
+
+
+__all__ = ["ClusterInfo", "WorkerInfo", "cluster_info", "worker_info"]
