@@ -47,36 +47,38 @@ from apportion_common.resources import Quanta
 from apportion_common.serialize import ErrorInfo
 from apportion_common.status import ErrorKind, TaskStatus
 
-from .events import (
+from .commands import (
     AssignTask,
     CancelRun,
+    Command,
+    DeclareResources,
+    InputLocation,
+    JournalFailure,
+    JournalForgetClient,
+    JournalForgetTask,
+    JournalTask,
+    JournalUnwant,
+    JournalWant,
+    NotifyClient,
+    ReleaseData,
+)
+from .events import (
     ClientDisconnected,
-    ClientGone,
     ClientId,
     ClientJoined,
     ClientLeft,
-    ClientUpdate,
     ClusterSnapshot,
-    Command,
-    DeclareResources,
     Event,
-    InputLocation,
     KeysReleased,
-    ReleaseData,
     StateRecovered,
-    TaskAccepted,
     TaskErred,
-    TaskErredFinally,
     TaskFinished,
-    TaskForgotten,
     TaskMissingInputs,
     TasksCancelled,
     TasksSubmitted,
     TaskStarted,
     TaskSubmission,
     Tick,
-    WantAdded,
-    WantDropped,
     WorkerId,
     WorkerJoined,
     WorkerLeft,
@@ -282,7 +284,7 @@ class ClusterState:
 
     def __init__(self, policy: SchedulingPolicy | None = None, incarnation_base: int = 1) -> None:
         self.policy = policy or SchedulingPolicy()
-        #: emit journal commands (TaskAccepted, WantAdded...) for a state dir
+        #: emit journal commands (JournalTask, JournalWant...) for a state dir
         self.journaling = False
         self._pack = self.policy.placement == "pack"
         #: the latest Tick's time (monotonic seconds)
@@ -420,14 +422,14 @@ class ClusterState:
                 task.wanted_by.add(client)
                 wanted.add(spec.key)
                 if self.journaling:
-                    cmds.append(TaskAccepted(task.key, task.incarnation, client, spec))
+                    cmds.append(JournalTask(task.key, task.incarnation, client, spec))
                 self._enter_graph(task, cmds)
                 if task.state == WAITING:
                     self._warn_unknown_names(client, task, cmds)
             else:
                 # Same key: the existing task's future comes back.
                 if self.journaling and client not in task.wanted_by:
-                    cmds.append(WantAdded(client, task.key))
+                    cmds.append(JournalWant(client, task.key))
                 task.wanted_by.add(client)
                 wanted.add(spec.key)
                 if task.state == RELEASED:
@@ -442,7 +444,7 @@ class ClusterState:
         if unknown:
             names = ", ".join(unknown)
             reason = f"task {task.key!r} needs {names}, which no worker seen so far declares"
-            cmds.append(ClientUpdate(client, task.key, TaskStatus.PENDING, waiting_reason=reason))
+            cmds.append(NotifyClient(client, task.key, TaskStatus.PENDING, waiting_reason=reason))
 
     def _new_task(self, spec: TaskSubmission) -> TaskRecord:
         # Tasks of one shape share its shape tuple, resources dict and worker
@@ -533,7 +535,7 @@ class ClusterState:
                 continue  # forgotten while its dependents were cancelled
             for client in current.wanted_by:
                 if not (client == requester and current.key in named):
-                    cmds.append(ClientUpdate(client, current.key, TaskStatus.CANCELLED))
+                    cmds.append(NotifyClient(client, current.key, TaskStatus.CANCELLED))
                 self.clients.get(client, set()).discard(current.key)
             current.wanted_by.clear()
             self._forget(current, cmds)
@@ -547,7 +549,7 @@ class ClusterState:
             if task is None:
                 continue
             if self.journaling and client in task.wanted_by:
-                cmds.append(WantDropped(client, key))
+                cmds.append(JournalUnwant(client, key))
             task.wanted_by.discard(client)
             self._drop_if_unneeded(task, cmds)
 
@@ -566,11 +568,11 @@ class ClusterState:
                     "--state-dir, or this client stayed away longer than its grace period",
                     kind=ErrorKind.SCHEDULER_CONNECTION,
                 )
-                cmds.append(ClientUpdate(client, key, TaskStatus.ERROR, error=error))
+                cmds.append(NotifyClient(client, key, TaskStatus.ERROR, error=error))
                 continue
             if client not in task.wanted_by:
                 if self.journaling:
-                    cmds.append(WantAdded(client, key))
+                    cmds.append(JournalWant(client, key))
                 task.wanted_by.add(client)
                 wanted.add(key)
                 if task.state == RELEASED:
@@ -585,7 +587,7 @@ class ClusterState:
             return
         self._release_keys(client, list(keys), cmds)
         if self.journaling:
-            cmds.append(ClientGone(client))
+            cmds.append(JournalForgetClient(client))
 
     def _expire_clients(self, cmds: list[Command]) -> None:
         if not self._disconnected:
@@ -673,7 +675,7 @@ class ClusterState:
             self.workers[kept_on].reserved_for = None
         for client in task.wanted_by:
             cmds.append(
-                ClientUpdate(client, task.key, TaskStatus.FINISHED, (worker.address,), nbytes)
+                NotifyClient(client, task.key, TaskStatus.FINISHED, (worker.address,), nbytes)
             )
         self._result_ready(task, cmds)
 
@@ -804,7 +806,7 @@ class ClusterState:
                     dependent.state = WAITING  # its heap entry goes stale
         if self._needs_data(task):
             for client in task.wanted_by:
-                cmds.append(ClientUpdate(client, task.key, TaskStatus.PENDING))
+                cmds.append(NotifyClient(client, task.key, TaskStatus.PENDING))
             task.waiting_reason = ""  # told nothing now: tell again if it must wait
             self._make_runnable(task, cmds)
 
@@ -917,7 +919,7 @@ class ClusterState:
             addresses = (worker.address,)
             for client in task.wanted_by:
                 cmds.append(
-                    ClientUpdate(
+                    NotifyClient(
                         client,
                         task.key,
                         TaskStatus.FINISHED,
@@ -996,9 +998,9 @@ class ClusterState:
             current.error = error
             current.waiting_on.clear()
             for client in current.wanted_by:
-                cmds.append(ClientUpdate(client, current.key, TaskStatus.ERROR, error=error))
+                cmds.append(NotifyClient(client, current.key, TaskStatus.ERROR, error=error))
             if self.journaling:
-                cmds.append(TaskErredFinally(current.key, error))
+                cmds.append(JournalFailure(current.key, error))
             stack.extend(self.tasks[k] for k in current.dependents)
 
     # ----------------------------------------------------------- lifecycle
@@ -1069,7 +1071,7 @@ class ClusterState:
             task.waiting_reason = reason
             for client in task.wanted_by:
                 cmds.append(
-                    ClientUpdate(
+                    NotifyClient(
                         client,
                         task.key,
                         TaskStatus.PENDING,
@@ -1161,7 +1163,7 @@ class ClusterState:
         # A READY task's heap entry goes stale once the record is gone.
         del self.tasks[task.key]
         if self.journaling:
-            cmds.append(TaskForgotten(task.key))
+            cmds.append(JournalForgetTask(task.key))
         # Unlink from every input before dropping any of them: dropping one
         # may forget another input whose dependents would still name this
         # (deleted) task, and _needs_data would look it up (KeyError).
@@ -1186,14 +1188,14 @@ class ClusterState:
             cmds.append(ReleaseData(worker_id, task.key))
         task.who_has = set()
 
-    def _update_for(self, client: ClientId, task: TaskRecord) -> ClientUpdate:
+    def _update_for(self, client: ClientId, task: TaskRecord) -> NotifyClient:
         status = _status_of(task)
         if status == TaskStatus.FINISHED:
             addresses = tuple(self.workers[w].address for w in sorted(task.who_has))
-            return ClientUpdate(client, task.key, status, addresses, task.nbytes)
+            return NotifyClient(client, task.key, status, addresses, task.nbytes)
         if status == TaskStatus.ERROR:
-            return ClientUpdate(client, task.key, status, error=task.error)
-        return ClientUpdate(client, task.key, status, waiting_reason=task.waiting_reason)
+            return NotifyClient(client, task.key, status, error=task.error)
+        return NotifyClient(client, task.key, status, waiting_reason=task.waiting_reason)
 
     # ----------------------------------------------------------- placement
 

@@ -7,10 +7,8 @@ from collections.abc import Iterable
 
 from apportion_common.resources import Quanta, from_quanta, to_quanta
 from apportion_common.serialize import ErrorInfo
+from scheduler_service.commands import AssignTask, Command, NotifyClient
 from scheduler_service.events import (
-    AssignTask,
-    ClientUpdate,
-    Command,
     Event,
     TaskErred,
     TaskFinished,
@@ -38,8 +36,8 @@ def assigns(cmds: Iterable[Command]) -> list[AssignTask]:
     return [c for c in cmds if isinstance(c, AssignTask)]
 
 
-def updates(cmds: Iterable[Command], key: str | None = None) -> list[ClientUpdate]:
-    return [c for c in cmds if isinstance(c, ClientUpdate) and (key is None or c.key == key)]
+def updates(cmds: Iterable[Command], key: str | None = None) -> list[NotifyClient]:
+    return [c for c in cmds if isinstance(c, NotifyClient) and (key is None or c.key == key)]
 
 
 class Sim:

@@ -16,14 +16,11 @@ from contextlib import contextmanager
 import pytest
 
 from apportion_common.resources import from_quanta
+from scheduler_service.commands import CancelRun, InputLocation, NotifyClient, ReleaseData
 from scheduler_service.events import (
-    CancelRun,
     ClientJoined,
     ClientLeft,
-    ClientUpdate,
-    InputLocation,
     KeysReleased,
-    ReleaseData,
     TaskErred,
     TaskFinished,
     TaskMissingInputs,
@@ -439,7 +436,7 @@ def test_cancel_cancels_dependents_and_a_ready_task() -> None:
     sim.submit("other")
     cmds = sim(TasksCancelled("c", ("a", "other")))
     # The canceller is told only of what it did not name: the dependent b.
-    assert updates(cmds) == [ClientUpdate("c", "b", "cancelled")]
+    assert updates(cmds) == [NotifyClient("c", "b", "cancelled")]
     assert sim.state.tasks == {}
     # "other" was ready, never assigned: nothing to report for it.
     sim.finish("a")
@@ -507,7 +504,7 @@ def test_lost_results_are_recomputed_only_when_still_wanted() -> None:
     assert sim.status("a") == RELEASED  # kept: b may need it recomputed
     sim.join(2)
     cmds = sim(WorkerLeft(1))
-    assert updates(cmds) == [ClientUpdate("c", "b", "pending")]
+    assert updates(cmds) == [NotifyClient("c", "b", "pending")]
     # b is wanted and needs a: both are computed again, a first.
     assert [a.key for a in assigns(cmds)] == ["a"]
     assert sim.status("b") == WAITING
@@ -559,7 +556,7 @@ def test_lost_input_of_a_waiting_task_is_recomputed() -> None:
     assert sim.status("b") == READY
     cmds = sim(WorkerLeft(1))
     assert sim.status("b") == WAITING
-    assert updates(cmds) == [ClientUpdate("c", "a", "pending")]
+    assert updates(cmds) == [NotifyClient("c", "a", "pending")]
     assert [(a.worker_id, a.key) for a in assigns(cmds)] == [(2, "a")]
     assert assigns(sim.finish("blocker")) == []  # b still waits for a
     cmds = sim.finish("a")
@@ -1056,7 +1053,7 @@ def test_cancelled_and_resubmitted_with_different_resources(outcome: str) -> Non
     assert new.run_id != old.run_id
     assert sim.used(1) == {"R": 0.4}
     cmds = sim.finish(new)
-    assert updates(cmds) == [ClientUpdate("c", "x", "finished", (addr(1),), 100)]
+    assert updates(cmds) == [NotifyClient("c", "x", "finished", (addr(1),), 100)]
     sim.assert_idle()
 
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from apportion_common.resources import Quanta
+from scheduler_service.commands import AssignTask, CancelRun, DeclareResources
 from scheduler_service.events import (
-    AssignTask,
-    CancelRun,
-    DeclareResources,
     TaskErred,
     TaskFinished,
     TasksCancelled,
