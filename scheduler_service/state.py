@@ -5,15 +5,8 @@ follow from it. It never awaits, reads the clock or touches a socket, so every
 scenario can be driven from a test with plain objects, and ``validate()`` can
 check the invariants after every step.
 
-Task states::
-
-    waiting     some inputs are not in memory yet
-    ready       inputs in memory, queued for a worker with free capacity
-    processing  assigned to a worker: holding its resources there (a run), or
-                in that worker's queue, holding nothing yet (a queued run)
-    memory      finished; the result lives on one or more workers
-    released    finished once, result dropped; kept so it can be recomputed
-    erred       raised (or an input erred); the error is kept for clients
+Task states are :class:`~.records.TaskState`; the records themselves
+(TaskRecord, WorkerRecord, the run, Shape) live in :mod:`.records`.
 
 A cancelled task is forgotten at once. Its run, if it had one, stays on the
 worker's books, holding its resources, until the worker reports that the code
@@ -37,11 +30,9 @@ import bisect
 import heapq
 import itertools
 import math
-import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 from apportion_common.resources import Quanta
 from apportion_common.serialize import ErrorInfo
@@ -93,126 +84,30 @@ from .policy import (
     QUEUE_TARGET_S,
     SchedulingPolicy,
 )
-
-WAITING = "waiting"
-READY = "ready"
-PROCESSING = "processing"
-MEMORY = "memory"
-RELEASED = "released"
-ERRED = "erred"
-
-#: What makes two waiting tasks interchangeable for placement: their resource
-#: needs and, when strict, the workers they are restricted to.
-Shape = tuple[tuple[tuple[str, int], ...], frozenset[str]]
+from .records import (
+    ERRED,
+    MEMORY,
+    NO_WORKERS,
+    PROCESSING,
+    READY,
+    RELEASED,
+    WAITING,
+    Run,
+    Shape,
+    TaskRecord,
+    WorkerRecord,
+    key_prefix,
+    named,
+)
 
 
 class InvariantError(AssertionError):
     """``validate()`` found the books out of balance."""
 
 
-@dataclass(slots=True)
-class Run:
-    """One lease: a task's resources held on a worker until its code returns."""
-
-    key: str
-    resources: Quanta
-
-
-@dataclass(slots=True, eq=False)
-class WorkerRecord:
-    worker_id: WorkerId
-    name: str
-    address: str
-    nthreads: int
-    declared: Quanta
-    free: Quanta
-    free_slots: int
-    runs: dict[int, Run] = field(default_factory=dict)
-    #: assigned runs in its queue, holding nothing yet, in assignment order
-    queued: dict[int, Run] = field(default_factory=dict)
-    #: the most runs it may hold queued (tasks of a kind may be held to fewer:
-    #: _queue_depth)
-    queue_limit: int = 0
-    #: what its queued runs need, together
-    queued_need: Quanta = field(default_factory=dict)
-    #: keys whose results this worker holds
-    has: set[str] = field(default_factory=set)
-    pid: int = 0
-
-    #: a starving task this worker is kept for: nothing else starts here
-    reserved_for: str | None = None
-    #: declared was lowered below what running tasks hold; free may be < 0
-    #: until they end (nothing new that needs the resource starts meanwhile)
-    shrunk: bool = False
-
-    def held(self) -> Quanta:
-        return {name: self.declared[name] - self.free[name] for name in self.declared}
-
-    def room(self) -> _Room:
-        """What is free once every queued run has started: a task placed
-        within it fits on the worker whichever of them it started meanwhile."""
-        need = self.queued_need
-        free = {name: amount - need.get(name, 0) for name, amount in self.free.items()}
-        for name, amount in need.items():
-            free.setdefault(name, -amount)
-        return _Room(self.worker_id, self.nthreads, self.free_slots - len(self.queued), free)
-
-
-@dataclass(slots=True)
-class _Room:
-    """A worker as placement into free capacity sees it (see WorkerRecord.room)."""
-
-    worker_id: WorkerId
-    nthreads: int
-    free_slots: int
-    free: Quanta
-
-
-@dataclass(slots=True, eq=False)
-class TaskRecord:
-    key: str
-    payload: bytes
-    resources: Quanta
-    shape: Shape
-    dependencies: tuple[str, ...]
-    priority: int
-    retries_left: int
-    seq: int
-    state: str = WAITING
-    waiting_on: set[str] = field(default_factory=set)
-    dependents: set[str] = field(default_factory=set)
-    wanted_by: set[ClientId] = field(default_factory=set)
-    who_has: set[WorkerId] = field(default_factory=set)
-    nbytes: int = 0
-    worker_id: WorkerId | None = None
-    run_id: int = 0
-    ready_gen: int = 0
-    #: when it last became ready (the latest Tick's time then)
-    ready_since: float = 0.0
-    #: worker names or addresses it may run on (any when empty)
-    allowed: frozenset[str] = frozenset()
-    #: with ``allowed``: a preference only
-    loose: bool = False
-    #: workers that died while running it (KilledWorker after too many)
-    suspects: list[str] = field(default_factory=list)
-    error: ErrorInfo | None = None
-    waiting_reason: str = ""
-    #: names this task (not a run of it) across scheduler restarts, so that a
-    #: result a worker kept is never taken for that of another task of the key
-    incarnation: int = 0
-    #: its kind: the key without a trailing token ("load" of "load-1f3a..."),
-    #: whose measured durations size worker queues
-    prefix: str = ""
-    #: the longest chain of inputs behind it (0: it has none)
-    depth: int = 0
-
-
 #: A ready task in its shape's heap: (-priority, _order(task), ready_gen, key).
 #: Stale once the task is no longer READY with that ready_gen (skipped lazily).
 _Entry = tuple[int, int, int, str]
-
-#: The "any worker" restriction, shared by every unrestricted task.
-_NO_WORKERS: frozenset[str] = frozenset()
 
 #: More tasks than one scheduler ever numbers (seq): see _order.
 _DEPTH_STRIDE = 1 << 48
@@ -228,17 +123,8 @@ def _order(task: TaskRecord) -> int:
     return task.seq - task.depth * _DEPTH_STRIDE
 
 
-#: The trailing part of a key that makes it unique: a hex token or a number.
-_KEY_TOKEN = re.compile(r"-(?:[0-9a-f]{8,}|[0-9]+)$")
 #: Kinds of task whose durations are kept (each a few dozen bytes).
 MAX_KINDS_TIMED = 10_000
-
-
-def key_prefix(key: str) -> str:
-    """The kind of task a key names, as Dask's key_split: ``"load"`` of
-    ``"load-1f3a9c0b..."`` and of ``"load-17"``; a key without such a token is
-    its own kind."""
-    return _KEY_TOKEN.sub("", key, count=1)
 
 
 def _post_order(
@@ -264,11 +150,6 @@ def _post_order(
             if neighbour.key not in visited:
                 stack.append((neighbour, False))
     return order
-
-
-def _named(task: TaskRecord, worker: WorkerRecord) -> bool:
-    """``worker`` is one that ``task`` names in ``workers=`` (by name or address)."""
-    return worker.name in task.allowed or worker.address in task.allowed
 
 
 def _status_of(task: TaskRecord) -> TaskStatus:
@@ -453,8 +334,8 @@ class ClusterState:
         kind = (needs, spec.workers, spec.allow_other_workers)
         interned = self._kinds.get(kind)
         if interned is None:
-            allowed = frozenset(spec.workers) if spec.workers else _NO_WORKERS
-            shape = (needs, _NO_WORKERS if spec.allow_other_workers else allowed)
+            allowed = frozenset(spec.workers) if spec.workers else NO_WORKERS
+            shape = (needs, NO_WORKERS if spec.allow_other_workers else allowed)
             interned = self._kinds[kind] = (shape, dict(spec.resources), allowed)
         shape, resources, allowed = interned
         return TaskRecord(
@@ -1108,7 +989,7 @@ class ClusterState:
         """The workers ``task`` may run on: all, or those it is restricted to."""
         if not task.allowed or task.loose:
             return list(self.workers.values())
-        return [w for w in self.workers.values() if _named(task, w)]
+        return [w for w in self.workers.values() if named(task, w)]
 
     def _needs_data(self, task: TaskRecord) -> bool:
         if task.wanted_by:
@@ -1310,7 +1191,7 @@ class ClusterState:
             if full or task.shape in dirty_shapes:
                 candidates = self._eligible(task) if strict else workers.values()
             else:
-                candidates = [w for w in opened if _named(task, w)] if strict else opened
+                candidates = [w for w in opened if named(task, w)] if strict else opened
             if reserved:
                 candidates = [w for w in candidates if w.reserved_for in (None, task.key)]
             # The calls for inputs and preferences only where there are any:
@@ -1344,13 +1225,13 @@ class ClusterState:
         strict = bool(task.allowed) and not task.loose
         if every_worker:
             return self._eligible(task) if strict else self.workers.values()
-        return [w for w in changed if _named(task, w)] if strict else changed
+        return [w for w in changed if named(task, w)] if strict else changed
 
     def _preferred(self, task: TaskRecord) -> set[WorkerId] | None:
         """The workers a loosely restricted task prefers (None: no preference)."""
         if not (task.loose and task.allowed):
             return None
-        return {w.worker_id for w in self.workers.values() if _named(task, w)}
+        return {w.worker_id for w in self.workers.values() if named(task, w)}
 
     def _fill_queues(
         self,
@@ -1607,7 +1488,7 @@ class ClusterState:
         )
 
     def snapshot(self) -> ClusterSnapshot:
-        counts = Counter(task.state for task in self.tasks.values())
+        counts = Counter(task.state.value for task in self.tasks.values())
         return ClusterSnapshot(
             workers=[
                 WorkerSnapshot(
