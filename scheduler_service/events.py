@@ -9,7 +9,7 @@ fixed-point integers (see :mod:`apportion_common.resources`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from apportion_common.resources import Quanta
 from apportion_common.serialize import ErrorInfo
@@ -194,24 +194,3 @@ Event = (
     | TasksCancelled
     | KeysReleased
 )
-
-
-# What the scheduler reports of itself (status): it moves to the inspection
-# module with explain().
-@dataclass(slots=True)
-class WorkerSnapshot:
-    worker_id: WorkerId
-    name: str
-    address: str
-    nthreads: int
-    resources: Quanta
-    used: Quanta
-    running: int
-    pid: int = 0
-    queued: int = 0
-
-
-@dataclass(slots=True)
-class ClusterSnapshot:
-    workers: list[WorkerSnapshot] = field(default_factory=list)
-    task_counts: dict[str, int] = field(default_factory=dict)

@@ -1,9 +1,15 @@
-"""The scheduler's records: what it knows of each task and each worker, and
-the run (lease) a task holds on a worker.
+"""The scheduler's records: what it knows of each task and each worker, the
+run (lease) a task holds on a worker, and the small values the parts of the
+state machine share (the clock, the marks of what changed).
 
 Owns no behaviour beyond reading one record (``WorkerRecord.held``,
-``WorkerRecord.room``, :func:`key_prefix`). Must never import another part
-of the scheduler.
+``WorkerRecord.room``, :func:`key_prefix`). Each field is written by one part
+only, named beside it: the books (:mod:`.books`) write a worker's capacity and
+runs, the placement pass (:mod:`.placer`) its reservation and a task's
+assignment, the graph (:mod:`.graph`) where results are and how tasks move
+between states, the ready queues (:mod:`.queues`) a task's place in them, the
+clients (:mod:`.clients`) who wants what. Must never import another part of
+the scheduler.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ class WorkerRecord:
     name: str
     address: str
     nthreads: int
+    # --- the books' (books.py), and only theirs to change
     declared: Quanta
     free: Quanta
     free_slots: int
@@ -78,15 +85,17 @@ class WorkerRecord:
     #: assigned runs in its queue, holding nothing yet, in assignment order
     queued: dict[int, Run] = field(default_factory=dict)
     #: the most runs it may hold queued (tasks of a kind may be held to fewer:
-    #: ClusterState._queue_depth)
+    #: the placement pass's queue depth)
     queue_limit: int = 0
     #: what its queued runs need, together
     queued_need: Quanta = field(default_factory=dict)
     #: declared was lowered below what running tasks hold; free may be < 0
     #: until they end (nothing new that needs the resource starts meanwhile)
     shrunk: bool = False
+    # --- the graph's (graph.py)
     #: keys whose results this worker holds
     has: set[str] = field(default_factory=set)
+    # --- the placement pass's (placer.py)
     #: a starving task this worker is kept for: nothing else starts here
     reserved_for: str | None = None
     pid: int = 0
@@ -127,11 +136,14 @@ class TaskRecord:
     state: TaskState = WAITING
     waiting_on: set[str] = field(default_factory=set)
     dependents: set[str] = field(default_factory=set)
+    #: the clients' (clients.py); the graph reads it
     wanted_by: set[ClientId] = field(default_factory=set)
     who_has: set[WorkerId] = field(default_factory=set)
     nbytes: int = 0
+    #: its current run (the placement pass sets it, the graph clears it)
     worker_id: WorkerId | None = None
     run_id: int = 0
+    #: its entry in its shape's ready queue (queues.py)
     ready_gen: int = 0
     #: when it last became ready (the latest Tick's time then)
     ready_since: float = 0.0
@@ -167,3 +179,40 @@ def key_prefix(key: str) -> str:
     ``"load-1f3a9c0b..."`` and of ``"load-17"``; a key without such a token is
     its own kind."""
     return _KEY_TOKEN.sub("", key, count=1)
+
+
+@dataclass(slots=True)
+class Clock:
+    """Time as the events told it. Written by ClusterState alone (on Tick and
+    StateRecovered); the parts read it."""
+
+    #: the latest Tick's time (monotonic seconds)
+    now: float = 0.0
+    #: after a restart from the journal, nothing is placed until then (0: not
+    #: recovering)
+    hold_until: float = 0.0
+
+
+@dataclass(slots=True)
+class Changes:
+    """What changed since the last placement pass, for that pass to look at.
+
+    After a pass, the head of every waiting shape fits no worker it may use
+    (and no worker queue with room); only a worker that gained room or a shape
+    that gained a task can change that, so a pass checks just those. The books
+    and the ready queues mark these as they change (no event handler has to);
+    the placement pass takes them, leaving them empty.
+    """
+
+    #: check every worker for every shape (a worker left, a recovery ended)
+    everything: bool = True
+    #: workers that gained room (a run ended, one joined, grew, or lost its
+    #: reservation)
+    workers: set[WorkerId] = field(default_factory=set)
+    #: workers whose queue gained a place (or that joined, grew, or lost
+    #: their reservation)
+    queues: set[WorkerId] = field(default_factory=set)
+    #: shapes that gained a ready task
+    shapes: set[Shape] = field(default_factory=set)
+    #: time passed: a starving task may get a worker reserved
+    ticked: bool = False

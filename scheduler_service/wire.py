@@ -47,15 +47,14 @@ from protos import apportion_pb2 as pb
 
 from .commands import AssignTask, NotifyClient
 from .events import (
-    ClusterSnapshot,
     TaskErred,
     TaskFinished,
     TaskMissingInputs,
     TaskStarted,
     TaskSubmission,
     WorkerId,
-    WorkerSnapshot,
 )
+from .inspection import ClusterSnapshot, WorkerSnapshot
 
 __all__ = [
     "MAX_HELD_RESULTS",

@@ -136,7 +136,7 @@ class ClusterMachine(RuleBasedStateMachine):
 
     def check_waiting_reasons(self) -> None:
         """A client of a queued task that no worker can hold was told why."""
-        if self.state._hold_until:
+        if self.state.clock.hold_until:
             return  # recovering: told once workers had their chance to return
         declared = [w.declared for w in self.state.workers.values()]
         for key, task in self.state.tasks.items():
@@ -557,8 +557,8 @@ class ClusterMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         """Everything that can run eventually runs."""
         big: Quanta = to_quanta(dict.fromkeys(NAMES, BIG))
-        if self.state._hold_until:
-            self.now = self.state._hold_until
+        if self.state.clock.hold_until:
+            self.now = self.state.clock.hold_until
             self.handle(Tick(self.now))  # the recovery's hold ends
         worker_id = self.next_worker
         self.workers.add(worker_id)
