@@ -2,7 +2,7 @@
 
 :class:`Books` owns the set of connected workers and, on each
 :class:`~.records.WorkerRecord`, its capacity and runs (declared, free,
-free_slots, runs, queued, queued_need, queue_limit, shrunk),
+free_slots, runs, queued, queued_need, queue_limit, shrunk, last_started),
 the totals of free threads and free queue places across workers, and the run
 ids. It is the only place that adds or subtracts resources, threads and
 queue places, in a few transitions of a lease (:class:`~.records.Run`)::
@@ -109,12 +109,12 @@ class Books:
 
     # ------------------------------------------------------------- leases
 
-    def assign(self, worker: WorkerRecord, task: TaskRecord, queued: bool) -> int:
+    def assign(self, worker: WorkerRecord, task: TaskRecord, queued: bool, now: float) -> int:
         """Give ``task`` a run on ``worker``: its resources and a thread now,
         or (``queued``) a place in the worker's queue. Returns the run id."""
         run_id = next(self._run_ids)
         if queued:
-            worker.queued[run_id] = Run(task.key, task.resources)
+            worker.queued[run_id] = Run(task.key, task.resources, now)
             self.queue_room -= 1
             need = worker.queued_need
             for name, amount in task.resources.items():
@@ -126,7 +126,8 @@ class Books:
                 free[name] -= amount
             worker.free_slots -= 1
             self.free_slots -= 1
-            worker.runs[run_id] = Run(task.key, task.resources)
+            worker.runs[run_id] = Run(task.key, task.resources, now)
+            worker.last_started = run_id
         return run_id
 
     def start(self, worker_id: WorkerId, run_id: int, key: str) -> bool:
@@ -156,6 +157,8 @@ class Books:
                 worker.shrunk = True
         worker.free_slots -= 1
         self.free_slots -= 1
+        if run_id > worker.last_started:
+            worker.last_started = run_id
         return True
 
     def end(self, worker_id: WorkerId, run_id: int, key: str) -> WorkerRecord | None:

@@ -71,9 +71,14 @@ def explain(state: ClusterState, key: str) -> str:
         assert task.worker_id is not None
         holder = state.workers[task.worker_id]
         if task.run_id in holder.queued:
+            kept = (
+                f"; {holder.name} is kept for it: nothing else is placed there until it starts"
+                if state.reservations.get(key) == holder.worker_id
+                else ""
+            )
             return (
                 f"task {key!r} is queued on {holder.name}, "
-                "to start there when its resources are free"
+                f"to start there when its resources are free{kept}"
             )
         return f"task {key!r} is running on {holder.name}"
     if task.state == MEMORY:

@@ -2,12 +2,13 @@
 
 :class:`Placer` owns the pass itself (into free capacity, then into worker
 queues), the reservations (a starving task and the worker kept for it, also
-``WorkerRecord.reserved_for``), why each shape can never run on the
-connected workers (feasibility, kept until the workers change), when a task
-of each waiting shape last started, and the measured duration of each kind
-of task (how deep a worker's queue may be for it). Each pass looks only at
-what changed since the last (:class:`~.records.Changes`); it assigns a task
-(READY to PROCESSING, its run) with a lease from the books
+``WorkerRecord.reserved_for``; among them those of queued runs that were
+overtaken), why each shape can never run on the connected workers
+(feasibility, kept until the workers change), when a task of each waiting
+shape last started, and the measured duration of each kind of task (how deep
+a worker's queue may be for it). Each pass looks only at what changed since
+the last (:class:`~.records.Changes`); it assigns a task (READY to
+PROCESSING, its run) with a lease from the books
 (:meth:`.books.Books.assign`).
 
 It must never add or subtract resources, threads or queue places (the books
@@ -70,6 +71,9 @@ class Placer:
         self._clock = clock
         #: starving task key -> the worker kept for it (mirrors reserved_for)
         self.reservations: dict[str, WorkerId] = {}
+        #: the reservations of queued runs (key -> run id): the task is
+        #: PROCESSING in its worker's queue, not READY
+        self._queued_runs: dict[str, int] = {}
         # When a task of each waiting shape last started: a shape whose tasks
         # keep starting is queued, not starved.
         self._last_start: dict[Shape, float] = {}
@@ -115,7 +119,8 @@ class Placer:
 
     def _catch_up(self) -> None:
         """A worker joined, left or declared other amounts since the books'
-        version _feasible_at: what no worker could hold may fit now (and the other way round)."""
+        version _feasible_at: what no worker could hold may fit now (and the
+        other way round)."""
         self._feasible_at = self._books.version
         self._feasibility.clear()
         self._queues.unpark_all()
@@ -249,7 +254,7 @@ class Placer:
         self, task: TaskRecord, worker: WorkerRecord, cmds: list[Command], queued: bool = False
     ) -> None:
         now = self._clock.now
-        run_id = self._books.assign(worker, task, queued)
+        run_id = self._books.assign(worker, task, queued, now)
         self._last_start[task.shape] = now
         if self.reservations:
             self._unreserve(task.key)
@@ -346,12 +351,18 @@ class Placer:
 
     def _place_reserved(self, cmds: list[Command]) -> None:
         """Start starving tasks whose reserved worker now has room; drop
-        reservations whose task is no longer waiting."""
+        reservations whose task is no longer waiting (a queued run's: once
+        it is no longer queued there)."""
         tasks = self._tasks
         for key, worker_id in list(self.reservations.items()):
             task = tasks.get(key)
             worker = self._workers[worker_id]
-            if task is None or task.state != READY:
+            run_id = self._queued_runs.get(key)
+            if run_id is not None:
+                # Started, ended, called off or placed again: it waits no more.
+                if task is None or task.run_id != run_id or run_id not in worker.queued:
+                    self._unreserve(key)
+            elif task is None or task.state != READY:
                 self._unreserve(key)
             elif (
                 worker.free_slots > 0
@@ -397,13 +408,43 @@ class Placer:
         return True
 
     def tick(self) -> None:
-        """Time passed (the clock moved): forget last starts of shapes with
+        """Time passed (the clock moved): reserve the worker of each queued
+        run that has starved there. And forget last starts of shapes with
         nothing waiting, once there are more than shapes waiting (a shape
         that fills again has every task ready since after its last start)."""
         last_start = self._last_start
         if len(last_start) > len(self._queues.heaps):
             for shape in [s for s in last_start if s not in self._queues.heaps]:
                 del last_start[shape]
+        if self._policy.worker_queue != 0 and not self._clock.hold_until:
+            self._reserve_overtaken()
+
+    def _reserve_overtaken(self) -> None:
+        """A queued run starves when its worker keeps starting runs assigned
+        after it (that fit in what is free, as it does not) for longer than
+        the bound: that worker is kept for it, as for a starving ready task,
+        until it starts (or ends, or leaves the queue).
+
+        Only the oldest queued run of a worker that is still current can be
+        the one: runs queued later were assigned later (and overtaken by
+        fewer)."""
+        now = self._clock.now
+        starving_after = self._policy.starvation_after
+        tasks = self._tasks
+        for worker in self._workers.values():
+            if not worker.queued or worker.reserved_for is not None:
+                continue
+            for run_id, run in worker.queued.items():
+                if run_id > worker.last_started:
+                    break  # nothing assigned after it started: waiting its turn
+                task = tasks.get(run.key)
+                if task is None or task.run_id != run_id:
+                    continue  # called off: its place waits for the worker's report
+                if now - run.since >= starving_after:
+                    worker.reserved_for = task.key
+                    self.reservations[task.key] = worker.worker_id
+                    self._queued_runs[task.key] = run_id
+                break
 
     def drop_reservation(self, key: str) -> None:
         """``key`` no longer waits (its result came back another way)."""
@@ -417,6 +458,7 @@ class Placer:
 
     def _unreserve(self, key: str) -> None:
         kept_on = self.reservations.pop(key, None)
+        self._queued_runs.pop(key, None)
         if kept_on is None:
             return
         worker = self._workers.get(kept_on)

@@ -29,7 +29,8 @@ DURATION_WEIGHT = 0.2
 class SchedulingPolicy:
     #: Seconds a ready task may wait for capacity that a worker has in total,
     #: but not free, before that worker is reserved for it: smaller tasks stop
-    #: being placed there until it starts (no starvation).
+    #: being placed there until it starts (no starvation). So for a run queued
+    #: on a worker that meanwhile started runs assigned after it.
     starvation_after: float = 2.0
     #: "spread" places each task on the least busy fitting worker; "pack" on
     #: the busiest, filling workers one by one so that whole ones stay free.

@@ -69,6 +69,9 @@ class Run:
 
     key: str
     resources: Quanta
+    #: when it was assigned (the latest Tick's time then): how long a queued
+    #: run has waited for its worker to start it
+    since: float = 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -92,6 +95,10 @@ class WorkerRecord:
     #: declared was lowered below what running tasks hold; free may be < 0
     #: until they end (nothing new that needs the resource starts meanwhile)
     shrunk: bool = False
+    #: the run id of the latest run that started here (assigned into free
+    #: capacity, or reported started from the queue). Run ids grow with
+    #: assignment order, so a queued run with a lower id was overtaken.
+    last_started: int = 0
     # --- the graph's (graph.py)
     #: keys whose results this worker holds
     has: set[str] = field(default_factory=set)

@@ -32,7 +32,9 @@ there, so what the scheduler counts as held is always what the worker really
 runs (or less), and held never exceeds what the worker declared. A task goes
 straight into a worker's free capacity only if it fits there with every queued
 run of that worker started too (its "room"): the worker may have given that
-capacity to a queued run whose start is still on its way.
+capacity to a queued run whose start is still on its way. A queued run that
+its worker keeps overtaking (starting runs assigned after it) for longer than
+``starvation_after`` gets that worker reserved, as a starving ready task does.
 """
 
 from __future__ import annotations

@@ -68,6 +68,10 @@ def _check_workers(state: ClusterState) -> None:
                     f"run {run_id} of {run.key} on the wrong worker",
                 )
         check(
+            max(worker.runs, default=0) <= worker.last_started,
+            f"worker {worker.name}: a run holds resources that never started",
+        )
+        check(
             len(worker.queued) <= worker.queue_limit,
             f"worker {worker.name}: {len(worker.queued)} queued, limit {worker.queue_limit}",
         )
@@ -141,9 +145,25 @@ def _check_queues(state: ClusterState) -> None:
 
 
 def _check_reservations(state: ClusterState) -> None:
+    queued_runs = state.placer._queued_runs
+    check(queued_runs.keys() <= state.reservations.keys(), "a queued run's reservation is lost")
     for key, worker_id in state.reservations.items():
         kept = state.workers.get(worker_id)
         check(kept is not None and kept.reserved_for == key, f"reservation of {key} broken")
+        assert kept is not None
+        task = state.tasks.get(key)
+        run_id = queued_runs.get(key)
+        if run_id is None:
+            check(task is not None and task.state == READY, f"{key} reserved but not ready")
+        else:
+            check(
+                task is not None
+                and task.state == PROCESSING
+                and task.worker_id == worker_id
+                and task.run_id == run_id
+                and run_id in kept.queued,
+                f"{key} reserved for its queued run {run_id}, no longer queued on {kept.name}",
+            )
     for worker in state.workers.values():
         if worker.reserved_for is not None:
             check(

@@ -100,10 +100,11 @@ class ClusterMachine(RuleBasedStateMachine):
         #: queued runs the worker started (they hold resources there now)
         self.started: set[int] = set()
 
-    @initialize(queue=st.sampled_from([None, 0, 1, 2]))
-    def policy(self, queue: int | None) -> None:
-        """Worker queues of one place per thread, none, or one or two places."""
-        self.state = ClusterState(SchedulingPolicy(worker_queue=queue))
+    @initialize(queue=st.sampled_from([None, 0, 1, 2]), starving=st.sampled_from([2.0, 0.3]))
+    def policy(self, queue: int | None, starving: float) -> None:
+        """Worker queues of one place per thread, none, or one or two places;
+        starvation after 2 s or (so that reservations come often) 0.3 s."""
+        self.state = ClusterState(SchedulingPolicy(worker_queue=queue, starvation_after=starving))
 
     def running_on(self, worker_id: int) -> list[AssignTask]:
         """The runs that hold resources on the worker itself."""
