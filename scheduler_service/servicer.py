@@ -443,9 +443,8 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     ) -> None:
         """Accept a batch of tasks, SUBMIT_CHUNK at a time: between chunks the
         writers send what was placed so far, so the first tasks start while
-        the rest are still being read (the seed pipeline's 401 tasks arrive in
-        one message: its first task started 12-14 ms after the first submit
-        when the message was taken whole, 9-11.5 ms this way)."""
+        the rest are still being read (a big batch, as the seed pipeline's,
+        arrives in one message)."""
         wire.check_count(batch.tasks, wire.MAX_ITEMS_PER_MESSAGE, "SubmitTasks.tasks")
         tasks = batch.tasks
         for start in range(0, len(tasks), SUBMIT_CHUNK):
