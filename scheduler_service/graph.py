@@ -273,13 +273,22 @@ class Graph:
 
     def finished(
         self,
-        task: TaskRecord,
+        key: str,
+        run_id: int,
         worker: WorkerRecord,
         nbytes: int,
         inline_result: bytes,
         cmds: list[Command],
-    ) -> None:
-        """``task``'s current run finished on ``worker``, which holds the result."""
+    ) -> TaskRecord | None:
+        """Run ``run_id`` of ``key`` finished on ``worker``, which holds the
+        result: the task's, if it was its current run (returned), else none
+        (None: a cancelled or superseded run, whose result nobody wants)."""
+        # current(), written out: this runs once for every run that ends.
+        task = self.tasks.get(key)
+        if task is None or task.state != PROCESSING or task.run_id != run_id:
+            return None
+        task.worker_id = None
+        task.run_id = 0
         task.state = MEMORY
         task.nbytes = nbytes
         task.who_has = {worker.worker_id}
@@ -299,6 +308,7 @@ class Graph:
                     )
                 )
         self._result_ready(task, cmds)
+        return task
 
     def reclaim(
         self, task: TaskRecord, worker: WorkerRecord, nbytes: int, cmds: list[Command]
@@ -330,7 +340,10 @@ class Graph:
                 dependent.waiting_on.discard(task.key)
                 if not dependent.waiting_on:
                     self._push_ready(dependent, cmds)
-        self.drop_unneeded_inputs(task, cmds)
+        for dep_key in task.dependencies:
+            dep = self.tasks.get(dep_key)
+            if dep is not None:
+                self.drop_if_unneeded(dep, cmds)
         self.drop_if_unneeded(task, cmds)
 
     def drop_unneeded_inputs(self, task: TaskRecord, cmds: list[Command]) -> None:

@@ -310,17 +310,16 @@ class ClusterState:
         worker = self.books.end(event.worker_id, event.run_id, event.key)
         if worker is None:
             return
-        graph = self.graph
         if event.fetched:
-            graph.fetched(worker, event.fetched, cmds)
-        task = graph.current(event.key, event.run_id)
+            self.graph.fetched(worker, event.fetched, cmds)
+        task = self.graph.finished(
+            event.key, event.run_id, worker, event.nbytes, event.inline_result, cmds
+        )
         if task is None:
             # A cancelled or superseded run: its result is not wanted.
             cmds.append(ReleaseData(worker.worker_id, event.key, event.run_id))
-            return
-        if event.duration > 0.0:
+        elif event.duration > 0.0:
             self.placer.learn_duration(task.prefix, event.duration)
-        graph.finished(task, worker, event.nbytes, event.inline_result, cmds)
 
     def _on_erred(self, event: TaskErred, cmds: list[Command]) -> None:
         if self.books.end(event.worker_id, event.run_id, event.key) is None:
