@@ -346,11 +346,44 @@ class Graph:
                 self.drop_if_unneeded(dep, cmds)
         self.drop_if_unneeded(task, cmds)
 
-    def drop_unneeded_inputs(self, task: TaskRecord, cmds: list[Command]) -> None:
+    def failed(self, task: TaskRecord, error: ErrorInfo, cmds: list[Command]) -> None:
+        """``task``'s current run raised: run it again while it has retries
+        left, else it errs (and what depends on it), and inputs nobody needs
+        any more go."""
+        if task.retries_left > 0:
+            task.retries_left -= 1
+            self.make_runnable(task, cmds)
+            return
+        self.err(task, error, cmds)
         for dep_key in task.dependencies:
             dep = self.tasks.get(dep_key)
             if dep is not None:
                 self.drop_if_unneeded(dep, cmds)
+
+    def lose_runs(self, worker: WorkerRecord, allowed_failures: int, cmds: list[Command]) -> None:
+        """``worker`` is gone with its runs: each current one is placed again,
+        and the worker is a suspect of the tasks it was running (KilledWorker
+        once more than ``allowed_failures`` died under one). A queued run
+        never started there: its worker is no suspect."""
+        for run_id, run in worker.runs.items():
+            task = self.current(run.key, run_id)  # WAITING: re-queued or erred just below
+            if task is not None:
+                task.suspects.append(worker.name)
+                if len(task.suspects) > allowed_failures:
+                    suspects = ", ".join(task.suspects)
+                    error = ErrorInfo(
+                        "KilledWorker",
+                        f"task {task.key!r} was running on {len(task.suspects)} workers "
+                        f"that died ({suspects}); allowed_failures is {allowed_failures}",
+                        kind=ErrorKind.KILLED_WORKER,
+                    )
+                    self.err(task, error, cmds)
+                else:
+                    self.make_runnable(task, cmds)
+        for run_id, run in worker.queued.items():
+            task = self.current(run.key, run_id)
+            if task is not None:
+                self.make_runnable(task, cmds)
 
     def lose_holder(self, worker: WorkerRecord, cmds: list[Command]) -> None:
         """``worker`` is gone with the results it held: each held nowhere

@@ -8,6 +8,7 @@ check the invariants after every step.
 ClusterState is the one entry point and the house the parts live in; each
 part owns its data and says in its docstring what it must never do:
 
+    records.py     the task and worker records, the run (lease), TaskState
     books.py       what each worker declares, holds and has queued (leases)
     queues.py      ready tasks by resource shape, best first
     placer.py      the placement pass, reservations, feasibility, queue depth
@@ -16,8 +17,11 @@ part owns its data and says in its docstring what it must never do:
     inspection.py  explain() and snapshot()
     validate.py    the invariants, checked after every event in tests
 
-This module only routes events to the parts, in the order they must act,
-and holds the clock. Task states are :class:`~.records.TaskState`.
+This module owns the clock (``Clock``: the latest Tick's time, the recovery
+hold) and the order in which the parts act on each event; the placement pass
+runs once after each event (or batch of events). It must never do a part's
+work itself: no arithmetic on the books, no change to a task's state or
+links, no choice of a worker.
 
 A cancelled task is forgotten at once. Its run, if it had one, stays on the
 worker's books, holding its resources, until the worker reports that the code
@@ -259,32 +263,10 @@ class ClusterState:
         if worker is None:
             return
         self.placer.worker_left(worker)
-        graph = self.graph
         # Recompute what was lost first, then place its runs again.
-        graph.lose_holder(worker, cmds)
-        for run_id, run in worker.runs.items():
-            task = graph.current(run.key, run_id)  # WAITING: re-queued or erred just below
-            if task is not None:
-                task.suspects.append(worker.name)
-                if len(task.suspects) > self.policy.allowed_failures:
-                    graph.err(task, self._killed_worker(task), cmds)
-                else:
-                    graph.make_runnable(task, cmds)
-        for run_id, run in worker.queued.items():
-            # Never started there: placed again, and the worker is no suspect.
-            task = graph.current(run.key, run_id)
-            if task is not None:
-                graph.make_runnable(task, cmds)
-        graph.retell_why_waiting(cmds)
-
-    def _killed_worker(self, task: TaskRecord) -> ErrorInfo:
-        workers = ", ".join(task.suspects)
-        return ErrorInfo(
-            "KilledWorker",
-            f"task {task.key!r} was running on {len(task.suspects)} workers that died "
-            f"({workers}); allowed_failures is {self.policy.allowed_failures}",
-            kind=ErrorKind.KILLED_WORKER,
-        )
+        self.graph.lose_holder(worker, cmds)
+        self.graph.lose_runs(worker, self.policy.allowed_failures, cmds)
+        self.graph.retell_why_waiting(cmds)
 
     def _on_resources_changed(self, event: WorkerResourcesChanged, cmds: list[Command]) -> None:
         worker = self.workers.get(event.worker_id)
@@ -325,14 +307,8 @@ class ClusterState:
         if self.books.end(event.worker_id, event.run_id, event.key) is None:
             return
         task = self.graph.current(event.key, event.run_id)
-        if task is None:
-            return
-        if task.retries_left > 0:
-            task.retries_left -= 1
-            self.graph.make_runnable(task, cmds)
-            return
-        self.graph.err(task, event.error, cmds)
-        self.graph.drop_unneeded_inputs(task, cmds)
+        if task is not None:
+            self.graph.failed(task, event.error, cmds)
 
     def _on_missing_inputs(self, event: TaskMissingInputs, cmds: list[Command]) -> None:
         if self.books.end(event.worker_id, event.run_id, event.key) is None:
