@@ -72,7 +72,6 @@ class Clients:
             task = tasks.get(spec.key)
             if task is None:
                 task = graph.new_task(spec)
-                tasks[spec.key] = task
                 task.wanted_by.add(client)
                 wanted.add(spec.key)
                 if self.journaling:
@@ -215,7 +214,6 @@ class Clients:
                 continue
             task = graph.new_task(spec)
             task.incarnation = recovered.incarnation
-            tasks[spec.key] = task
             for client in recovered.wanted_by:
                 task.wanted_by.add(client)
                 self.wants.setdefault(client, set()).add(spec.key)

@@ -107,7 +107,7 @@ class Graph:
     # -------------------------------------------------------- new tasks
 
     def new_task(self, spec: TaskSubmission) -> TaskRecord:
-        """A record for ``spec``, not yet in the graph (see :meth:`enter`)."""
+        """A record for ``spec``, not yet in the graph (:meth:`enter` adds it)."""
         # Tasks of one shape share its shape tuple, resources dict and worker
         # set (never mutated): a long queue of alike tasks holds one copy.
         needs = tuple(sorted(spec.resources.items()))
@@ -135,8 +135,9 @@ class Graph:
         )
 
     def enter(self, task: TaskRecord, cmds: list[Command]) -> None:
-        """Link a new task (already in ``tasks``) to its inputs and make it
+        """Add a new task to the graph: link it to its inputs and make it
         runnable, or err it if an input is unknown."""
+        self.tasks[task.key] = task
         # An input the scheduler does not know errs the task for good. So does
         # an input with the task's own key: that is a released key, not this
         # new task (linking it would leave the task waiting on itself forever).
@@ -166,7 +167,8 @@ class Graph:
         self.make_runnable(task, cmds)
 
     def enter_erred(self, task: TaskRecord, error: ErrorInfo) -> None:
-        """Link a task read back from the journal as erred, and keep its error."""
+        """Add a task read back from the journal as erred, with its error."""
+        self.tasks[task.key] = task
         task.dependencies = tuple(k for k in task.dependencies if k in self.tasks)
         for dep_key in task.dependencies:
             self.tasks[dep_key].dependents.add(task.key)
