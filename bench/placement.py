@@ -16,13 +16,8 @@ import tracemalloc
 from collections import deque
 
 from apportion_common.resources import to_quanta
-from scheduler_service.events import (
-    AssignTask,
-    TaskFinished,
-    TasksSubmitted,
-    TaskSubmission,
-    WorkerJoined,
-)
+from scheduler_service.commands import AssignTask
+from scheduler_service.events import TaskFinished, TasksSubmitted, TaskSubmission, WorkerJoined
 from scheduler_service.state import ClusterState
 
 KINDS = ["GPU", "MEMORY", "DISK", "LICENSE", "FPGA", "NET", "TPU", "process"]

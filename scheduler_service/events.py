@@ -1,22 +1,21 @@
-"""Events into the scheduler's state machine and the commands it returns.
+"""Events into the scheduler's state machine: what happened, in the past tense.
 
-These are plain data: the servicer turns protobuf messages into events and
-commands into protobuf messages, so nothing here knows about gRPC.
-Resource amounts are fixed-point integers (see :mod:`apportion_common.resources`).
+Plain data: the servicer turns protobuf messages into events (and the
+commands the state machine answers with, :mod:`.commands`, into protobuf
+messages), so nothing here knows about gRPC. Timestamps travel inside events
+(:class:`Tick`): the state machine never reads a clock. Resource amounts are
+fixed-point integers (see :mod:`apportion_common.resources`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from apportion_common.resources import Quanta
 from apportion_common.serialize import ErrorInfo
-from apportion_common.status import TaskStatus
 
 WorkerId = int
 ClientId = str
-
-# --------------------------------------------------------------------- events
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +78,7 @@ class WorkerLeft:
     worker_id: WorkerId
 
 
-@dataclass(slots=True)  # not frozen: see AssignTask
+@dataclass(slots=True)  # not frozen: see commands.AssignTask
 class TaskFinished:
     worker_id: WorkerId
     key: str
@@ -195,152 +194,3 @@ Event = (
     | TasksCancelled
     | KeysReleased
 )
-
-# ------------------------------------------------------------------- commands
-
-
-@dataclass(frozen=True, slots=True)
-class InputLocation:
-    key: str
-    addresses: tuple[str, ...]
-    nbytes: int
-
-
-# Not frozen, though never changed: one is built per task, and a frozen
-# dataclass's __init__ sets each field through object.__setattr__ (0.6 us a
-# decision of ~10 at 1,000 workers, bench.placement). So for ClientUpdate and
-# TaskFinished.
-@dataclass(slots=True)
-class AssignTask:
-    worker_id: WorkerId
-    key: str
-    run_id: int
-    payload: bytes
-    resources: Quanta
-    inputs: tuple[InputLocation, ...]
-    incarnation: int = 0
-    #: to the worker's queue: it holds nothing until the worker starts it
-    queued: bool = False
-    #: the task's priority and depth: a worker starts queued runs in that order
-    priority: int = 0
-    depth: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class CancelRun:
-    worker_id: WorkerId
-    key: str
-    run_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseData:
-    """Drop a stored result. ``run_id`` 0 drops whatever is stored under ``key``;
-    otherwise only the result of that run (a late result of a cancelled run)."""
-
-    worker_id: WorkerId
-    key: str
-    run_id: int = 0
-
-
-@dataclass(slots=True)  # not frozen: see AssignTask
-class ClientUpdate:
-    client_id: ClientId
-    key: str
-    status: TaskStatus
-    addresses: tuple[str, ...] = ()
-    nbytes: int = 0
-    error: ErrorInfo | None = None
-    waiting_reason: str = ""
-    inline_result: bytes = b""
-
-
-@dataclass(frozen=True, slots=True)
-class DeclareResources:
-    """Tell a worker what it now declares (its own books must agree)."""
-
-    worker_id: WorkerId
-    resources: Quanta
-
-
-@dataclass(frozen=True, slots=True)
-class TaskAccepted:
-    """A new task record, first wanted by ``client_id`` (journal its spec)."""
-
-    key: str
-    incarnation: int
-    client_id: ClientId
-    submission: TaskSubmission
-
-
-@dataclass(frozen=True, slots=True)
-class WantAdded:
-    """Another client wants an existing task."""
-
-    client_id: ClientId
-    key: str
-
-
-@dataclass(frozen=True, slots=True)
-class WantDropped:
-    """A client released (or cancelled) its want of a task."""
-
-    client_id: ClientId
-    key: str
-
-
-@dataclass(frozen=True, slots=True)
-class ClientGone:
-    """A client left for good; what it alone wanted is already forgotten."""
-
-    client_id: ClientId
-
-
-@dataclass(frozen=True, slots=True)
-class TaskForgotten:
-    """The scheduler forgot a task (drop it from the journal)."""
-
-    key: str
-
-
-@dataclass(frozen=True, slots=True)
-class TaskErredFinally:
-    """A task erred for good (the journal keeps the error, not a rerun)."""
-
-    key: str
-    error: ErrorInfo
-
-
-#: What the scheduler tells its journal (only when it keeps one).
-JournalCommand = (
-    TaskAccepted | WantAdded | WantDropped | ClientGone | TaskForgotten | TaskErredFinally
-)
-JOURNAL_COMMANDS = (
-    TaskAccepted,
-    WantAdded,
-    WantDropped,
-    ClientGone,
-    TaskForgotten,
-    TaskErredFinally,
-)
-
-Command = AssignTask | CancelRun | ReleaseData | ClientUpdate | DeclareResources | JournalCommand
-
-
-@dataclass(slots=True)
-class WorkerSnapshot:
-    worker_id: WorkerId
-    name: str
-    address: str
-    nthreads: int
-    resources: Quanta
-    used: Quanta
-    running: int
-    pid: int = 0
-    queued: int = 0
-
-
-@dataclass(slots=True)
-class ClusterSnapshot:
-    workers: list[WorkerSnapshot] = field(default_factory=list)
-    task_counts: dict[str, int] = field(default_factory=dict)

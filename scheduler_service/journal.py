@@ -23,17 +23,16 @@ from pathlib import Path
 from apportion_common.serialize import ErrorInfo
 from apportion_common.status import ErrorKind
 
-from .events import (
-    ClientGone,
+from .commands import (
     JournalCommand,
-    RecoveredTask,
-    TaskAccepted,
-    TaskErredFinally,
-    TaskForgotten,
-    TaskSubmission,
-    WantAdded,
-    WantDropped,
+    JournalFailure,
+    JournalForgetClient,
+    JournalForgetTask,
+    JournalTask,
+    JournalUnwant,
+    JournalWant,
 )
+from .events import RecoveredTask, TaskSubmission
 
 JOURNAL_FILE = "journal.sqlite3"
 
@@ -116,7 +115,7 @@ class Journal:
             with contextlib.suppress(RuntimeError):
                 asyncio.get_running_loop().call_soon(self.commit)
         match cmd:
-            case TaskAccepted():
+            case JournalTask():
                 spec = cmd.submission
                 self._db.execute(
                     "INSERT OR REPLACE INTO tasks (key, incarnation, payload, spec, error) "
@@ -128,21 +127,21 @@ class Journal:
                     "INSERT OR IGNORE INTO wants (client, key) VALUES (?, ?)",
                     (cmd.client_id, cmd.key),
                 )
-            case WantAdded():
+            case JournalWant():
                 self._db.execute(
                     "INSERT OR IGNORE INTO wants (client, key) VALUES (?, ?)",
                     (cmd.client_id, cmd.key),
                 )
-            case WantDropped():
+            case JournalUnwant():
                 self._db.execute(
                     "DELETE FROM wants WHERE client = ? AND key = ?", (cmd.client_id, cmd.key)
                 )
-            case ClientGone():
+            case JournalForgetClient():
                 self._db.execute("DELETE FROM wants WHERE client = ?", (cmd.client_id,))
-            case TaskForgotten():
+            case JournalForgetTask():
                 self._db.execute("DELETE FROM tasks WHERE key = ?", (cmd.key,))
                 self._db.execute("DELETE FROM wants WHERE key = ?", (cmd.key,))
-            case TaskErredFinally():
+            case JournalFailure():
                 self._db.execute(
                     "UPDATE tasks SET error = ? WHERE key = ?", (_error_json(cmd.error), cmd.key)
                 )

@@ -8,17 +8,14 @@ from typing import Literal
 Placement = Literal["spread", "pack"]
 
 #: Queued runs per worker thread when SchedulingPolicy.worker_queue is None,
-#: at least. Measured on 2 cores with no-op tasks (2 workers x 2 threads): 1
-#: per thread hid too little of the round trip to pay for the start reports; 2
-#: and 4 per thread ran 5-10% more tasks a second than no queue.
+#: at least: one per thread hides too little of the round trip to pay for the
+#: start reports it costs.
 QUEUE_PER_THREAD = 2
 #: With worker_queue None, a worker whose tasks are short gets a deeper queue:
 #: enough to keep each thread busy this long, the time a refill takes to come
 #: back under load (a worker's reports wait up to 1 ms to travel together, then
-#: the scheduler's answer). At most QUEUE_MAX_PER_THREAD per thread: no-op
-#: tasks on 2 x 2 threads (reports waiting 1 ms) ran 5,900 tasks/s with 4 per
-#: thread, 9,300 with 16 and 7,800 with 64 (bigger batches, but each worker
-#: idles between them); measured before task threads took up queued runs.
+#: the scheduler's answer). At most QUEUE_MAX_PER_THREAD per thread: deeper
+#: queues send bigger batches, but each worker idles between them.
 QUEUE_TARGET_S = 0.005
 QUEUE_MAX_PER_THREAD = 16
 #: Weight of the newest run in a worker's mean task duration.
@@ -29,7 +26,8 @@ DURATION_WEIGHT = 0.2
 class SchedulingPolicy:
     #: Seconds a ready task may wait for capacity that a worker has in total,
     #: but not free, before that worker is reserved for it: smaller tasks stop
-    #: being placed there until it starts (no starvation).
+    #: being placed there until it starts (no starvation). So for a run queued
+    #: on a worker that meanwhile started runs assigned after it.
     starvation_after: float = 2.0
     #: "spread" places each task on the least busy fitting worker; "pack" on
     #: the busiest, filling workers one by one so that whole ones stay free.

@@ -136,10 +136,10 @@ async def run_scheduler(
         state_dir=state_dir,
     )
     await server.start()
-    # The scheduler's own process: collect young objects every 100,000
-    # allocations, not 700. Its books are many small long-lived objects that
-    # every full collection walks again: 20,000 no-op tasks spent 0.15 s of
-    # 1.6 s of CPU in 400+ collections; with this, 0.03-0.1 s in 2.
+    # The scheduler's own process: collect young objects every
+    # GC_YOUNG_THRESHOLD allocations, not the default 700. Its books are many
+    # small long-lived objects that every collection walks again, so frequent
+    # collections cost a good share of its CPU.
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     print(f"apportion scheduler listening on {server.address}", flush=True)
     stop = asyncio.Event()

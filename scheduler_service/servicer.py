@@ -25,21 +25,23 @@ from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
 
 from . import wire
-from .events import (
+from .commands import (
     JOURNAL_COMMANDS,
     AssignTask,
     CancelRun,
+    Command,
+    DeclareResources,
+    NotifyClient,
+    ReleaseData,
+)
+from .events import (
     ClientDisconnected,
     ClientId,
     ClientJoined,
     ClientLeft,
-    ClientUpdate,
-    Command,
-    DeclareResources,
     Event,
     HeldResult,
     KeysReleased,
-    ReleaseData,
     StateRecovered,
     TaskErred,
     TaskFinished,
@@ -111,7 +113,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         self._validate = validate
         self._on_invariant_error = on_invariant_error
         self._worker_outboxes: dict[WorkerId, Outbox[Command]] = {}
-        self._client_outboxes: dict[ClientId, Outbox[ClientUpdate]] = {}
+        self._client_outboxes: dict[ClientId, Outbox[NotifyClient]] = {}
         # The handler task of each stream, to end one from outside: a silent
         # worker (its writes may be stuck on a full window), or a client's old
         # stream when it reconnects before the scheduler noticed the break.
@@ -143,7 +145,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         """Hand ``events`` to the state machine together (one placement pass)
         and route the commands that come back."""
         for cmd in self.state.handle_all(events):
-            if isinstance(cmd, ClientUpdate):
+            if isinstance(cmd, NotifyClient):
                 client_box = self._client_outboxes.get(cmd.client_id)
                 if client_box is not None:
                     client_box.put(cmd)
@@ -366,7 +368,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         handler = asyncio.current_task()
         assert handler is not None
         self._client_handlers[client_id] = handler
-        outbox: Outbox[ClientUpdate] = Outbox()
+        outbox: Outbox[NotifyClient] = Outbox()
         self._client_outboxes[client_id] = outbox
         self.dispatch(ClientJoined(client_id, resume))
         said_goodbye = asyncio.Event()
@@ -394,7 +396,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         self,
         client_id: ClientId,
         context: grpc.aio.ServicerContext[pb.ClientToScheduler, pb.SchedulerToClient],
-        outbox: Outbox[ClientUpdate],
+        outbox: Outbox[NotifyClient],
         said_goodbye: asyncio.Event,
     ) -> None:
         try:
@@ -437,13 +439,12 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             outbox.close()
 
     async def _submit(
-        self, client_id: ClientId, batch: pb.SubmitTasks, outbox: Outbox[ClientUpdate]
+        self, client_id: ClientId, batch: pb.SubmitTasks, outbox: Outbox[NotifyClient]
     ) -> None:
         """Accept a batch of tasks, SUBMIT_CHUNK at a time: between chunks the
         writers send what was placed so far, so the first tasks start while
-        the rest are still being read (the seed pipeline's 401 tasks arrive in
-        one message: its first task started 12-14 ms after the first submit
-        when the message was taken whole, 9-11.5 ms this way)."""
+        the rest are still being read (a big batch, as the seed pipeline's,
+        arrives in one message)."""
         wire.check_count(batch.tasks, wire.MAX_ITEMS_PER_MESSAGE, "SubmitTasks.tasks")
         tasks = batch.tasks
         for start in range(0, len(tasks), SUBMIT_CHUNK):
@@ -455,7 +456,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         self,
         client_id: ClientId,
         specs: Iterable[pb.TaskSpec],
-        outbox: Outbox[ClientUpdate],
+        outbox: Outbox[NotifyClient],
     ) -> None:
         accepted = []
         for spec in specs:
@@ -464,7 +465,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             except wire.WireError as exc:
                 # Refuse this task alone, telling the one who sent it why.
                 outbox.put(
-                    ClientUpdate(
+                    NotifyClient(
                         client_id,
                         spec.key,
                         TaskStatus.ERROR,

@@ -45,18 +45,16 @@ from apportion_common.serialize import ErrorInfo
 from apportion_common.status_pb import ERROR_KIND_TO_PB, TASK_STATUS_TO_PB
 from protos import apportion_pb2 as pb
 
+from .commands import AssignTask, NotifyClient
 from .events import (
-    AssignTask,
-    ClientUpdate,
-    ClusterSnapshot,
     TaskErred,
     TaskFinished,
     TaskMissingInputs,
     TaskStarted,
     TaskSubmission,
     WorkerId,
-    WorkerSnapshot,
 )
+from .inspection import ClusterSnapshot, WorkerSnapshot
 
 __all__ = [
     "MAX_HELD_RESULTS",
@@ -365,7 +363,7 @@ def assignment_to_pb(cmd: AssignTask) -> pb.TaskAssignment:
     )
 
 
-def update_to_pb(cmd: ClientUpdate) -> pb.TaskUpdate:
+def update_to_pb(cmd: NotifyClient) -> pb.TaskUpdate:
     update = pb.TaskUpdate(
         key=cmd.key,
         status=TASK_STATUS_TO_PB[cmd.status],

@@ -4,22 +4,23 @@ books (``validate()``) after every one: :class:`Sim` and small builders."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from apportion_common.resources import Quanta, from_quanta, to_quanta
 from apportion_common.serialize import ErrorInfo
+from scheduler_service.commands import AssignTask, Command, NotifyClient
 from scheduler_service.events import (
-    AssignTask,
-    ClientUpdate,
-    Command,
     Event,
     TaskErred,
     TaskFinished,
     TaskMissingInputs,
     TasksSubmitted,
+    TaskStarted,
     TaskSubmission,
     WorkerJoined,
     WorkerLeft,
 )
+from scheduler_service.policy import SchedulingPolicy
 from scheduler_service.state import ClusterState
 
 BOOM = ErrorInfo(type_name="ValueError", message="boom", traceback="tb", exception=b"")
@@ -38,15 +39,17 @@ def assigns(cmds: Iterable[Command]) -> list[AssignTask]:
     return [c for c in cmds if isinstance(c, AssignTask)]
 
 
-def updates(cmds: Iterable[Command], key: str | None = None) -> list[ClientUpdate]:
-    return [c for c in cmds if isinstance(c, ClientUpdate) and (key is None or c.key == key)]
+def updates(cmds: Iterable[Command], key: str | None = None) -> list[NotifyClient]:
+    return [c for c in cmds if isinstance(c, NotifyClient) and (key is None or c.key == key)]
 
 
 class Sim:
-    """A ClusterState plus the runs it started; validates after every event."""
+    """A ClusterState plus the runs it started; validates after every event.
 
-    def __init__(self) -> None:
-        self.state = ClusterState()
+    ``Sim(worker_queue=1, ...)`` runs it under that SchedulingPolicy."""
+
+    def __init__(self, **policy: Any) -> None:
+        self.state = ClusterState(SchedulingPolicy(**policy))
         #: run_id -> the AssignTask that started it, until its end is reported
         self.runs: dict[int, AssignTask] = {}
         self.log: list[Command] = []
@@ -101,6 +104,12 @@ class Sim:
             TaskFinished(run.worker_id, run.key, run.run_id, nbytes, fetched, b"", duration)
         )
 
+    def start(self, key: str) -> list[Command]:
+        """The worker starts the queued run of ``key`` (and reports it)."""
+        run = self.run_of(key)
+        assert run.queued
+        return self(TaskStarted(run.worker_id, run.key, run.run_id))
+
     def fail(self, key: str | AssignTask, error: ErrorInfo = BOOM) -> list[Command]:
         run = self.run_of(key) if isinstance(key, str) else key
         del self.runs[run.run_id]
@@ -115,6 +124,14 @@ class Sim:
 
     def used(self, worker_id: int) -> dict[str, float]:
         return {k: v for k, v in from_quanta(self.state.workers[worker_id].held()).items() if v}
+
+    def queued_on(self, worker_id: int) -> list[str]:
+        """Keys queued on the worker, unstarted, in assignment order."""
+        return [r.key for r in self.state.workers[worker_id].queued.values()]
+
+    def held_on(self, worker_id: int) -> list[str]:
+        """Keys whose runs hold resources on the worker."""
+        return sorted(r.key for r in self.state.workers[worker_id].runs.values())
 
     def running_on(self, worker_id: int) -> list[str]:
         return sorted(a.key for a in self.runs.values() if a.worker_id == worker_id)

@@ -10,17 +10,19 @@ import pytest
 
 from apportion_common.resources import to_quanta
 from apportion_common.serialize import ErrorInfo
-from scheduler_service.events import (
+from scheduler_service.commands import (
     JOURNAL_COMMANDS,
     AssignTask,
+    Command,
+    NotifyClient,
+    ReleaseData,
+)
+from scheduler_service.events import (
     ClientDisconnected,
     ClientJoined,
-    ClientUpdate,
-    Command,
     Event,
     HeldResult,
     KeysReleased,
-    ReleaseData,
     StateRecovered,
     TaskErred,
     TaskFinished,
@@ -137,7 +139,7 @@ def test_a_disconnected_client_keeps_its_tasks_for_its_grace_period() -> None:
     assert "a" in state.tasks
     # Back in time: nothing is lost, and it is told where its task stands.
     cmds = state.handle(ClientJoined("c1", ("a", "never-heard-of")))
-    told = sorted((c.key, c.status) for c in cmds if isinstance(c, ClientUpdate))
+    told = sorted((c.key, c.status) for c in cmds if isinstance(c, NotifyClient))
     assert told == [("a", "pending"), ("never-heard-of", "error")]
     state.handle(ClientDisconnected("c1", 6.0))
     state.handle(Tick(10.9))

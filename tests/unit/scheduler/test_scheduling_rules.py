@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from apportion_common.status import ErrorKind
 from scheduler_service import SchedulingPolicy
+from scheduler_service.commands import DeclareResources
 from scheduler_service.events import (
-    DeclareResources,
     TasksSubmitted,
     TaskSubmission,
     Tick,

@@ -24,20 +24,22 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 from apportion_common.resources import Quanta, to_quanta
 from apportion_common.serialize import ErrorInfo
-from scheduler_service.events import (
+from scheduler_service.commands import (
     AssignTask,
     CancelRun,
+    Command,
+    DeclareResources,
+    NotifyClient,
+    ReleaseData,
+)
+from scheduler_service.events import (
     ClientDisconnected,
     ClientJoined,
     ClientLeft,
-    ClientUpdate,
-    Command,
-    DeclareResources,
     Event,
     HeldResult,
     KeysReleased,
     RecoveredTask,
-    ReleaseData,
     StateRecovered,
     TaskErred,
     TaskFinished,
@@ -90,7 +92,7 @@ class ClusterMachine(RuleBasedStateMachine):
         #: (client, key) -> last status a client was told
         self.told: dict[tuple[str, str], str] = {}
         #: (client, key) -> the last update that client got
-        self.last: dict[tuple[str, str], ClientUpdate] = {}
+        self.last: dict[tuple[str, str], NotifyClient] = {}
         self.restarts = 0
         #: what each live worker declares, and its threads (the worker's own books)
         self.declared: dict[int, Quanta] = {}
@@ -98,10 +100,11 @@ class ClusterMachine(RuleBasedStateMachine):
         #: queued runs the worker started (they hold resources there now)
         self.started: set[int] = set()
 
-    @initialize(queue=st.sampled_from([None, 0, 1, 2]))
-    def policy(self, queue: int | None) -> None:
-        """Worker queues of one place per thread, none, or one or two places."""
-        self.state = ClusterState(SchedulingPolicy(worker_queue=queue))
+    @initialize(queue=st.sampled_from([None, 0, 1, 2]), starving=st.sampled_from([2.0, 0.3]))
+    def policy(self, queue: int | None, starving: float) -> None:
+        """Worker queues of one place per thread, none, or one or two places;
+        starvation after 2 s or (so that reservations come often) 0.3 s."""
+        self.state = ClusterState(SchedulingPolicy(worker_queue=queue, starvation_after=starving))
 
     def running_on(self, worker_id: int) -> list[AssignTask]:
         """The runs that hold resources on the worker itself."""
@@ -134,7 +137,7 @@ class ClusterMachine(RuleBasedStateMachine):
 
     def check_waiting_reasons(self) -> None:
         """A client of a queued task that no worker can hold was told why."""
-        if self.state._hold_until:
+        if self.state.clock.hold_until:
             return  # recovering: told once workers had their chance to return
         declared = [w.declared for w in self.state.workers.values()]
         for key, task in self.state.tasks.items():
@@ -180,7 +183,7 @@ class ClusterMachine(RuleBasedStateMachine):
                 self.cancelled.add(cmd.run_id)
             case ReleaseData():
                 assert cmd.worker_id in self.workers, cmd
-            case ClientUpdate():
+            case NotifyClient():
                 previous = self.told.get((cmd.client_id, cmd.key))
                 if cmd.status == "error":
                     assert previous != "finished", f"{cmd.key}: error after finished"
@@ -333,7 +336,7 @@ class ClusterMachine(RuleBasedStateMachine):
         if data.draw(st.booleans(), label="back"):
             resume = tuple(data.draw(st.lists(st.sampled_from(KEYS), max_size=3), label="resume"))
             for cmd in self.handle(ClientJoined(client, resume)):
-                if isinstance(cmd, ClientUpdate) and cmd.client_id == client:
+                if isinstance(cmd, NotifyClient) and cmd.client_id == client:
                     assert cmd.key in resume or cmd.key in self.state.clients[client], cmd
             for key in resume:
                 assert key not in self.state.tasks or client in self.state.tasks[key].wanted_by
@@ -429,7 +432,7 @@ class ClusterMachine(RuleBasedStateMachine):
                 else:
                     assert key not in self.state.tasks
             for cmd in cmds:
-                if isinstance(cmd, ClientUpdate):
+                if isinstance(cmd, NotifyClient):
                     assert cmd.status == "cancelled"
                     # The canceller is not told of the keys it named.
                     assert not (cmd.client_id == client and cmd.key in keys), cmd
@@ -512,7 +515,7 @@ class ClusterMachine(RuleBasedStateMachine):
         self.end(run)
         error = ErrorInfo("RuntimeError", message, "", b"")
         for cmd in self.handle(TaskErred(run.worker_id, run.key, run.run_id, error)):
-            if isinstance(cmd, ClientUpdate) and cmd.status == "error":
+            if isinstance(cmd, NotifyClient) and cmd.status == "error":
                 assert cmd.error is not None
                 if cmd.key == run.key:
                     assert cmd.error == error
@@ -555,8 +558,8 @@ class ClusterMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         """Everything that can run eventually runs."""
         big: Quanta = to_quanta(dict.fromkeys(NAMES, BIG))
-        if self.state._hold_until:
-            self.now = self.state._hold_until
+        if self.state.clock.hold_until:
+            self.now = self.state.clock.hold_until
             self.handle(Tick(self.now))  # the recovery's hold ends
         worker_id = self.next_worker
         self.workers.add(worker_id)

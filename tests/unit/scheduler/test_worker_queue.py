@@ -10,10 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from apportion_common.resources import Quanta
+from scheduler_service.commands import AssignTask, CancelRun, DeclareResources
 from scheduler_service.events import (
-    AssignTask,
-    CancelRun,
-    DeclareResources,
     TaskErred,
     TaskFinished,
     TasksCancelled,
@@ -25,31 +23,14 @@ from scheduler_service.events import (
     WorkerResourcesChanged,
 )
 from scheduler_service.placement import pick_queue
-from scheduler_service.policy import QUEUE_MAX_PER_THREAD, SchedulingPolicy
-from scheduler_service.state import ERRED, PROCESSING, READY, ClusterState, key_prefix
+from scheduler_service.policy import QUEUE_MAX_PER_THREAD
+from scheduler_service.state import ERRED, PROCESSING, READY, key_prefix
 from tests.helpers.scheduler_sim import BOOM, Sim, assigns, q
 from worker_service.ledger import Ledger
 
 
-class QueueSim(Sim):
-    def __init__(self, **policy: object) -> None:
-        super().__init__()
-        self.state = ClusterState(SchedulingPolicy(**policy))  # type: ignore[arg-type]
-
-    def start(self, key: str) -> None:
-        run = self.run_of(key)
-        assert run.queued
-        self(TaskStarted(run.worker_id, run.key, run.run_id))
-
-    def queued_on(self, worker_id: int) -> list[str]:
-        return [r.key for r in self.state.workers[worker_id].queued.values()]
-
-    def held_on(self, worker_id: int) -> list[str]:
-        return sorted(r.key for r in self.state.workers[worker_id].runs.values())
-
-
 def test_a_worker_queues_up_to_its_limit_beyond_what_it_holds() -> None:
-    sim = QueueSim(worker_queue=1)
+    sim = Sim(worker_queue=1)
     sim.join(1, nthreads=1, GPU=1)
     for key in "abc":
         sim.submit(key, GPU=1)
@@ -64,7 +45,7 @@ def test_a_worker_queues_up_to_its_limit_beyond_what_it_holds() -> None:
 
 
 def test_a_start_takes_the_room_an_end_gave_back_then_the_queue_refills() -> None:
-    sim = QueueSim(worker_queue=1)
+    sim = Sim(worker_queue=1)
     sim.join(1, nthreads=1, GPU=1)
     for key in "abc":
         sim.submit(key, GPU=1)
@@ -79,7 +60,7 @@ def test_a_start_takes_the_room_an_end_gave_back_then_the_queue_refills() -> Non
 
 
 def test_a_queued_run_that_finishes_unseen_counts_as_started_then_finished() -> None:
-    sim = QueueSim(worker_queue=1)
+    sim = Sim(worker_queue=1)
     sim.join(1, nthreads=1, GPU=1)
     sim.submit("a", GPU=1)
     sim.submit("b", GPU=1)
@@ -92,7 +73,7 @@ def test_a_queued_run_that_finishes_unseen_counts_as_started_then_finished() -> 
 
 
 def test_cancelling_a_queued_run_keeps_its_place_until_the_worker_reports() -> None:
-    sim = QueueSim(worker_queue=1)
+    sim = Sim(worker_queue=1)
     sim.join(1, nthreads=1, GPU=1)
     sim.submit("a", GPU=1)
     sim.submit("b", GPU=1)
@@ -106,7 +87,7 @@ def test_cancelling_a_queued_run_keeps_its_place_until_the_worker_reports() -> N
 
 
 def test_a_cancelled_queued_run_the_worker_had_started_holds_until_it_ends() -> None:
-    sim = QueueSim(worker_queue=1)
+    sim = Sim(worker_queue=1)
     sim.join(1, nthreads=1, GPU=1)
     sim.submit("a", GPU=1)
     sim.submit("b", GPU=1)
@@ -120,7 +101,7 @@ def test_a_cancelled_queued_run_the_worker_had_started_holds_until_it_ends() -> 
 
 
 def test_a_lost_worker_s_queued_runs_are_placed_again_and_it_is_no_suspect() -> None:
-    sim = QueueSim(worker_queue=1, allowed_failures=0)
+    sim = Sim(worker_queue=1, allowed_failures=0)
     sim.join(1, nthreads=1, GPU=1)
     sim.submit("a", GPU=1)
     sim.submit("b", GPU=1)
@@ -134,7 +115,7 @@ def test_a_lost_worker_s_queued_runs_are_placed_again_and_it_is_no_suspect() -> 
 
 
 def test_lowering_capacity_places_again_what_the_worker_could_never_run() -> None:
-    sim = QueueSim(worker_queue=1)
+    sim = Sim(worker_queue=1)
     sim.join(1, nthreads=1, GPU=2)
     sim.join(2, nthreads=1, GPU=2)
     for key in "abcd":
@@ -154,7 +135,7 @@ def test_lowering_capacity_places_again_what_the_worker_could_never_run() -> Non
 
 
 def test_a_reserved_worker_gets_nothing_queued() -> None:
-    sim = QueueSim(worker_queue=2, starvation_after=2.0)
+    sim = Sim(worker_queue=2, starvation_after=2.0)
     sim.join(1, nthreads=2, GPU=2)
     sim.submit("s1", GPU=1)
     sim.submit("s2", GPU=1)
@@ -178,7 +159,7 @@ def test_a_reserved_worker_gets_nothing_queued() -> None:
 
 
 def test_restrictions_and_declared_capacity_bound_where_a_task_is_queued() -> None:
-    sim = QueueSim(worker_queue=1)
+    sim = Sim(worker_queue=1)
     sim.join(1, nthreads=1, GPU=1)
     sim.join(2, nthreads=1, GPU=2)
     sim(TasksSubmitted("c", (TaskSubmission("x", b"x", q(GPU=1), workers=("w1",)),)))
@@ -190,7 +171,7 @@ def test_restrictions_and_declared_capacity_bound_where_a_task_is_queued() -> No
 
 
 def test_priorities_decide_what_is_queued_first() -> None:
-    sim = QueueSim(worker_queue=1)
+    sim = Sim(worker_queue=1)
     sim.join(1, nthreads=1, GPU=1)
     sim.submit("a", GPU=1)
     sim(
@@ -206,7 +187,7 @@ def test_priorities_decide_what_is_queued_first() -> None:
 
 
 def test_by_default_a_worker_queues_two_tasks_per_thread() -> None:
-    sim = QueueSim(worker_queue=None)
+    sim = Sim(worker_queue=None)
     sim.join(1, nthreads=1, GPU=1)
     sim.join(2, nthreads=2, GPU=1)
     for i in range(20):
@@ -220,7 +201,7 @@ def test_short_tasks_get_a_deeper_queue_than_long_ones() -> None:
     """Queues hold about QUEUE_TARGET_S of work per thread of each kind (key
     prefix), measured from the durations workers report: 1 ms tasks queue 5
     per thread, no-op ones up to QUEUE_MAX_PER_THREAD; unknown and long kinds 2."""
-    sim = QueueSim(worker_queue=None)
+    sim = Sim(worker_queue=None)
     sim.join(1, nthreads=2, GPU=2)
     sim.submit("short-0", GPU=1)
     sim.submit("long-0", GPU=1)
@@ -253,7 +234,7 @@ def test_key_prefix_is_the_kind_of_task() -> None:
 
 
 def test_a_queue_of_zero_places_assigns_only_what_fits() -> None:
-    sim = QueueSim(worker_queue=0)
+    sim = Sim(worker_queue=0)
     sim.join(1, nthreads=1, GPU=1)
     for key in "abc":
         sim.submit(key, GPU=1)
@@ -263,7 +244,7 @@ def test_a_queue_of_zero_places_assigns_only_what_fits() -> None:
 
 
 def test_a_retried_queued_run_goes_back_to_the_queue_exactly_once() -> None:
-    sim = QueueSim(worker_queue=1)
+    sim = Sim(worker_queue=1)
     sim.join(1, nthreads=1, GPU=1)
     sim.submit("a", GPU=1)
     sim.submit("b", GPU=1, retries=1)
