@@ -45,3 +45,29 @@ def test_big_task_is_not_starved_by_small_ones(
     assert max_overlap(during) <= 1
     # Throughput of the small ones resumed after it.
     assert sum(1 for s, _ in spans if s >= big_end) >= 10
+
+
+def test_a_queued_task_overtaken_by_small_ones_gets_its_worker_reserved(
+    processes: Processes,
+) -> None:
+    """The big task is queued on the worker (it fits what the worker declares)
+    while two small ones hold 80 of 100; small ones queued behind it fit in
+    what each end frees, so the worker starts them first (a queued task that
+    fits never waits) and the big one would starve. The scheduler sees it
+    overtaken and waiting longer than --starvation-after, reserves the worker
+    for it, queues nothing more there, and the big one starts."""
+    address = processes.scheduler("--starvation-after", "1")
+    processes.worker(address, "--resources", "MEMORY=100", "--nthreads", "2")
+    with Client(address) as client:
+        first = [client.submit(small, i, resources={"MEMORY": 40}) for i in range(2)]
+        time.sleep(0.1)
+        aggregate = client.submit(big, resources={"MEMORY": 70})
+        time.sleep(0.1)
+        # A stream of small ones: 40 x 0.3 s, two at a time, about 6 s.
+        stream = [client.submit(small, i, resources={"MEMORY": 40}) for i in range(40)]
+        big_start, big_end = aggregate.result(timeout=60)
+        spans = client.gather(first + stream)
+    stream_end = max(end for _, end in spans)
+    assert big_start < stream_end - 2.0, "the big task waited for the whole stream"
+    overlapping = [s for s in spans if s[0] < big_end and s[1] > big_start]
+    assert not overlapping  # 70 + 40 > 100: nothing ran beside it

@@ -59,3 +59,19 @@ def test_protobuf_stops_at_the_wire(package: str) -> None:
     for path in _modules(package):
         if path.name not in WIRE_MODULES[package]:
             assert "protos" not in _imports(path), f"{path.relative_to(ROOT)} imports protos"
+
+
+#: Where our own Python lives (protos/ holds generated code: exempt).
+SOURCE_DIRS = (*PACKAGES, "bench", "tests", "examples")
+#: A module longer than this is two modules waiting to be told apart.
+MAX_MODULE_LINES = 600
+
+
+def test_no_module_is_over_600_lines() -> None:
+    long = {
+        str(path.relative_to(ROOT)): n
+        for directory in SOURCE_DIRS
+        for path in (ROOT / directory).rglob("*.py")
+        if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"

@@ -26,7 +26,6 @@ from scheduler_service.placement import pick_queue
 from scheduler_service.policy import QUEUE_MAX_PER_THREAD
 from scheduler_service.state import ERRED, PROCESSING, READY, key_prefix
 from tests.helpers.scheduler_sim import BOOM, Sim, assigns, q
-from worker_service.ledger import Ledger
 
 
 def test_a_worker_queues_up_to_its_limit_beyond_what_it_holds() -> None:
@@ -282,15 +281,3 @@ def test_pick_queue_spreads_or_packs_and_skips_full_reserved_and_small_workers()
     assert pick_queue(q(GPU=2), workers) is idle
     assert pick_queue(q(GPU=2), workers, pack=True) is busy
     assert pick_queue(q(GPU=3), workers) is None
-
-
-def test_the_worker_ledger_says_when_a_queued_run_fits() -> None:
-    ledger = Ledger({"GPU": 1}, nthreads=2)
-    assert ledger.fits({"GPU": 1}) and ledger.could_ever_fit({"GPU": 1})
-    ledger.acquire(1, {"GPU": 1})
-    assert not ledger.fits({"GPU": 1}) and ledger.fits({})
-    assert not ledger.could_ever_fit({"GPU": 2})
-    ledger.acquire(2, {})
-    assert not ledger.fits({})  # no thread left
-    ledger.release(1)
-    assert ledger.fits({"GPU": 1})
