@@ -45,8 +45,8 @@ def decisions_per_second(n_workers: int, n_tasks: int, budget_s: float) -> tuple
     rng = random.Random(n_workers)
     state = ClusterState()
     make_workers(state, n_workers, rng)
-    # A deque: list.pop(0) moves every other run along, 4 us a finish with
-    # the 40,000 runs of 10,000 workers, which the rate would have counted.
+    # A deque: list.pop(0) moves every other run along, a cost per finish
+    # (large at 10,000 workers) that the rate would have counted.
     running: deque[AssignTask] = deque()
     for cmd in state.handle(TasksSubmitted("c", make_tasks(n_tasks, rng))):
         if isinstance(cmd, AssignTask):
