@@ -18,6 +18,7 @@ to the exceptions of ``exceptions``; a task's own error is rebuilt in
 from apportion_common.security import TLS
 from apportion_common.task_context import TaskContext, get_task_context
 
+from ._dask.capture import install as _capture_dask_annotations
 from .annotate import annotate
 from .client import Client
 from .cluster import LocalCluster
@@ -33,6 +34,11 @@ from .exceptions import (
     TaskError,
 )
 from .future import Future
+from .progress import progress
+from .waiting import as_completed, fire_and_forget, wait
+
+# Keep what dask.annotate asks of dataframes built from now on (dask drops it).
+_capture_dask_annotations()
 
 __all__ = [
     "TLS",
@@ -50,5 +56,9 @@ __all__ = [
     "TaskContext",
     "TaskError",
     "annotate",
+    "as_completed",
+    "fire_and_forget",
     "get_task_context",
+    "progress",
+    "wait",
 ]

@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any, TypeVar
 
 from protos import apportion_pb2 as pb
 
 from ._core import ClientCore
+
+log = logging.getLogger("client_sdk")
 
 T = TypeVar("T")
 
@@ -67,7 +71,7 @@ class Bridge:
     def _submit(self, loop: asyncio.AbstractEventLoop, specs: list[pb.TaskSpec]) -> None:
         raise NotImplementedError
 
-    def _call_soon(self, loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    def _call_soon(self, loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
         """Run ``fn`` on the client's loop, soon, from the caller."""
         raise NotImplementedError
 
@@ -111,10 +115,27 @@ class Bridge:
             core.release(keys)
 
     def status(self, key: str) -> str:
-        """``key``'s status as the core knows it; "lost" for a key it does not hold."""
+        """``key``'s status as the core knows it. A key it does not know yet is
+        one whose submit is still on its way to the loop: pending. (A key is
+        released only once no Future holds it, so no live Future asks for one.)"""
         core = self._core
         state = core.keys.get(key) if core is not None else None
-        return state.status if state is not None else "lost"
+        return state.status if state is not None else "pending"
+
+    def add_done_callback(self, key: str, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` once ``key`` is done (at once if it is)."""
+        self._call_soon_after_submits(lambda: self._when_done(key, callback))
+
+    def _when_done(self, key: str, callback: Callable[[], object]) -> None:
+        """(On the loop.) Register ``callback`` with the core."""
+        raise NotImplementedError
+
+    def _call_soon_after_submits(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the loop after every submit made before this call."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            raise RuntimeError("the client is closed")
+        self._call_soon(loop, fn)
 
     def result(self, key: str, timeout: float | None) -> Any:
         return self.run(self.core.result(key), timeout)
@@ -138,12 +159,26 @@ class Bridge:
     def awaitable_result(self, key: str) -> Coroutine[Any, Any, Any]:
         return self.core.result(key)
 
+    def wait_keys(
+        self, keys: list[str], until: Callable[[set[str]], bool], timeout: float | None
+    ) -> Any:
+        async def run() -> set[str]:
+            return await self.core.wait_for(keys, until)
+
+        return self.run(run(), timeout)
+
+    def fire_and_forget(self, keys: list[str]) -> None:
+        self._call_soon_after_submits(lambda: self.core.fire_and_forget(keys))
+
 
 class SyncBridge(Bridge):
-    """The core on a loop in a thread of its own; every call blocks on it."""
+    """The core on a loop in a thread of its own; every call blocks on it.
+    Done-callbacks run in a thread of their own (as Dask's), so a slow one
+    holds up neither the caller nor the client's loop."""
 
     def __init__(self, make_core: Callable[[], ClientCore]) -> None:
         super().__init__(make_core)
+        self._callbacks: ThreadPoolExecutor | None = None
         self._thread: threading.Thread | None = None
         #: the batch of submits not yet on the loop: (_scheduled when it
         #: began, its specs); see _submit
@@ -165,6 +200,14 @@ class SyncBridge(Bridge):
         if self._loop is not None and self._core is not None and not self._core.closed:
             self.run(self._core.close())
         self._stop_loop_thread()
+        if self._callbacks is not None:
+            self._callbacks.shutdown(wait=False)
+
+    def _when_done(self, key: str, callback: Callable[[], object]) -> None:
+        if self._callbacks is None:
+            self._callbacks = ThreadPoolExecutor(1, thread_name_prefix="apportion-callbacks")
+        pool = self._callbacks
+        self.core.when_done(key, lambda _: pool.submit(_call_logged, callback))
 
     @property
     def running(self) -> bool:
@@ -206,6 +249,8 @@ class SyncBridge(Bridge):
         try:
             return fut.result(timeout)
         except FuturesTimeout:
+            if fut.done():
+                raise  # the coroutine's own TimeoutError, with its own message
             fut.cancel()
             raise TimeoutError(f"no answer within {timeout}s") from None
 
@@ -228,7 +273,7 @@ class SyncBridge(Bridge):
                 self._submitting = None  # later submits start a new batch
         self.core.submit(batch[1])
 
-    def _call_soon(self, loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    def _call_soon(self, loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
         self._scheduled += 1
         loop.call_soon_threadsafe(fn)
 
@@ -255,8 +300,18 @@ class AsyncBridge(Bridge):
     def _submit(self, loop: asyncio.AbstractEventLoop, specs: list[pb.TaskSpec]) -> None:
         self.core.submit(specs)
 
-    def _call_soon(self, loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    def _call_soon(self, loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
         loop.call_soon(fn)
+
+    def _when_done(self, key: str, callback: Callable[[], object]) -> None:
+        self.core.when_done(key, lambda _: _call_logged(callback))
+
+
+def _call_logged(callback: Callable[[], object]) -> None:
+    try:
+        callback()
+    except Exception:
+        log.exception("a Future's done-callback failed")
 
 
 async def _cancel_others() -> None:

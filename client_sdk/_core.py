@@ -25,7 +25,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,8 +58,14 @@ WAITING_WARNING_INTERVAL_S = 10.0
 GOODBYE_TIMEOUT_S = 2.0
 
 
+#: The statuses a task leaves "pending" for (Future.done() is True in them).
+DONE = frozenset({"finished", "error", "cancelled", "lost"})
+
+
 @dataclass(slots=True)
 class KeyState:
+    #: "pending", then one of DONE ("finished" may turn "pending" again when
+    #: its result was lost and is being made again)
     status: str = "pending"
     addresses: tuple[str, ...] = ()
     error: serialize.ErrorInfo | None = None
@@ -70,6 +76,8 @@ class KeyState:
     #: kept until the task finishes, to submit again should the scheduler
     #: restart without having it (a reconnect loses nothing)
     spec: pb.TaskSpec | None = None
+    #: called (on the loop, with the key) once it is done; see when_done
+    on_done: list[Callable[[str], object]] = field(default_factory=list)
 
 
 class ClientCore:
@@ -221,8 +229,14 @@ class ClientCore:
             if state is not None:
                 state.status = "cancelled"
                 state.spec = None
-                state.changed.set()
+                self._settle(key, state)
         self._send(pb.ClientToScheduler(cancel=pb.KeyList(keys=keys)))
+
+    def fire_and_forget(self, keys: list[str]) -> None:
+        """The scheduler keeps these tasks until they end, whatever this
+        client does (as if another client wanted each until then)."""
+        if not self.closed and self.lost is None:
+            self._send(pb.ClientToScheduler(fire_and_forget=pb.KeyList(keys=keys)))
 
     def release(self, keys: list[str]) -> None:
         for key in keys:
@@ -278,7 +292,7 @@ class ClientCore:
         state.error = serialize.ErrorInfo(
             "SchedulerConnectionError", self.lost or "", kind=ErrorKind.SCHEDULER_CONNECTION
         )
-        state.changed.set()
+        self._settle(key, state)
 
     def _apply(self, update: pb.TaskUpdate) -> None:
         state = self.keys.get(update.key)
@@ -294,6 +308,24 @@ class ClientCore:
             return
         if state.status == "cancelled":
             return  # cancelled here; a late update for the old task changes nothing
+        if (
+            status == "error"
+            and update.error.kind == pb.ERROR_KIND_SCHEDULER_CONNECTION
+            and state.status in ("finished", "error")
+        ):
+            # The scheduler forgot a task this client had seen end (it
+            # restarted without a state directory): a result cannot be made
+            # again without its spec, so it is lost; an error stays what it was.
+            if state.status == "finished":
+                state.status = "lost"
+                state.error = serialize.ErrorInfo(
+                    "SchedulerConnectionError",
+                    f"the result of task {update.key!r} is lost: {update.error.message}",
+                    kind=ErrorKind.SCHEDULER_CONNECTION,
+                )
+                state.addresses, state.inline_result = (), b""
+            self._settle(update.key, state)
+            return
         state.status = status
         if status == "pending":
             state.changed.clear()
@@ -315,7 +347,59 @@ class ClientCore:
                 # shown as what it is called: a TaskError of that name.
                 ERROR_KIND_FROM_PB.get(update.error.kind, ErrorKind.TASK),
             )
+        self._settle(update.key, state)
+
+    def _settle(self, key: str, state: KeyState) -> None:
+        """``key`` is done: wake whoever waits, and call its done-callbacks once."""
         state.changed.set()
+        if state.on_done:
+            callbacks, state.on_done = state.on_done, []
+            for callback in callbacks:
+                try:
+                    callback(key)
+                except Exception:  # a caller's callback must not break the stream
+                    log.exception("a done-callback of task %r failed", key)
+
+    def when_done(self, key: str, callback: Callable[[str], object]) -> Callable[[], None]:
+        """Call ``callback(key)`` on the loop once ``key`` is done (soon, if it
+        is already); returns a function that forgets the callback."""
+        state = self.keys.get(key)
+        if state is None or state.status in DONE:
+            asyncio.get_running_loop().call_soon(callback, key)
+            return _nothing
+        state.on_done.append(callback)
+
+        def forget() -> None:
+            with contextlib.suppress(ValueError):
+                state.on_done.remove(callback)
+
+        return forget
+
+    def is_done(self, key: str) -> bool:
+        state = self.keys.get(key)
+        return state is None or state.status in DONE
+
+    async def wait_for(self, keys: list[str], until: Callable[[set[str]], bool]) -> set[str]:
+        """Wait until ``until(done)`` holds for the set of ``keys`` done so
+        far (checked as each one ends); return that set. One callback per key
+        and one event: no task per key."""
+        done = {key for key in keys if self.is_done(key)}
+        if until(done) or len(done) == len(set(keys)):
+            return done
+        event = asyncio.Event()
+
+        def one_done(key: str) -> None:
+            done.add(key)
+            if until(done) or len(done) == len(set(keys)):
+                event.set()
+
+        forgets = [self.when_done(key, one_done) for key in set(keys) - done]
+        try:
+            await event.wait()
+        finally:
+            for forget in forgets:
+                forget()
+        return done
 
     def _warn_waiting(self, key: str, reason: str) -> None:
         """Log why a task waits: once per reason and interval, not once per
@@ -431,19 +515,25 @@ class ClientCore:
         return values
 
 
+#: Message kinds whose runs merge into one message.
+_MERGEABLE = frozenset({"submit", "cancel", "release", "fire_and_forget"})
+
+
 def _coalesce(messages: list[pb.ClientToScheduler]) -> Iterable[pb.ClientToScheduler]:
     """Merge runs of the same kind into one message, keeping their order."""
     current: pb.ClientToScheduler | None = None
     current_kind = None
     for msg in messages:
         kind = msg.WhichOneof("kind")
-        if current is not None and kind == current_kind and kind in ("submit", "cancel", "release"):
+        if current is not None and kind == current_kind and kind in _MERGEABLE:
             if kind == "submit":
                 current.submit.tasks.extend(msg.submit.tasks)
             elif kind == "cancel":
                 current.cancel.keys.extend(msg.cancel.keys)
-            else:
+            elif kind == "release":
                 current.release.keys.extend(msg.release.keys)
+            else:
+                current.fire_and_forget.keys.extend(msg.fire_and_forget.keys)
             continue
         if current is not None:
             yield current
@@ -452,10 +542,14 @@ def _coalesce(messages: list[pb.ClientToScheduler]) -> Iterable[pb.ClientToSched
         yield current
 
 
+def _nothing() -> None:
+    pass
+
+
 def _raise_if_failed(key: str, state: KeyState) -> None:
     if state.status == "cancelled":
         raise FutureCancelledError(key)
-    if state.status == "error":
+    if state.status in ("error", "lost"):
         assert state.error is not None
         raise rebuild_exception(state.error)
 

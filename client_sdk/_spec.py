@@ -9,6 +9,7 @@ dependency of the task.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import secrets
 from collections.abc import Callable, Iterable, Mapping
@@ -19,7 +20,7 @@ from apportion_common import serialize
 from apportion_common.resources import check_resources
 from protos import apportion_pb2 as pb
 
-from .annotate import current_annotations
+from .annotate import Annotations, current_annotations
 from .future import Future
 
 
@@ -38,18 +39,27 @@ def task_options(
     priority: int | None,
     workers: str | Iterable[str] | None,
     allow_other_workers: bool,
+    *,
+    annotated: bool = True,
 ) -> TaskOptions:
-    """Resolve annotate() defaults and check the options, once per call.
+    """Resolve the defaults of an ``annotate()`` (or ``dask.annotate``) block
+    around the call and check the options, once per call. ``annotated=False``:
+    the call's own options alone (a collection's tasks carry the annotations
+    they were built under instead).
 
     An explicit ``resources=`` replaces the block's (no merging).
     """
-    notes = current_annotations()
+    notes = current_annotations() if annotated else Annotations()
     needs = check_resources(resources) if resources is not None else notes.resources
     retries = notes.retries if retries is None else retries
     priority = notes.priority if priority is None else priority
     if retries is not None and retries < 0:
         raise ValueError(f"retries must be >= 0, not {retries}")
-    names = (workers,) if isinstance(workers, str) else tuple(workers or ())
+    if workers is None:
+        names = notes.workers
+        allow_other_workers = allow_other_workers or notes.allow_other_workers
+    else:
+        names = (workers,) if isinstance(workers, str) else tuple(workers)
     if allow_other_workers and not names:
         raise ValueError("allow_other_workers=True needs workers=[...] to prefer")
     return TaskOptions(needs, retries or 0, priority or 0, names, allow_other_workers)
@@ -84,9 +94,13 @@ class SpecBuilder:
         options: TaskOptions,
         client: object,
         function: serialize.PickledFunction | None = None,
+        *,
+        pure: bool = False,
     ) -> pb.TaskSpec:
         """``client``: the one whose futures the arguments may hold;
-        ``function``: ``fn`` pickled already (once for all the tasks of a map)."""
+        ``function``: ``fn`` pickled already (once for all the tasks of a map);
+        ``pure``: name the task after its function and arguments (the same
+        call, the same key) rather than uniquely."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, not {type(fn).__name__}")
         deps: dict[str, None] = {}
@@ -94,7 +108,11 @@ class SpecBuilder:
         payload = serialize.dump_call(fn, args, kwargs, function)
         if key is None:
             name = getattr(fn, "__name__", type(fn).__name__)
-            key = f"{name}-{self._key_prefix}{next(self._key_numbers):016x}"
+            if pure:
+                token = hashlib.blake2b(payload, digest_size=16).hexdigest()
+                key = f"{name}-{token}"
+            else:
+                key = f"{name}-{self._key_prefix}{next(self._key_numbers):016x}"
         return pb.TaskSpec(
             key=key,
             payload=payload,

@@ -15,6 +15,9 @@ For type checkers the two are ``Client[Literal[False]]`` and
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
 from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping
 from typing import Any, Generic, Literal, Protocol, Self, TypeVar, overload
 
@@ -25,8 +28,11 @@ from protos import apportion_pb2 as pb
 
 from ._bridge import AsyncBridge, SyncBridge
 from ._core import CONNECT_TIMEOUT_S, RECONNECT_TIMEOUT_S, ClientCore
+from ._dask import api as dask_api
+from ._dask.api import as_dask_default, require_dask
 from ._spec import SpecBuilder, map_keys, task_options
 from ._transport import GrpcTransport, Transport, client_security
+from .cluster import LocalCluster
 from .future import Future, IsAsync
 from .info import ClusterInfo, WorkerInfo, cluster_info, worker_info
 
@@ -36,6 +42,8 @@ T = TypeVar("T")
 MAP_BATCH = 1_000
 #: Seconds a unary call (scheduler_info, set_resources, explain) may take.
 CALL_TIMEOUT_S = 10.0
+#: How often wait_for_workers asks the scheduler.
+WORKERS_POLL_S = 0.1
 
 
 class HasAddress(Protocol):
@@ -46,8 +54,15 @@ class HasAddress(Protocol):
 
 
 def _address_of(address: Any) -> str:
-    """Accept ``"host:port"`` or anything with an ``.address`` (a LocalCluster)."""
+    """Accept ``"host:port"`` (``tcp://`` in front too, the Dask habit) or
+    anything with an ``.address`` (a LocalCluster)."""
     addr = getattr(address, "address", address)
+    if isinstance(addr, str) and addr.startswith("tcp://"):
+        addr = addr.removeprefix("tcp://")
+    if isinstance(addr, str) and "://" in addr:
+        raise ValueError(
+            f"scheduler address {addr!r}: give host:port (TLS is turned on with tls=TLS(...))"
+        )
     if not isinstance(addr, str) or ":" not in addr:
         raise ValueError(f"scheduler address must look like host:port, not {address!r}")
     return addr
@@ -73,49 +88,58 @@ class Client(Generic[IsAsync]):
     @overload
     def __init__(
         self: Client[Literal[False]],
-        address: str | HasAddress,
+        address: str | HasAddress | None = None,
         *,
         asynchronous: Literal[False] = False,
         timeout: float = CONNECT_TIMEOUT_S,
         token: str | None = None,
         tls: TLS | None = None,
         reconnect_timeout: float = RECONNECT_TIMEOUT_S,
+        set_as_default: bool = True,
     ) -> None: ...
     @overload
     def __init__(
         self: Client[Literal[True]],
-        address: str | HasAddress,
+        address: str | HasAddress | None = None,
         *,
         asynchronous: Literal[True],
         timeout: float = CONNECT_TIMEOUT_S,
         token: str | None = None,
         tls: TLS | None = None,
         reconnect_timeout: float = RECONNECT_TIMEOUT_S,
+        set_as_default: bool = True,
     ) -> None: ...
     @overload
     def __init__(
         self: Client[Any],
-        address: str | HasAddress,
+        address: str | HasAddress | None = None,
         *,
         asynchronous: bool,
         timeout: float = CONNECT_TIMEOUT_S,
         token: str | None = None,
         tls: TLS | None = None,
         reconnect_timeout: float = RECONNECT_TIMEOUT_S,
+        set_as_default: bool = True,
     ) -> None: ...
     def __init__(
         self,
-        address: str | HasAddress,
+        address: str | HasAddress | None = None,
         *,
         asynchronous: bool = False,
         timeout: float = CONNECT_TIMEOUT_S,
         token: str | None = None,
         tls: TLS | None = None,
         reconnect_timeout: float = RECONNECT_TIMEOUT_S,
+        set_as_default: bool = True,
         _transport: Transport | None = None,
     ) -> None:
         # _transport: what the core reaches the network through (tests give a
         # stub); by default gRPC, with the token and TLS resolved here.
+        #: the LocalCluster this client started (Client() with no address),
+        #: closed with it
+        self.cluster: LocalCluster | None = None
+        if address is None:
+            address = self.cluster = LocalCluster(n_workers=1, nthreads=os.cpu_count() or 1)
         self.address = scheduler = _address_of(address)
         self.asynchronous = asynchronous
         self._timeout = timeout
@@ -133,7 +157,14 @@ class Client(Generic[IsAsync]):
             self._bridge = AsyncBridge(make_core)
         else:
             self._bridge = SyncBridge(make_core)
-            self._bridge.connect(timeout)
+            try:
+                self._bridge.connect(timeout)
+            except BaseException:
+                self._close_extras()
+                raise
+        #: undoes this client being dask's default scheduler (sync clients only:
+        #: dask's compute() waits for its results)
+        self._as_default = as_dask_default(self) if set_as_default and not asynchronous else None
 
     # ---------------------------------------------------------- lifecycle
 
@@ -156,6 +187,7 @@ class Client(Generic[IsAsync]):
 
     async def __aexit__(self, *exc: object) -> None:
         await self._async_bridge().close()
+        self._close_extras()
 
     def __enter__(self) -> Self:
         if self.asynchronous:
@@ -165,23 +197,40 @@ class Client(Generic[IsAsync]):
     def __exit__(self, *exc: object) -> None:
         assert isinstance(self._bridge, SyncBridge)  # see __enter__
         self._bridge.close()
+        self._close_extras()
 
     @overload
     def close(self: Client[Literal[False]]) -> None: ...
     @overload
     def close(self: Client[Literal[True]]) -> Coroutine[Any, Any, None]: ...
     def close(self) -> Any:
-        """Close the stream (the scheduler releases this client's tasks)."""
+        """Close the stream (the scheduler releases this client's tasks), and
+        the LocalCluster the client started, if it did."""
         if isinstance(self._bridge, AsyncBridge):
-            return self._bridge.close()
+            return self._aclose()
         self._bridge.close()
+        self._close_extras()
         return None
+
+    async def _aclose(self) -> None:
+        await self._async_bridge().close()
+        self._close_extras()
+
+    def _close_extras(self) -> None:
+        """No longer dask's default scheduler; the LocalCluster it started, closed."""
+        as_default, self._as_default = getattr(self, "_as_default", None), None
+        if as_default is not None:
+            as_default()
+        cluster, self.cluster = self.cluster, None
+        if cluster is not None:
+            cluster.close()
 
     def __del__(self) -> None:
         try:
             bridge = self._bridge
             if isinstance(bridge, SyncBridge) and bridge.running:
                 bridge.close()
+            self._close_extras()
         except Exception:
             pass
 
@@ -203,6 +252,7 @@ class Client(Generic[IsAsync]):
         priority: int | None = None,
         workers: str | Iterable[str] | None = None,
         allow_other_workers: bool = False,
+        pure: bool = False,
         **kwargs: Any,
     ) -> Future[Literal[False]]: ...
     @overload
@@ -216,6 +266,7 @@ class Client(Generic[IsAsync]):
         priority: int | None = None,
         workers: str | Iterable[str] | None = None,
         allow_other_workers: bool = False,
+        pure: bool = False,
         **kwargs: Any,
     ) -> Coroutine[Any, Any, Future[Literal[True]]]: ...
     def submit(
@@ -228,18 +279,20 @@ class Client(Generic[IsAsync]):
         priority: int | None = None,
         workers: str | Iterable[str] | None = None,
         allow_other_workers: bool = False,
+        pure: bool = False,
         **kwargs: Any,
     ) -> Any:
         """Run ``fn(*args, **kwargs)`` on a worker that has ``resources`` free.
 
         ``workers`` (names or addresses) restricts where it may run; with
         ``allow_other_workers=True`` they are only preferred. Resources are
-        never loosened either way.
+        never loosened either way. ``pure=True``: the key comes from the
+        function and its arguments, so the same call is the same task (by
+        default every call is a new task).
         """
         options = task_options(resources, retries, priority, workers, allow_other_workers)
-        spec = self._specs.spec(fn, args, kwargs, key, options, self)
-        future: Future[Any] = Future(spec.key, self, self._bridge)
-        self._bridge.submit([spec])
+        spec = self._specs.spec(fn, args, kwargs, key, options, self, pure=pure)
+        (future,) = self._submit_specs([spec])
         return _ready(future) if self.asynchronous else future
 
     @overload
@@ -253,6 +306,7 @@ class Client(Generic[IsAsync]):
         priority: int | None = None,
         workers: str | Iterable[str] | None = None,
         allow_other_workers: bool = False,
+        pure: bool = False,
         **kwargs: Any,
     ) -> list[Future[Literal[False]]]: ...
     @overload
@@ -266,6 +320,7 @@ class Client(Generic[IsAsync]):
         priority: int | None = None,
         workers: str | Iterable[str] | None = None,
         allow_other_workers: bool = False,
+        pure: bool = False,
         **kwargs: Any,
     ) -> Coroutine[Any, Any, list[Future[Literal[True]]]]: ...
     def map(
@@ -278,6 +333,7 @@ class Client(Generic[IsAsync]):
         priority: int | None = None,
         workers: str | Iterable[str] | None = None,
         allow_other_workers: bool = False,
+        pure: bool = False,
         **kwargs: Any,
     ) -> Any:
         """One task per element (zipped across ``iterables``), submitted as one batch."""
@@ -292,14 +348,81 @@ class Client(Generic[IsAsync]):
         # their way (and running) while the rest are still being pickled.
         for start in range(0, len(argsets), MAP_BATCH):
             specs = [
-                self._specs.spec(fn, tuple(a), kwargs, k, options, self, function)
+                self._specs.spec(fn, tuple(a), kwargs, k, options, self, function, pure=pure)
                 for a, k in zip(
                     argsets[start : start + MAP_BATCH], keys[start : start + MAP_BATCH], strict=True
                 )
             ]
-            futures.extend(Future(spec.key, self, self._bridge) for spec in specs)
-            self._bridge.submit(specs)
+            futures.extend(self._submit_specs(specs))
         return _ready(futures) if self.asynchronous else futures
+
+    def _submit_specs(self, specs: list[pb.TaskSpec]) -> list[Future[Any]]:
+        """Submit ``specs`` as one batch; a Future of each (client_sdk's own use)."""
+        futures: list[Future[Any]] = [Future(spec.key, self, self._bridge) for spec in specs]
+        self._bridge.submit(specs)
+        return futures
+
+    # ------------------------------------------------- dask collections
+
+    def compute(
+        self,
+        collections: Any,
+        resources: Mapping[str, float | str] | None = None,
+        optimize_graph: bool = True,
+        priority: int = 0,
+        retries: int = 0,
+        workers: str | Iterable[str] | None = None,
+        allow_other_workers: bool = False,
+    ) -> Any:
+        """A Future of a dask collection's value (or a list of them, for a
+        list). Annotations (``dask.annotate``) apply to the tasks they were
+        made under, optimized or not; ``resources`` etc. to every task.
+        With an asynchronous client, a coroutine."""
+        require_dask()
+        options = task_options(
+            resources, retries, priority, workers, allow_other_workers, annotated=False
+        )
+        futures = dask_api.compute(self, collections, optimize_graph, options)
+        return _ready(futures) if self.asynchronous else futures
+
+    def persist(
+        self,
+        collections: Any,
+        resources: Mapping[str, float | str] | None = None,
+        optimize_graph: bool = True,
+        priority: int = 0,
+        retries: int = 0,
+        workers: str | Iterable[str] | None = None,
+        allow_other_workers: bool = False,
+    ) -> Any:
+        """The same kind of collection (or list), backed by results held on
+        the cluster while it lives. With an asynchronous client, a coroutine."""
+        require_dask()
+        options = task_options(
+            resources, retries, priority, workers, allow_other_workers, annotated=False
+        )
+        persisted = dask_api.persist(self, collections, optimize_graph, options)
+        return _ready(persisted) if self.asynchronous else persisted
+
+    def get(
+        self,
+        dsk: Any,
+        keys: Any,
+        resources: Mapping[str, float | str] | None = None,
+        priority: int = 0,
+        retries: int = 0,
+        workers: str | Iterable[str] | None = None,
+        allow_other_workers: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Run a dask graph and return the results of ``keys`` (a key, or
+        nested lists of them): the scheduler function of ``dask.compute(x,
+        scheduler=client.get)``. With an asynchronous client, a coroutine."""
+        require_dask()
+        options = task_options(
+            resources, retries, priority, workers, allow_other_workers, annotated=False
+        )
+        return dask_api.get(self, dsk, keys, options)
 
     # -------------------------------------------------------------- results
 
@@ -380,6 +503,35 @@ class Client(Generic[IsAsync]):
                 pb.GetClusterStateRequest(), CALL_TIMEOUT_S
             )
             return cluster_info(state)
+
+        return self._bridge.run(run())
+
+    @overload
+    def wait_for_workers(
+        self: Client[Literal[False]], n_workers: int, timeout: float | None = None
+    ) -> None: ...
+    @overload
+    def wait_for_workers(
+        self: Client[Literal[True]], n_workers: int, timeout: float | None = None
+    ) -> Coroutine[Any, Any, None]: ...
+    def wait_for_workers(self, n_workers: int, timeout: float | None = None) -> Any:
+        """Return once at least ``n_workers`` workers are connected; raise
+        TimeoutError if they are not within ``timeout`` seconds."""
+
+        async def run() -> None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                state = await self.core.transport.get_cluster_state(
+                    pb.GetClusterStateRequest(), CALL_TIMEOUT_S
+                )
+                if len(state.workers) >= n_workers:
+                    return
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{n_workers} worker(s) did not join within {timeout:g}s "
+                        f"({len(state.workers)} did)"
+                    )
+                await asyncio.sleep(WORKERS_POLL_S)
 
         return self._bridge.run(run())
 

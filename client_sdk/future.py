@@ -13,7 +13,7 @@ return coroutines).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Generic, Literal, NoReturn, Protocol, TypeVar, overload
 
 #: Whether the Client that made it is asynchronous: Literal[True] or Literal[False].
@@ -37,6 +37,8 @@ class FutureOwner(Protocol):
 
     def status(self, key: str) -> str: ...
 
+    def add_done_callback(self, key: str, callback: Callable[[], object]) -> None: ...
+
     def result(self, key: str, timeout: float | None) -> Any: ...
 
     def exception(self, key: str, timeout: float | None) -> Any: ...
@@ -45,6 +47,17 @@ class FutureOwner(Protocol):
 
     def awaitable_result(self, key: str) -> Coroutine[Any, Any, Any]:
         """The result, as a coroutine on the client's loop (``await future``)."""
+        ...
+
+    def wait_keys(
+        self, keys: list[str], until: Callable[[set[str]], bool], timeout: float | None
+    ) -> Any:
+        """Until ``until(done keys)`` holds or all are done: the done keys
+        (blocking, or a coroutine); TimeoutError after ``timeout`` seconds."""
+        ...
+
+    def fire_and_forget(self, keys: list[str]) -> None:
+        """Have the scheduler run these to the end whatever becomes of this client."""
         ...
 
 
@@ -73,7 +86,14 @@ class Future(Generic[IsAsync]):
         return self._owner.status(self.key)
 
     def done(self) -> bool:
+        """True once the task finished, raised, was cancelled or its result is lost."""
         return self.status != "pending"
+
+    def add_done_callback(self, fn: Callable[[Future[IsAsync]], object]) -> None:
+        """Call ``fn(future)`` once the task is done, however it ended (at once
+        if it is already). For a synchronous client it runs in a thread of its
+        own; for an asynchronous one, on the client's loop."""
+        self._owner.add_done_callback(self.key, lambda: fn(self))
 
     @overload
     def result(self: Future[Literal[False]], timeout: float | None = None) -> Any: ...
@@ -117,7 +137,16 @@ class Future(Generic[IsAsync]):
     def __repr__(self) -> str:
         return f"<Future {self.key} {self.status}>"
 
+    def __dask_tokenize__(self) -> tuple[str, str]:
+        """Dask names what holds this future by its key (it will not pickle)."""
+        return ("apportion.Future", self.key)
+
     def __reduce__(self) -> NoReturn:
         raise TypeError(
             "a Future cannot be pickled; pass it to submit() directly so the task gets its result"
         )
+
+
+def owner_of(future: Future[Any]) -> FutureOwner:
+    """The part of its client a future talks to (for client_sdk's own modules)."""
+    return future._owner

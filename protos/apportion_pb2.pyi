@@ -768,6 +768,7 @@ class ClientToScheduler(_message.Message):
     CANCEL_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
     GOODBYE_FIELD_NUMBER: _builtins.int
+    FIRE_AND_FORGET_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___ClientHello: ...
     @_builtins.property
@@ -783,6 +784,12 @@ class ClientToScheduler(_message.Message):
         scheduler's client grace period.
         """
 
+    @_builtins.property
+    def fire_and_forget(self) -> Global___KeyList:
+        """Keep these tasks until they end, whatever becomes of this client
+        (fire_and_forget): their results are released then.
+        """
+
     def __init__(
         self,
         *,
@@ -791,12 +798,13 @@ class ClientToScheduler(_message.Message):
         cancel: Global___KeyList | None = ...,
         release: Global___KeyList | None = ...,
         goodbye: Global___ClientGoodbye | None = ...,
+        fire_and_forget: Global___KeyList | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "goodbye", b"goodbye", "hello", b"hello", "kind", b"kind", "release", b"release", "submit", b"submit"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "fire_and_forget", b"fire_and_forget", "goodbye", b"goodbye", "hello", b"hello", "kind", b"kind", "release", b"release", "submit", b"submit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "goodbye", b"goodbye", "hello", b"hello", "kind", b"kind", "release", b"release", "submit", b"submit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "fire_and_forget", b"fire_and_forget", "goodbye", b"goodbye", "hello", b"hello", "kind", b"kind", "release", b"release", "submit", b"submit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "submit", "cancel", "release", "goodbye"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "submit", "cancel", "release", "goodbye", "fire_and_forget"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

@@ -32,11 +32,16 @@ from .events import (
     ClientJoined,
     StateRecovered,
     TasksCancelled,
+    TasksForgotten,
     TasksSubmitted,
 )
 from .graph import Graph, post_order
 from .policy import SchedulingPolicy
 from .records import ERRED, MEMORY, RELEASED, WAITING, Clock, TaskRecord
+
+#: The want that keeps fire-and-forget tasks until they end (no client sends
+#: it: the wire refuses it as a client id).
+FORGET: ClientId = "<fire-and-forget>"
 
 
 def status_of(task: TaskRecord) -> TaskStatus:
@@ -88,6 +93,32 @@ class Clients:
                 if task.state == RELEASED:
                     graph.make_runnable(task, cmds)
                 cmds.append(self._update_for(client, task))
+
+    def forgotten(self, event: TasksForgotten, cmds: list[Command]) -> None:
+        """Keep these tasks, wanted by FORGET, until they end (let_go)."""
+        forgotten = self.wants.setdefault(FORGET, set())
+        for key in event.keys:
+            task = self._tasks.get(key)
+            if task is None or task.state in (MEMORY, ERRED) or FORGET in task.wanted_by:
+                continue  # gone, or done already: nothing to keep running
+            if self.journaling:
+                cmds.append(JournalWant(FORGET, key))
+            task.wanted_by.add(FORGET)
+            forgotten.add(key)
+
+    def let_go(self, cmds: list[Command]) -> None:
+        """Release FORGET's want of each task these commands say has ended
+        (its result, unwanted, is released then): one look at the commands
+        of an event, only while fire-and-forget tasks run."""
+        ended = [
+            cmd.key
+            for cmd in cmds
+            if isinstance(cmd, NotifyClient)
+            and cmd.client_id == FORGET
+            and cmd.status != TaskStatus.PENDING
+        ]
+        if ended:
+            self.release(FORGET, ended, cmds)
 
     def _warn_unknown_names(self, client: ClientId, task: TaskRecord, cmds: list[Command]) -> None:
         """Tell at once of a resource no worker ever seen declares (a typo,
@@ -217,7 +248,8 @@ class Clients:
             for client in recovered.wanted_by:
                 task.wanted_by.add(client)
                 self.wants.setdefault(client, set()).add(spec.key)
-                self.disconnected.setdefault(client, grace_ends)
+                if client != FORGET:  # FORGET never reconnects: it is not away
+                    self.disconnected.setdefault(client, grace_ends)
             if recovered.error is None:
                 graph.enter(task, cmds)
             else:

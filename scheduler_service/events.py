@@ -177,6 +177,15 @@ class KeysReleased:
     keys: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class TasksForgotten:
+    """fire_and_forget: keep these tasks until they end, whatever becomes of
+    the client (as if another client wanted each until then)."""
+
+    client_id: ClientId
+    keys: tuple[str, ...]
+
+
 Event = (
     Tick
     | WorkerJoined
@@ -193,4 +202,5 @@ Event = (
     | TasksSubmitted
     | TasksCancelled
     | KeysReleased
+    | TasksForgotten
 )

@@ -47,6 +47,7 @@ from .events import (
     TaskFinished,
     TaskMissingInputs,
     TasksCancelled,
+    TasksForgotten,
     TasksSubmitted,
     Tick,
     WorkerId,
@@ -419,9 +420,15 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                 elif kind == "release":
                     keys = wire.check_keys(msg.release.keys, "ClientToScheduler.release.keys")
                     self.dispatch(KeysReleased(client_id, keys))
+                elif kind == "fire_and_forget":
+                    keys = wire.check_keys(
+                        msg.fire_and_forget.keys, "ClientToScheduler.fire_and_forget.keys"
+                    )
+                    self.dispatch(TasksForgotten(client_id, keys))
                 else:
                     raise wire.WireError(
-                        "ClientToScheduler.kind must be submit, cancel, release or goodbye, not "
+                        "ClientToScheduler.kind must be submit, cancel, release, "
+                        "fire_and_forget or goodbye, not "
                         f"{kind or 'unset (or unknown to this scheduler)'}"
                     )
         except (grpc.aio.AioRpcError, asyncio.CancelledError):

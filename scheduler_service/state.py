@@ -49,7 +49,7 @@ from apportion_common.serialize import ErrorInfo
 from apportion_common.status import ErrorKind
 
 from .books import Books
-from .clients import Clients
+from .clients import FORGET, Clients
 from .commands import Command, DeclareResources, ReleaseData
 from .events import (
     ClientDisconnected,
@@ -63,6 +63,7 @@ from .events import (
     TaskFinished,
     TaskMissingInputs,
     TasksCancelled,
+    TasksForgotten,
     TasksSubmitted,
     TaskStarted,
     Tick,
@@ -153,6 +154,7 @@ class ClusterState:
     def handle(self, event: Event) -> list[Command]:
         cmds: list[Command] = []
         self._apply(event, cmds)
+        self._let_go_of_forgotten(cmds)
         self.placer.schedule(cmds)
         return cmds
 
@@ -162,8 +164,14 @@ class ClusterState:
         cmds: list[Command] = []
         for event in events:
             self._apply(event, cmds)
+        self._let_go_of_forgotten(cmds)
         self.placer.schedule(cmds)
         return cmds
+
+    def _let_go_of_forgotten(self, cmds: list[Command]) -> None:
+        """Fire-and-forget tasks that ended have served their purpose."""
+        if self.clientele.wants.get(FORGET):
+            self.clientele.let_go(cmds)
 
     def _apply(self, event: Event, cmds: list[Command]) -> None:
         match event:
@@ -197,6 +205,8 @@ class ClusterState:
                 self.clientele.cancelled(event, cmds)
             case KeysReleased():
                 self.clientele.release(event.client_id, event.keys, cmds)
+            case TasksForgotten():
+                self.clientele.forgotten(event, cmds)
 
     # ---------------------------------------------------------------- time
 

@@ -202,6 +202,9 @@ def submission_from_pb(spec: pb.TaskSpec) -> TaskSubmission:
 def client_id_from_pb(hello: pb.ClientHello) -> tuple[str, tuple[str, ...]]:
     """The client's id and the keys it resumes (ClientHello.resume_keys)."""
     client_id = check(_CLIENT_ID, hello.client_id, "ClientHello.client_id")
+    if client_id.startswith("<"):
+        # Ids in angle brackets are the scheduler's own (fire_and_forget's).
+        raise WireError(f"ClientHello.client_id {client_id!r} is reserved (it starts with '<')")
     return client_id, check_keys(hello.resume_keys, "ClientHello.resume_keys")
 
 

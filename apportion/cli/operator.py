@@ -44,7 +44,7 @@ def status(
     tls_key: TlsKeyOption = None,
 ) -> None:
     """Show workers, their resources and what is in use."""
-    check_address(scheduler_address)
+    scheduler_address = check_address(scheduler_address)
     security = caller_security(token, tls_ca, tls_cert, tls_key)
     state = _call(
         scheduler_address,
@@ -68,7 +68,7 @@ def set_resources(
     tls_key: TlsKeyOption = None,
 ) -> None:
     """Change what a running worker declares."""
-    check_address(scheduler_address)
+    scheduler_address = check_address(scheduler_address)
     security = caller_security(token, tls_ca, tls_cert, tls_key)
     try:
         amounts = parse_resources(resources)
@@ -94,7 +94,7 @@ def explain(
     tls_key: TlsKeyOption = None,
 ) -> None:
     """Say in one sentence why a task is not running."""
-    check_address(scheduler_address)
+    scheduler_address = check_address(scheduler_address)
     security = caller_security(token, tls_ca, tls_cert, tls_key)
     reply = _call(
         scheduler_address,

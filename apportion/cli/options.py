@@ -29,10 +29,12 @@ def setup_logging() -> None:
 
 
 def check_address(address: str) -> str:
-    host, sep, port = address.rpartition(":")
+    """``HOST:PORT`` (``tcp://`` in front too, the Dask habit), without the scheme."""
+    bare = address.removeprefix("tcp://")
+    host, sep, port = bare.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         fail(f"address {address!r}: expected HOST:PORT")
-    return address
+    return bare
 
 
 def settings_error(exc: ValidationError) -> str:

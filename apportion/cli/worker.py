@@ -55,7 +55,7 @@ def worker(
     tls_key: TlsKeyOption = None,
 ) -> None:
     """Run worker processes that execute tasks within their declared resources."""
-    check_address(scheduler_address)
+    scheduler_address = check_address(scheduler_address)
     settings = _worker_settings(resources, nthreads, nworkers, name, host)
     secure = security_settings(token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
     # --token, else APPORTION_WORKER_TOKEN, else APPORTION_TOKEN.

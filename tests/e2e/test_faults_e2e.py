@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import client_sdk
-from client_sdk import Client
+from client_sdk import Client, SchedulerConnectionError
 from tests.helpers.processes import (
     Processes,
     assert_all_released,
@@ -180,6 +180,8 @@ def test_a_client_outlives_a_scheduler_restart_without_a_state_dir(
     scheduler = processes.procs[-1]
     processes.worker(address, "--nthreads", "2")
     with Client(address) as client:
+        finished = client.submit(slow_square, 7, 0.0)
+        assert finished.result(timeout=30) == 49
         pending = client.map(slow_square, range(6), [0.5] * 6)
         wait_for(lambda: cluster_state(address).workers[0].running >= 1, 10, "a run")
         scheduler.send_signal(signal.SIGKILL)
@@ -188,6 +190,12 @@ def test_a_client_outlives_a_scheduler_restart_without_a_state_dir(
         # The new scheduler knows nothing; the client submits what it still
         # waits for again.
         assert results(pending, 30) == [i * i for i in range(6)]
+        # A result that had finished cannot be made again (its spec is gone
+        # with the scheduler): it is lost, and says so.
+        wait_for(lambda: finished.status == "lost", 10, "the finished result to be lost")
+        assert finished.done()
+        with pytest.raises(SchedulerConnectionError, match="is lost"):
+            finished.result(timeout=5)
     assert_all_released(address)
 
 

@@ -4,7 +4,7 @@ Every ```python block of README.md runs as a script of its own, in a fresh
 interpreter, as if pasted into a file (a block preceded by a ``<!-- not run
 by ... -->`` comment names what it needs that a test machine lacks). The
 first command the README gives, ``make demo``, runs ``examples/seed_pipeline.py``:
-that runs here too.
+that runs here too, and so does every other example.
 """
 
 from __future__ import annotations
@@ -73,6 +73,13 @@ def test_readme_snippet_runs(line: int, code: str, tmp_path: Path) -> None:
     # A comment "# VALUE" after a print names what it prints.
     for expected in re.findall(r"print\(.*\)\s+# (\S+)", code):
         assert expected in done.stdout.split(), (expected, done.stdout)
+
+
+def test_the_collections_example_runs(tmp_path: Path) -> None:
+    done = _run([sys.executable, str(ROOT / "examples" / "collections.py")], tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "every block held a GPU" in done.stdout, done.stdout
+    assert "(GPU=0)" not in done.stdout, done.stdout
 
 
 def test_make_demo_runs_the_seed_pipeline(tmp_path: Path) -> None:

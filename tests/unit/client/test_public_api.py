@@ -26,7 +26,11 @@ def test_client_sdk_exports() -> None:
         "TaskContext",
         "TaskError",
         "annotate",
+        "as_completed",
+        "fire_and_forget",
         "get_task_context",
+        "progress",
+        "wait",
     ]
     for name in client_sdk.__all__:
         assert getattr(client_sdk, name) is not None

@@ -8,8 +8,9 @@ import itertools
 
 import pytest
 
+from scheduler_service.clients import FORGET
 from scheduler_service.commands import CancelRun, InputLocation, ReleaseData
-from scheduler_service.events import ClientJoined, ClientLeft, KeysReleased
+from scheduler_service.events import ClientJoined, ClientLeft, KeysReleased, TasksForgotten
 from scheduler_service.state import MEMORY, RELEASED, WAITING
 from tests.helpers.scheduler_sim import BOOM, Sim, addr, assigns, updates
 
@@ -179,3 +180,48 @@ def test_submitting_a_released_key_computes_it_again() -> None:
     cmds = sim.submit("a", client="c2")
     assert [a.key for a in assigns(cmds)] == ["a"]
     assert updates(cmds)[0].status == "pending"
+
+
+# ====================================================== fire and forget
+
+
+def test_a_forgotten_task_runs_to_the_end_after_its_client_leaves() -> None:
+    sim = Sim()
+    sim.join(1, nthreads=1)
+    sim(ClientJoined("c"))
+    sim.submit("load")
+    sim.submit("process", deps=("load",))
+    sim.submit("other")
+    sim(TasksForgotten("c", ("process",)))
+    cmds = sim(ClientLeft("c"))
+    assert not [c for c in cmds if isinstance(c, CancelRun)]  # load runs on, for process
+    assert set(sim.state.tasks) == {"load", "process"}  # "other" went with the client
+    sim.finish("load")
+    cmds = sim.finish("process")
+    # Done: nobody wants the result, so it goes, and the task with it.
+    assert ReleaseData(1, "process") in cmds
+    assert sim.state.tasks == {} and sim.state.clients.get(FORGET, set()) == set()
+    sim.assert_idle()
+
+
+def test_a_forgotten_task_that_errs_is_let_go_too() -> None:
+    sim = Sim()
+    sim.join(1)
+    sim.submit("bad")
+    sim.submit("after", deps=("bad",))
+    sim(TasksForgotten("c", ("bad", "after")))
+    sim(ClientLeft("c"))
+    sim.fail("bad")
+    assert sim.state.tasks == {}
+    sim.assert_idle()
+
+
+def test_forgetting_a_finished_or_unknown_task_keeps_nothing() -> None:
+    sim = Sim()
+    sim.join(1)
+    sim.submit("done")
+    sim.finish("done")
+    sim(TasksForgotten("c", ("done", "nowhere")))
+    assert FORGET not in sim.state.tasks["done"].wanted_by
+    sim(ClientLeft("c"))
+    assert sim.state.tasks == {}
