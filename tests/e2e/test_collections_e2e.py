@@ -143,14 +143,23 @@ def where(*inputs: Any) -> tuple[str, float]:
     return worker_name(), held_gpu()
 
 
+def timed_where(i: int) -> tuple[str, float, float, float]:
+    start = time.monotonic()
+    time.sleep(0.2)
+    return worker_name(), held_gpu(), start, time.monotonic()
+
+
 def test_delayed_tasks_hold_what_their_annotation_asks_and_no_more(cluster: str) -> None:
     with Client(cluster) as client:
         with dask.annotate(resources={"GPU": 1}):
-            on_gpu = [delayed(where)(i) for i in range(3)]
+            on_gpu = [delayed(timed_where)(i) for i in range(3)]
+            first = delayed(where)(0)
         after = delayed(where)(on_gpu)
         results = dask.compute(*on_gpu, after)
-        assert results[:3] == (("gpu", 1.0),) * 3
+        assert [r[:2] for r in results[:3]] == [("gpu", 1.0)] * 3
+        assert max_overlap([r[2:] for r in results[:3]]) == 1  # GPU=1: one at a time
         assert results[3][1] == 0.0
+        on_gpu = [first]
         # The same through the client's own calls.
         assert client.compute(on_gpu[0]).result(timeout=30) == ("gpu", 1.0)
         assert client.get(dict(after.__dask_graph__()), after.key)[1] == 0.0
