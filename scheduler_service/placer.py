@@ -322,6 +322,11 @@ class Placer:
         Kept per shape until a worker joins, leaves or changes resources."""
         if self._feasible_at != self._books.version:
             self._catch_up()
+        # The cached answer read here: this runs for every task made ready.
+        feasibility = self._feasibility
+        shape = task.shape
+        if shape in feasibility:
+            return feasibility[shape]
         return self._why_never(task)
 
     def _why_never(self, task: TaskRecord) -> str | None:

@@ -20,7 +20,10 @@ class InputLocation:
     nbytes: int
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though never changed: one is made per run, and a frozen
+# dataclass's __init__ sets each field through object.__setattr__, a cost
+# that shows against a short task's. So for the worker's other per-run records.
+@dataclass(slots=True)
 class Assignment:
     key: str
     run_id: int

@@ -16,7 +16,7 @@ from apportion_common.serialize import ErrorInfo, Frames, SerializationError
 from apportion_common.task_context import TaskContext, set_task_context
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per run (see Assignment)
 class Outcome:
     """What running a task's code came to."""
 

@@ -54,7 +54,7 @@ class Refused:
     report: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per run (see Assignment)
 class Ended:
     """A run gave its lease back. ``cancelled``: the scheduler cancelled it
     meanwhile (report it so, whatever its code did). ``started``: queued runs

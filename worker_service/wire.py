@@ -8,6 +8,7 @@ reports (:class:`Reports`) become one ``WorkerReports`` message per write.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from apportion_common import boundary
 from apportion_common.resources import to_quanta
@@ -88,7 +89,7 @@ def instructions_from_pb(batch: pb.WorkerInstructions) -> Instructions:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per run (see Assignment)
 class Finished:
     key: str
     run_id: int
@@ -133,44 +134,55 @@ class Reports:
 
 
 def reports_to_pb(reports: Reports) -> pb.WorkerToScheduler:
-    return pb.WorkerToScheduler(
-        reports=pb.WorkerReports(
-            finished=[
-                pb.TaskFinished(
-                    key=f.key,
-                    run_id=f.run_id,
-                    nbytes=f.nbytes,
-                    fetched_keys=[k for k, _ in f.fetched],
-                    fetched_nbytes=[n for _, n in f.fetched],
-                    inline_result=f.inline_result,
-                    duration_s=f.duration,
-                )
-                for f in reports.finished
-            ],
-            failed=[
-                pb.TaskFailed(
-                    key=f.key,
-                    run_id=f.run_id,
-                    error=pb.TaskError(
-                        type_name=f.error.type_name,
-                        message=f.error.message,
-                        traceback=f.error.traceback,
-                        exception=f.error.exception,
-                    ),
-                )
-                for f in reports.failed
-            ],
-            missing_inputs=[
-                pb.TaskMissingInputs(
-                    key=m.key,
-                    run_id=m.run_id,
-                    inputs=[pb.MissingInput(key=k, address=addr) for k, addr in m.missing],
-                )
-                for m in reports.missing
-            ],
-            heartbeat=reports.heartbeat,
-            started=[pb.RunRef(key=key, run_id=run_id) for key, run_id in reports.started],
+    # Only the kinds a batch holds (most hold one or two): no empty list made.
+    fields: dict[str, Any] = {"heartbeat": reports.heartbeat}
+    if reports.finished:
+        fields["finished"] = [_finished_pb(f) for f in reports.finished]
+    if reports.failed:
+        fields["failed"] = [
+            pb.TaskFailed(
+                key=f.key,
+                run_id=f.run_id,
+                error=pb.TaskError(
+                    type_name=f.error.type_name,
+                    message=f.error.message,
+                    traceback=f.error.traceback,
+                    exception=f.error.exception,
+                ),
+            )
+            for f in reports.failed
+        ]
+    if reports.missing:
+        fields["missing_inputs"] = [
+            pb.TaskMissingInputs(
+                key=m.key,
+                run_id=m.run_id,
+                inputs=[pb.MissingInput(key=k, address=addr) for k, addr in m.missing],
+            )
+            for m in reports.missing
+        ]
+    if reports.started:
+        fields["started"] = [pb.RunRef(key=key, run_id=run_id) for key, run_id in reports.started]
+    return pb.WorkerToScheduler(reports=pb.WorkerReports(**fields))
+
+
+def _finished_pb(f: Finished) -> pb.TaskFinished:
+    if f.fetched:
+        return pb.TaskFinished(
+            key=f.key,
+            run_id=f.run_id,
+            nbytes=f.nbytes,
+            fetched_keys=[k for k, _ in f.fetched],
+            fetched_nbytes=[n for _, n in f.fetched],
+            inline_result=f.inline_result,
+            duration_s=f.duration,
         )
+    return pb.TaskFinished(
+        key=f.key,
+        run_id=f.run_id,
+        nbytes=f.nbytes,
+        inline_result=f.inline_result,
+        duration_s=f.duration,
     )
 
 

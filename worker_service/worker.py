@@ -75,7 +75,7 @@ INVARIANT_EXIT_CODE = 70
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per run (see Assignment)
 class _Ran:
     """A task thread ran ``assignment``; its lease is back in the books."""
 
@@ -87,7 +87,7 @@ class _Ran:
     cancelled: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per run (see Assignment)
 class _Began:
     """A queued run started when a thread's run ended: that thread runs it
     (``in_thread``), or the loop launches it."""
@@ -390,8 +390,9 @@ class Worker:
         queued run that started in the room it freed and has its inputs here,
         without waiting for the loop (which hears of both, batched with
         whatever else the threads did meanwhile: one wake-up for all)."""
+        address, name = self.address, self.name
         while True:
-            context = TaskContext(a.key, self.address, self.name, a.resources)
+            context = TaskContext(a.key, address, name, a.resources)
             outcome = execute(a.key, a.payload, values, context)
             taken: tuple[Assignment, dict[str, Frames], list[tuple[str, int]]] | None = None
             with self._lock:

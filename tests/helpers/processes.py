@@ -98,10 +98,16 @@ class Processes:
     def worker(
         self, address: str, *args: str, env: dict[str, str] | None = None, wait: bool = True
     ) -> subprocess.Popen[bytes]:
-        before = len(cluster_state(address).workers)
+        # Wait for a worker id not seen before (ids only grow): counting workers
+        # races with one that leaves meanwhile (a frozen one declared lost).
+        seen = max((w.worker_id for w in cluster_state(address).workers), default=0)
         proc = self.start("worker", address, *args, env=env)
         if wait:
-            wait_for_workers(address, before + 1)
+            wait_for(
+                lambda: any(w.worker_id > seen for w in cluster_state(address).workers),
+                START_TIMEOUT,
+                "the worker to register",
+            )
         return proc
 
     def stop_all(self) -> None:
