@@ -10,6 +10,7 @@ method                                        needs
 ``apportion.v1.Scheduler/WorkerStream``       the worker token
 other ``apportion.v1.Scheduler`` methods      the client token
 ``apportion.v1.Worker/FetchResult(s)``        the worker token or the client token
+``apportion.v1.Worker/ShareResult``           the worker token
 ``grpc.health.v1.Health``, reflection         nothing (always open)
 ============================================  =====================================
 
@@ -78,6 +79,8 @@ METHOD_ROLES: Mapping[str, frozenset[Role]] = {
     # Peers fetch inputs with the worker token, clients results with theirs.
     "/apportion.v1.Worker/FetchResult": _EITHER,
     "/apportion.v1.Worker/FetchResults": _EITHER,
+    # Only peers on the same host: a segment costs the host's memory.
+    "/apportion.v1.Worker/ShareResult": _WORKER,
 }
 
 #: A method missing from METHOD_ROLES (one added later) is never open by

@@ -14,15 +14,18 @@ and the receiving side rebuilds each value from one buffer.
 from __future__ import annotations
 
 import functools
+import io
 import pickle
-import struct
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
 
+from .frames import MAGIC, rebuild_bytes
+from .frames import OUT_OF_BAND_MIN_BYTES as OUT_OF_BAND_MIN_BYTES
+from .frames import Frames as Frames
 from .status import ErrorKind
 
 
@@ -63,123 +66,6 @@ def loads(data: bytes | bytearray | memoryview | Frames) -> Any:
     return pickle.loads(data)
 
 
-#: Buffers smaller than this stay inside the pickle: copying them costs less
-#: than keeping them apart.
-OUT_OF_BAND_MIN_BYTES = 64 * 1024
-#: A framed value starts with this (a plain pickle starts with b"\x80").
-MAGIC = b"APF1"
-_HEAD = struct.Struct("<4sIQ")  # magic, number of buffers, pickle length
-_BUFFER = struct.Struct("<QB")  # buffer length, read-only flag
-
-
-@dataclass(frozen=True, slots=True)
-class Frames:
-    """A pickled value whose large buffers are kept apart, uncopied.
-
-    On the wire it is one byte string: a header (:data:`MAGIC`, the number of
-    buffers, the pickle's length, each buffer's length and whether it was
-    read-only), the pickle stream, then the buffers. With no buffers it is
-    just the pickle stream, which :func:`loads` reads like any other.
-    """
-
-    pickled: bytes
-    buffers: tuple[memoryview, ...] = ()
-    readonly: tuple[bool, ...] = ()
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.pickled) + sum(b.nbytes for b in self.buffers) + self._head_bytes()
-
-    def __len__(self) -> int:
-        return self.nbytes
-
-    def _head_bytes(self) -> int:
-        return _HEAD.size + _BUFFER.size * len(self.buffers) if self.buffers else 0
-
-    def segments(self) -> list[bytes | memoryview]:
-        """The wire form as pieces to send in order (nothing large is copied)."""
-        if not self.buffers:
-            return [self.pickled]
-        head = _HEAD.pack(MAGIC, len(self.buffers), len(self.pickled)) + b"".join(
-            _BUFFER.pack(b.nbytes, ro) for b, ro in zip(self.buffers, self.readonly, strict=True)
-        )
-        return [head, self.pickled, *self.buffers]
-
-    def value(self) -> Any:
-        # A buffer that is a whole bytes or bytearray object goes in as that
-        # object, so a bytes result comes back without a copy. (A writable
-        # buffer is shared, not copied, with every value made from it, as
-        # Dask shares a worker's data between the tasks on that worker.)
-        return pickle.loads(self.pickled, buffers=[_whole(b) for b in self.buffers])
-
-    @classmethod
-    def parse(cls, chunks: Iterable[bytes | bytearray | memoryview]) -> Frames:
-        """Frames from the wire form, cut anywhere into ``chunks``.
-
-        Each buffer is copied once out of the chunks, into a ``bytes`` for a
-        read-only buffer (a ``bytes`` result comes back as that very object)
-        or a ``bytearray`` for a writable one (a numpy array stays writable).
-        """
-        reader = _ChunkReader(chunks)
-        if reader.peek(4) != MAGIC:
-            return cls(bytes(reader.take(reader.remaining, readonly=True)))
-        try:
-            _, count, pickle_len = _HEAD.unpack(reader.take(_HEAD.size, readonly=True))
-            specs = [_BUFFER.unpack(reader.take(_BUFFER.size, readonly=True)) for _ in range(count)]
-        except struct.error:
-            raise ValueError("a framed value whose header is cut short") from None
-        pickled = bytes(reader.take(pickle_len, readonly=True))
-        buffers = tuple(memoryview(reader.take(n, readonly=bool(ro))) for n, ro in specs)
-        if reader.remaining:
-            raise ValueError(f"a framed value with {reader.remaining} bytes past its end")
-        return cls(pickled, buffers, tuple(bool(ro) for _, ro in specs))
-
-
-class _ChunkReader:
-    """Reads consecutive byte ranges out of a list of chunks."""
-
-    def __init__(self, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
-        self._chunks = [memoryview(c).cast("B") for c in chunks]
-        self._index = 0
-        self._offset = 0
-        self.remaining = sum(c.nbytes for c in self._chunks)
-
-    def peek(self, n: int) -> bytes:
-        out = b""
-        index, offset = self._index, self._offset
-        while len(out) < n and index < len(self._chunks):
-            out += bytes(self._chunks[index][offset : offset + n - len(out)])
-            index, offset = index + 1, 0
-        return out
-
-    def take(self, n: int, *, readonly: bool) -> bytes | bytearray:
-        if n > self.remaining:
-            raise ValueError(f"a framed value cut short: {n} bytes wanted, {self.remaining} left")
-        pieces: list[memoryview] = []
-        want = n
-        while want:
-            chunk = self._chunks[self._index]
-            piece = chunk[self._offset : self._offset + want]
-            pieces.append(piece)
-            want -= piece.nbytes
-            self._offset += piece.nbytes
-            if self._offset == chunk.nbytes:
-                self._index, self._offset = self._index + 1, 0
-        self.remaining -= n
-        if not readonly:
-            out = bytearray(n)
-            at = 0
-            for piece in pieces:
-                out[at : at + piece.nbytes] = piece
-                at += piece.nbytes
-            return out
-        if len(pieces) == 1:
-            whole = _whole(pieces[0])
-            if type(whole) is bytes:
-                return whole  # a whole chunk: no copy
-        return b"".join(pieces)
-
-
 class _OutOfBand:
     """Pickles a bytes-like value as one out-of-band buffer."""
 
@@ -189,41 +75,157 @@ class _OutOfBand:
         self.data, self.kind = data, kind
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        return _rebuild, (pickle.PickleBuffer(self.data), self.kind)
-
-
-def _rebuild(buffer: Any, kind: str) -> bytes | bytearray:
-    if kind == "bytearray":
-        return buffer if type(buffer) is bytearray else bytearray(buffer)
-    return buffer if type(buffer) is bytes else bytes(buffer)
+        return rebuild_bytes, (pickle.PickleBuffer(self.data), self.kind)
 
 
 def dumps_result(obj: object) -> Frames:
-    """Pickle a task's result, keeping large buffers out of band (uncopied)."""
+    """Pickle a task's result, keeping large buffers out of band (uncopied),
+    wherever they sit in it: bare, in tuples, lists and dicts, inside
+    objects, NumPy arrays and pandas columns."""
     if isinstance(obj, bytes | bytearray | memoryview) and _nbytes(obj) >= OUT_OF_BAND_MIN_BYTES:
         if isinstance(obj, memoryview):
             # A memoryview cannot be pickled at all; its bytes can.
             obj = _OutOfBand(obj.cast("B") if obj.c_contiguous else obj.tobytes(), "bytes")
         else:
             obj = _OutOfBand(obj, type(obj).__name__)
-    buffers: list[memoryview] = []
-    readonly: list[bool] = []
+    if type(obj) in _ATOMS:
+        return Frames(pickle.dumps(obj, protocol=5))
+    found, unscanned = _scan_for_bytes(obj)
+    if found:
+        return _dumps_naming_bytes(obj)
+    buffers = _Buffers()
+    try:
+        pickled = _fast_dumps(obj, buffers.keep)
+    except _NeedsCloudpickle:
+        buffers = _Buffers()
+        pickled = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.keep)
+    if unscanned and len(pickled) >= max(RESCAN_IN_BAND_BYTES, unscanned * RESCAN_BYTES_PER_ITEM):
+        # Large bytes may sit where the scan did not look: pickling again
+        # costs less than copying them into the pickle and out again.
+        return _dumps_naming_bytes(obj)
+    return buffers.frames(pickled)
 
-    def keep(buffer: pickle.PickleBuffer) -> bool:
+
+#: The most items of a result's containers (and attributes of its objects)
+#: the scan looks at: it must stay cheap next to pickling a small result.
+SCAN_ITEMS = 16
+#: A result that pickled to at least this much, and at least this much per
+#: item the scan left unseen, is pickled again with bytes values named by id:
+#: a long list of small numbers is not worth it, a few large values are.
+RESCAN_IN_BAND_BYTES = 1024 * 1024
+RESCAN_BYTES_PER_ITEM = 1024
+#: Values whose large buffers pickle out of band by themselves (PickleBuffer).
+_SELF_FRAMING_MODULES = ("numpy", "pandas")
+_ATOMS = (int, float, str, bool, complex, type(None))
+
+
+def _scan_for_bytes(obj: object) -> tuple[bool, int]:
+    """Whether a large bytes-like value sits inside ``obj`` (its tuples, lists,
+    dicts and plain objects' attributes), and how many items went unseen."""
+    stack, budget, unscanned = [obj], SCAN_ITEMS, 0
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is bytes or kind is bytearray or kind is memoryview:
+            if _nbytes(item) >= OUT_OF_BAND_MIN_BYTES:  # type: ignore[arg-type]
+                return True, 0
+            continue
+        if kind in _ATOMS or kind.__module__.partition(".")[0] in _SELF_FRAMING_MODULES:
+            continue
+        if kind is tuple or kind is list:
+            items: Any = item
+        elif kind is dict:
+            items = item.values()  # type: ignore[attr-defined]
+        else:
+            items = getattr(item, "__dict__", None)
+            if type(items) is not dict:
+                unscanned += 1  # its own pickling: not looked into
+                continue
+            items = items.values()
+        if len(items) > budget:
+            unscanned += len(items)
+            continue
+        budget -= len(items)
+        stack.extend(items)
+    return False, unscanned
+
+
+class _Buffers:
+    """The buffers one pickling keeps out of band, in the order it met them."""
+
+    def __init__(self) -> None:
+        self.views: list[memoryview] = []
+        self.readonly: list[bool] = []
+        self.by_id: list[bool] = []
+        #: id() of each value named so far (alive while pickling: ``obj`` holds it)
+        self._named: dict[int, tuple[int, str]] = {}
+
+    def keep(self, buffer: pickle.PickleBuffer) -> bool:
+        """pickle's buffer_callback: False keeps ``buffer`` out of band."""
         view = buffer.raw()
         if view.nbytes < OUT_OF_BAND_MIN_BYTES:
             return True  # in band
-        buffers.append(view)
-        readonly.append(view.readonly)
+        self._add(view, by_id=False)
         return False
 
+    def name(self, obj: object) -> tuple[int, str] | None:
+        """pickle's persistent_id: a large bytes-like value becomes (index, kind)."""
+        kind = type(obj)
+        if kind is bytes or kind is bytearray or kind is memoryview:
+            named = self._named.get(id(obj))
+            if named is not None:
+                return named  # the same object again: pickle's memo does not see ids
+            view = memoryview(obj)  # type: ignore[arg-type]
+            view = (view if view.c_contiguous else memoryview(view.tobytes())).cast("B")
+            if view.nbytes >= OUT_OF_BAND_MIN_BYTES or kind is memoryview:
+                self._add(view, by_id=True)
+                pid = len(self.views) - 1, "bytearray" if kind is bytearray else "bytes"
+                self._named[id(obj)] = pid
+                return pid
+        return None
+
+    def _add(self, view: memoryview, *, by_id: bool) -> None:
+        self.views.append(view)
+        self.readonly.append(view.readonly)
+        self.by_id.append(by_id)
+
+    def frames(self, pickled: bytes) -> Frames:
+        by_id = tuple(self.by_id) if any(self.by_id) else ()
+        return Frames(pickled, tuple(self.views), tuple(self.readonly), by_id)
+
+
+class _NamingPickler(pickle.Pickler):
+    def __init__(self, file: io.BytesIO, buffers: _Buffers) -> None:
+        super().__init__(file, protocol=5, buffer_callback=buffers.keep)
+        self._buffers = buffers
+
+    def persistent_id(self, obj: object) -> tuple[int, str] | None:
+        return self._buffers.name(obj)
+
+
+class _NamingCloudPickler(cloudpickle.Pickler):  # type: ignore[misc]
+    def __init__(self, file: io.BytesIO, buffers: _Buffers) -> None:
+        super().__init__(file, protocol=5, buffer_callback=buffers.keep)
+        self._buffers = buffers
+
+    def persistent_id(self, obj: object) -> tuple[int, str] | None:
+        return self._buffers.name(obj)
+
+
+def _dumps_naming_bytes(obj: object) -> Frames:
+    """Pickle ``obj`` with every large bytes-like value inside it named by a
+    persistent id and kept out of band (pickle 5 would copy it in band)."""
+    buffers, file = _Buffers(), io.BytesIO()
     try:
-        pickled = _fast_dumps(obj, keep)
-    except _NeedsCloudpickle:
-        buffers.clear()
-        readonly.clear()
-        pickled = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep)
-    return Frames(pickled, tuple(buffers), tuple(readonly))
+        _NamingPickler(file, buffers).dump(obj)
+        pickled = file.getvalue()
+        if pickled.count(b"__main__"):
+            raise _NeedsCloudpickle
+    except Exception:
+        buffers, file = _Buffers(), io.BytesIO()
+        _NamingCloudPickler(file, buffers).dump(obj)
+        pickled = file.getvalue()
+    return buffers.frames(pickled)
 
 
 class _NeedsCloudpickle(Exception):
@@ -279,14 +281,6 @@ def dump_function(fn: Callable[..., Any]) -> PickledFunction:
         raise SerializationError(
             f"cannot pickle task function {name!r}: {type(exc).__name__}: {exc}"
         ) from exc
-
-
-def _whole(view: memoryview) -> bytes | bytearray | memoryview:
-    """The object ``view`` shows all of, when it is a bytes or bytearray; else ``view``."""
-    base = view.obj
-    if isinstance(base, bytes | bytearray) and view.nbytes == len(base) and view.c_contiguous:
-        return base
-    return view
 
 
 def _nbytes(obj: bytes | bytearray | memoryview) -> int:

@@ -101,6 +101,9 @@ class WorkerSettings(BaseSettings):
     #: Check the worker's books after every stimulus and exit with status 70
     #: on a fault (for tests; costs time).
     check_invariants: bool = False
+    #: Hand large results to and from worker processes on the same host
+    #: through shared memory (/dev/shm); false: always over gRPC.
+    shared_memory: bool = True
 
     @field_validator("resources", mode="before")
     @classmethod

@@ -5,11 +5,13 @@ plus its large buffers, uncopied) kept by the worker that made (or fetched)
 them. They travel as a stream of chunks, so a value far larger than gRPC's
 message limit moves without any single large message. The sender cuts chunks
 with memoryview slices; the receiver reads each chunk's bytes in place and
-copies every byte once, into the value's own buffer.
+copies every byte once, into the value's own buffer. A peer on the same host
+takes the value through shared memory instead (:meth:`ChannelPool.share`).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import grpc
@@ -17,8 +19,9 @@ import grpc
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
 
+from . import shm
+from .frames import Assembler, Frames
 from .security import ClientSecurity
-from .serialize import Frames
 
 CHUNK_BYTES = 1024 * 1024
 FETCH_RESULT = "/apportion.v1.Worker/FetchResult"
@@ -165,15 +168,40 @@ class ChannelPool:
                 raise ResultUnavailable(f"{result.key!r} from {address}: {exc}") from None
         return found
 
+    async def share(self, address: str, key: str) -> Frames:
+        """The result of ``key`` from the worker at ``address``, on this host,
+        through a shared-memory segment it writes (Worker/ShareResult), mapped
+        here: see :mod:`apportion_common.shm`."""
+        call = self.stub(address).ShareResult()
+        try:
+            await call.write(pb.ShareRequest(key=key))
+            reply = await call.read()
+            if reply is grpc.aio.EOF:
+                raise ResultUnavailable(f"{key!r} from {address}: no segment named")
+            assert isinstance(reply, pb.ShareReply)
+            # In a thread: reading a large bytes value must not stall the loop.
+            frames = await asyncio.to_thread(shm.read, reply.segment, reply.nbytes)
+            await call.done_writing()  # mapped: the holder may drop the name
+        except grpc.aio.AioRpcError as exc:
+            raise ResultUnavailable(
+                f"{key!r} from {address} in shared memory: {exc.code().name}: {exc.details()}"
+            ) from None
+        except shm.SharedMemoryUnavailable as exc:
+            call.cancel()
+            raise ResultUnavailable(f"{key!r} from {address} in shared memory: {exc}") from None
+        except BaseException:
+            call.cancel()
+            raise
+        return frames
+
     async def fetch(self, address: str, key: str, timeout: float | None = None) -> Frames:
         """The pickled result of ``key`` from the worker at ``address``.
 
-        Chunks are kept as they arrive (views into gRPC's own buffers) and
-        assembled once at the end, by :meth:`Frames.parse`, into the value's
-        buffers: one copy of each byte after gRPC's.
+        Each chunk is copied as it arrives (a view into gRPC's own buffer)
+        into the value's buffers (:class:`~apportion_common.frames.Assembler`):
+        one copy of each byte after gRPC's.
         """
-        views: list[memoryview] = []
-        total = received = -1
+        assembler: Assembler | None = None
         try:
             self.stub(address)  # makes the channel on first use
             fetch_result = self._channels[address].unary_stream(
@@ -183,19 +211,19 @@ class ChannelPool:
             )
             call = fetch_result(pb.FetchResultRequest(key=key), timeout=timeout)
             async for total_size, data in call:
-                if total < 0:
-                    total, received = total_size, 0
-                received += data.nbytes
-                if received > total:
-                    raise ResultUnavailable(f"{key!r} from {address}: more bytes than announced")
-                views.append(data)
+                if assembler is None:
+                    assembler = Assembler(total_size)
+                assembler.feed(data)
         except grpc.aio.AioRpcError as exc:
             raise ResultUnavailable(
                 f"{key!r} from {address}: {exc.code().name}: {exc.details()}"
             ) from None
-        if total < 0 or received != total:
+        except ValueError as exc:
+            call.cancel()
+            raise ResultUnavailable(f"{key!r} from {address}: {exc}") from None
+        if assembler is None or assembler.received != assembler.total:
             raise ResultUnavailable(f"{key!r} from {address}: the stream ended early")
         try:
-            return Frames.parse(views)
+            return assembler.frames()
         except ValueError as exc:
             raise ResultUnavailable(f"{key!r} from {address}: {exc}") from None

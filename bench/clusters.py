@@ -42,9 +42,15 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
                 proc.wait()
 
 
-def _spawn(procs: list[subprocess.Popen[bytes]], args: list[str]) -> None:
+def _spawn(
+    procs: list[subprocess.Popen[bytes]], args: list[str], extra_env: dict[str, str] | None = None
+) -> None:
     env = dict(
-        os.environ, APPORTION_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT)
+        os.environ,
+        APPORTION_LOG_LEVEL="WARNING",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(ROOT),
+        **(extra_env or {}),
     )
     procs.append(
         subprocess.Popen(
@@ -58,8 +64,11 @@ def _spawn(procs: list[subprocess.Popen[bytes]], args: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def apportion_cluster(workers: list[tuple[int, str]]) -> Iterator[Any]:
-    """workers: (nthreads, resources) per worker process. Yields a connected Client."""
+def apportion_cluster(
+    workers: list[tuple[int, str]], worker_env: dict[int, dict[str, str]] | None = None
+) -> Iterator[Any]:
+    """workers: (nthreads, resources) per worker process; worker_env: more
+    environment for some of them, by index. Yields a connected Client."""
     from client_sdk import Client
 
     port = free_port()
@@ -78,7 +87,7 @@ def apportion_cluster(workers: list[tuple[int, str]]) -> Iterator[Any]:
             ]
             if resources:
                 args += ["--resources", resources]
-            _spawn(procs, args)
+            _spawn(procs, args, (worker_env or {}).get(i))
         deadline = time.monotonic() + 60
         while True:
             try:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import crosshost, handoff
 from bench import workloads as w
 from bench.anchor import measure_in_subprocess
 from bench.clusters import apportion_cluster, dask_cluster
@@ -26,18 +27,28 @@ from bench.clusters import apportion_cluster, dask_cluster
 TWO_GPU_WORKERS = [(2, "GPU=2"), (2, "GPU=2")]
 SEED = [(4, "GPU=2"), (4, "GPU=2"), (4, "MEMORY=100e9")]
 TRANSFER = [(1, "PRODUCER=1"), (1, "CONSUMER=1")]
+#: apportion's hand-off cluster: a consumer taking inputs from peers on this
+#: host through shared memory, and one (shared memory off) taking them over gRPC.
+HANDOFF = [(1, "PRODUCER=1"), (1, "CONSUMER=1"), (1, "GRPC_CONSUMER=1")]
+HANDOFF_ENV = {2: {"APPORTION_WORKER__SHARED_MEMORY": "false"}}
+HANDOFF_SIZES = (100 * 1000**2, 1000**3)
 SCALE = [(1, "GPU=1")] * 8
 
 Figures = dict[str, float]
 
 
-def _cluster(system: str, workers: list[tuple[int, str]], **kw: Any) -> Any:
+def _cluster(
+    system: str,
+    workers: list[tuple[int, str]],
+    worker_env: dict[int, dict[str, str]] | None = None,
+    **kw: Any,
+) -> Any:
     if system == "apportion":
-        return apportion_cluster(workers)
+        return apportion_cluster(workers, worker_env)
     return dask_cluster(workers, **kw)
 
 
-WORKLOADS = ("throughput", "latency", "pipeline", "transfer", "scale")
+WORKLOADS = ("throughput", "latency", "pipeline", "handoff", "crosshost", "scale")
 
 
 def round_of(system: str, quick: bool, only: frozenset[str] = frozenset(WORKLOADS)) -> Figures:
@@ -58,9 +69,20 @@ def round_of(system: str, quick: bool, only: frozenset[str] = frozenset(WORKLOAD
     if "pipeline" in only:
         with _cluster(system, SEED) as client:
             out["pipeline_makespan_over_ideal"] = w.pipeline(client)
-    if "transfer" in only:
-        with _cluster(system, TRANSFER) as client:
-            out.update({f"transfer_{k}": v for k, v in w.transfer(client).items()})
+    if "handoff" in only:
+        sizes = HANDOFF_SIZES[:1] if quick else HANDOFF_SIZES
+        workers = HANDOFF if system == "apportion" else TRANSFER
+        with _cluster(system, workers, HANDOFF_ENV) as client:
+            for nbytes in sizes:
+                for shape in handoff.SHAPES:
+                    row = f"handoff_{shape}_{handoff.size_label(nbytes)}"
+                    out[f"{row}_MBps"] = handoff.handoff_MBps(client, shape, nbytes, "CONSUMER")
+                    if system == "apportion":
+                        out[f"{row}_grpc_MBps"] = handoff.handoff_MBps(
+                            client, shape, nbytes, "GRPC_CONSUMER"
+                        )
+    if "crosshost" in only:
+        out.update(crosshost.measure(system))
     if "scale" in only:
         with _cluster(system, SCALE) as client:
             out["scale_8_workers_gpu_tps"] = w.throughput(client, {"GPU": 1}, n)
@@ -165,8 +187,12 @@ def _print_table(medians: dict[str, Figures]) -> None:
 
 #: apportion figures and the anchor figure each is bounded by.
 ANCHOR_PAIRS = [
-    ("transfer_handoff_MBps", "bulk_MBps"),
-    ("transfer_end_to_end_MBps", "bulk_MBps"),
+    *(
+        (f"handoff_{shape}_{handoff.size_label(n)}_grpc_MBps", "bulk_MBps")
+        for n in HANDOFF_SIZES
+        for shape in handoff.SHAPES
+    ),
+    ("crosshost_tuple_100MB_MBps", "bulk_MBps"),
     ("latency_p50_ms", "unary_p50_ms"),
     ("latency_p99_ms", "unary_p99_ms"),
     ("throughput_gpu_tps", "stream_msgs_per_s"),

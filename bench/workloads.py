@@ -15,8 +15,6 @@ from typing import Any
 N_THROUGHPUT = 20_000
 N_LATENCY = 500
 N_PIPELINE = 200
-TRANSFER_BYTES = 100 * 1000 * 1000
-TRANSFER_REPEATS = 3
 
 
 def noop(x: int) -> int:
@@ -40,7 +38,7 @@ def latency(client: Any, n: int = N_LATENCY) -> dict[str, float]:
     samples = []
     for i in range(n):
         start = time.perf_counter()
-        assert client.submit(noop, i, **_unique(client)).result() == i
+        assert client.submit(noop, i, **unique(client)).result() == i
         samples.append((time.perf_counter() - start) * 1000)
     samples.sort()
     return {
@@ -70,9 +68,9 @@ def aggregate(parts: list[int]) -> int:
 def pipeline(client: Any, n: int = N_PIPELINE) -> float:
     """The seed's pipeline; makespan over the ideal (n x 20 ms over 4 GPU slots)."""
     start = time.perf_counter()
-    data = [client.submit(load, i, **_unique(client)) for i in range(n)]
-    processed = [client.submit(process, d, resources={"GPU": 1}, **_unique(client)) for d in data]
-    final = client.submit(aggregate, processed, resources={"MEMORY": 70e9}, **_unique(client))
+    data = [client.submit(load, i, **unique(client)) for i in range(n)]
+    processed = [client.submit(process, d, resources={"GPU": 1}, **unique(client)) for d in data]
+    final = client.submit(aggregate, processed, resources={"MEMORY": 70e9}, **unique(client))
     total = final.result()
     makespan = time.perf_counter() - start
     assert total == sum(i * 10 for i in range(n))
@@ -80,54 +78,6 @@ def pipeline(client: Any, n: int = N_PIPELINE) -> float:
     return makespan / ideal
 
 
-def _unique(client: Any) -> dict[str, Any]:
+def unique(client: Any) -> dict[str, Any]:
     # Dask dedups identical calls by hashing; apportion makes a task per call.
     return {"pure": False} if _is_dask(client) else {}
-
-
-def make_bytes(nbytes: int) -> bytes:
-    return b"x" * nbytes
-
-
-def started_at(data: bytes) -> float:
-    """When the consumer started: its input had arrived by then."""
-    del data
-    return time.time()
-
-
-def stamp(_: int) -> float:
-    return time.time()
-
-
-def transfer(
-    client: Any, nbytes: int = TRANSFER_BYTES, repeats: int = TRANSFER_REPEATS
-) -> dict[str, float]:
-    """A result made on the PRODUCER worker and consumed on the CONSUMER one.
-
-    Hand-off: the consumer task's start (it starts once its input has arrived)
-    minus the submit time, less the same for a task with no input (dispatch).
-    Each of ``repeats`` hand-offs moves a fresh value; the medians come back.
-    """
-    handoffs, ends = [], []
-    for r in range(repeats):
-        blob = client.submit(make_bytes, nbytes, resources={"PRODUCER": 1}, **_unique(client))
-        client.gather([blob])
-        dispatch = []
-        for i in range(5):
-            t0 = time.time()
-            dispatch.append(
-                client.submit(
-                    stamp, r * 10 + i, resources={"CONSUMER": 1}, **_unique(client)
-                ).result()
-                - t0
-            )
-        t0 = time.time()
-        consumer = client.submit(started_at, blob, resources={"CONSUMER": 1}, **_unique(client))
-        start = consumer.result()
-        ends.append(time.time() - t0)
-        handoffs.append(max(start - t0 - statistics.median(dispatch), 1e-6))
-        del blob, consumer  # free both copies before the next value is made
-    return {
-        "handoff_MBps": nbytes / statistics.median(handoffs) / 1e6,
-        "end_to_end_MBps": nbytes / statistics.median(ends) / 1e6,
-    }

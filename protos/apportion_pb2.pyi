@@ -248,11 +248,16 @@ class RegisterWorker(_message.Message):
     RESOURCES_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
     HELD_FIELD_NUMBER: _builtins.int
+    HOST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     """Where peers and clients fetch results from, host:port."""
     nthreads: _builtins.int
     pid: _builtins.int
+    host_id: _builtins.str
+    """Equal for workers that may hand results over in shared memory: the same
+    machine and the same mount, network and IPC namespaces (empty: unknown).
+    """
     @_builtins.property
     def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
@@ -271,10 +276,11 @@ class RegisterWorker(_message.Message):
         resources: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         pid: _builtins.int = ...,
         held: _abc.Iterable[Global___HeldResult] | None = ...,
+        host_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "held", b"held", "name", b"name", "nthreads", b"nthreads", "pid", b"pid", "resources", b"resources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "held", b"held", "host_id", b"host_id", "name", b"name", "nthreads", b"nthreads", "pid", b"pid", "resources", b"resources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -718,20 +724,28 @@ class InputLocation(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     ADDRESSES_FIELD_NUMBER: _builtins.int
     NBYTES_FIELD_NUMBER: _builtins.int
+    SAME_HOST_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     nbytes: _builtins.int
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def same_host(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Per address: whether that holder shares this worker's host (host_id), so
+        the result may come through shared memory (Worker/ShareResult).
+        """
+
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
         addresses: _abc.Iterable[_builtins.str] | None = ...,
         nbytes: _builtins.int = ...,
+        same_host: _abc.Iterable[_builtins.bool] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "key", b"key", "nbytes", b"nbytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "key", b"key", "nbytes", b"nbytes", "same_host", b"same_host"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1172,6 +1186,48 @@ class WorkerInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerInfo: _TypeAlias = WorkerInfo  # noqa: Y015
+
+@_typing.final
+class ShareRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShareRequest: _TypeAlias = ShareRequest  # noqa: Y015
+
+@_typing.final
+class ShareReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEGMENT_FIELD_NUMBER: _builtins.int
+    NBYTES_FIELD_NUMBER: _builtins.int
+    segment: _builtins.str
+    """The segment's name under /dev/shm, and the size of the value in it."""
+    nbytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        segment: _builtins.str = ...,
+        nbytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nbytes", b"nbytes", "segment", b"segment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShareReply: _TypeAlias = ShareReply  # noqa: Y015
 
 @_typing.final
 class FetchResultsRequest(_message.Message):

@@ -305,6 +305,11 @@ class WorkerStub:
                 request_serializer=protos_dot_apportion__pb2.FetchResultsRequest.SerializeToString,
                 response_deserializer=protos_dot_apportion__pb2.FetchResultsReply.FromString,
                 _registered_method=True)
+        self.ShareResult = channel.stream_stream(
+                '/apportion.v1.Worker/ShareResult',
+                request_serializer=protos_dot_apportion__pb2.ShareRequest.SerializeToString,
+                response_deserializer=protos_dot_apportion__pb2.ShareReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -330,6 +335,16 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShareResult(self, request_iterator, context):
+        """A peer on the same host asks for a result (one ShareRequest); the holder
+        writes it into a new shared-memory segment and names it (one ShareReply).
+        The peer maps the segment, then ends its side of the stream; the holder
+        removes the segment's name when the stream ends, however it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -342,6 +357,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.FetchResults,
                     request_deserializer=protos_dot_apportion__pb2.FetchResultsRequest.FromString,
                     response_serializer=protos_dot_apportion__pb2.FetchResultsReply.SerializeToString,
+            ),
+            'ShareResult': grpc.stream_stream_rpc_method_handler(
+                    servicer.ShareResult,
+                    request_deserializer=protos_dot_apportion__pb2.ShareRequest.FromString,
+                    response_serializer=protos_dot_apportion__pb2.ShareReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -400,6 +420,33 @@ class Worker:
             '/apportion.v1.Worker/FetchResults',
             protos_dot_apportion__pb2.FetchResultsRequest.SerializeToString,
             protos_dot_apportion__pb2.FetchResultsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareResult(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/apportion.v1.Worker/ShareResult',
+            protos_dot_apportion__pb2.ShareRequest.SerializeToString,
+            protos_dot_apportion__pb2.ShareReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -147,6 +147,12 @@ class WorkerStub:
     request order, up to a few MiB in all. The caller fetches the rest with
     FetchResult.
     """
+    ShareResult: _grpc.StreamStreamMultiCallable[_apportion_pb2.ShareRequest, _apportion_pb2.ShareReply]
+    """A peer on the same host asks for a result (one ShareRequest); the holder
+    writes it into a new shared-memory segment and names it (one ShareReply).
+    The peer maps the segment, then ends its side of the stream; the holder
+    removes the segment's name when the stream ends, however it ends.
+    """
 
 @_typing.type_check_only
 class WorkerAsyncStub(WorkerStub):
@@ -162,6 +168,12 @@ class WorkerAsyncStub(WorkerStub):
     peer): those of the keys that are here and at most max_bytes each, in
     request order, up to a few MiB in all. The caller fetches the rest with
     FetchResult.
+    """
+    ShareResult: _aio.StreamStreamMultiCallable[_apportion_pb2.ShareRequest, _apportion_pb2.ShareReply]  # type: ignore[assignment]
+    """A peer on the same host asks for a result (one ShareRequest); the holder
+    writes it into a new shared-memory segment and names it (one ShareReply).
+    The peer maps the segment, then ends its side of the stream; the holder
+    removes the segment's name when the stream ends, however it ends.
     """
 
 class WorkerServicer(metaclass=_abc_1.ABCMeta):
@@ -187,6 +199,18 @@ class WorkerServicer(metaclass=_abc_1.ABCMeta):
         peer): those of the keys that are here and at most max_bytes each, in
         request order, up to a few MiB in all. The caller fetches the rest with
         FetchResult.
+        """
+
+    @_abc_1.abstractmethod
+    def ShareResult(
+        self,
+        request_iterator: _MaybeAsyncIterator[_apportion_pb2.ShareRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_apportion_pb2.ShareReply], _abc.AsyncIterator[_apportion_pb2.ShareReply]]:
+        """A peer on the same host asks for a result (one ShareRequest); the holder
+        writes it into a new shared-memory segment and names it (one ShareReply).
+        The peer maps the segment, then ends its side of the stream; the holder
+        removes the segment's name when the stream ends, however it ends.
         """
 
 def add_WorkerServicer_to_server(servicer: WorkerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

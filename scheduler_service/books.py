@@ -61,6 +61,7 @@ class Books:
             free=dict(event.resources),
             free_slots=event.nthreads,
             pid=event.pid,
+            host_id=event.host_id,
             queue_limit=self._queue_limit(event.nthreads),
         )
         self.free_slots += event.nthreads

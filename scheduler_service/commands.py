@@ -23,6 +23,8 @@ class InputLocation:
     key: str
     addresses: tuple[str, ...]
     nbytes: int
+    #: per address: whether that holder shares the assignee's host
+    same_host: tuple[bool, ...] = ()
 
 
 # Not frozen, though never changed: one is built per task, and a frozen

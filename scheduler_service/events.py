@@ -60,6 +60,8 @@ class WorkerJoined:
     held: tuple[HeldResult, ...] = ()
     #: its process id, for operators (status) and fault-injection tests
     pid: int = 0
+    #: equal for workers that may share memory segments ("" unknown)
+    host_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

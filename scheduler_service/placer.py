@@ -263,16 +263,8 @@ class Placer:
         task.run_id = run_id
         task.waiting_reason = ""
         tasks = self._tasks
-        workers = self._workers
         inputs = (
-            tuple(
-                InputLocation(
-                    dep_key,
-                    tuple(workers[w].address for w in sorted(tasks[dep_key].who_has)),
-                    tasks[dep_key].nbytes,
-                )
-                for dep_key in task.dependencies
-            )
+            tuple(self._input_location(worker, tasks[dep_key]) for dep_key in task.dependencies)
             if task.dependencies
             else ()  # no generator to build and run for the many without inputs
         )
@@ -290,6 +282,18 @@ class Placer:
                 task.depth,
             )
         )
+
+    def _input_location(self, worker: WorkerRecord, dep: TaskRecord) -> InputLocation:
+        """Where ``dep``'s result lives, holders on ``worker``'s host first
+        (their copy comes through shared memory)."""
+        holders = [self._workers[w] for w in sorted(dep.who_has)]
+        host = worker.host_id
+        if host:
+            holders.sort(key=lambda h: h.host_id != host)
+            same = tuple(h.host_id == host for h in holders)
+        else:
+            same = ()
+        return InputLocation(dep.key, tuple(h.address for h in holders), dep.nbytes, same)
 
     # ------------------------------------------------------- queue depth
 

@@ -106,6 +106,8 @@ class WorkerRecord:
     #: a starving task this worker is kept for: nothing else starts here
     reserved_for: str | None = None
     pid: int = 0
+    #: equal for workers that may share memory segments ("" unknown)
+    host_id: str = ""
 
     def held(self) -> Quanta:
         return {name: self.declared[name] - self.free[name] for name in self.declared}

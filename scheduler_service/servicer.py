@@ -232,7 +232,16 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         # registered, the scheduler lists it. Its first assignments wait in
         # the outbox until the acknowledgement is written.
         self.dispatch(
-            WorkerJoined(worker_id, name, address, reg.nthreads, resources, held, reg.pid)
+            WorkerJoined(
+                worker_id,
+                name,
+                address,
+                reg.nthreads,
+                resources,
+                held,
+                reg.pid,
+                registration.host_id,
+            )
         )
         reader: asyncio.Task[None] | None = None
         try:

@@ -107,6 +107,7 @@ class _RegisterWorker(TypedDict):
     address: Address
     nthreads: Annotated[int, Field(ge=1, le=MAX_NTHREADS)]
     resources: Resources
+    host_id: Name
 
 
 class _HeldResult(TypedDict):
@@ -146,6 +147,7 @@ class Registration:
     address: str
     nthreads: int
     resources: dict[str, int]
+    host_id: str = ""
 
 
 def registration_from_pb(reg: pb.RegisterWorker) -> Registration:
@@ -157,6 +159,7 @@ def registration_from_pb(reg: pb.RegisterWorker) -> Registration:
             "address": reg.address,
             "nthreads": reg.nthreads,
             "resources": dict(reg.resources),
+            "host_id": reg.host_id,
         },
         what,
     )
@@ -166,6 +169,7 @@ def registration_from_pb(reg: pb.RegisterWorker) -> Registration:
         address=checked["address"],
         nthreads=checked["nthreads"],
         resources=to_quanta(checked["resources"]),
+        host_id=checked["host_id"],
     )
 
 
@@ -357,7 +361,10 @@ def assignment_to_pb(cmd: AssignTask) -> pb.TaskAssignment:
         payload=cmd.payload,
         resources=from_quanta(cmd.resources),
         inputs=[
-            pb.InputLocation(key=i.key, addresses=i.addresses, nbytes=i.nbytes) for i in cmd.inputs
+            pb.InputLocation(
+                key=i.key, addresses=i.addresses, nbytes=i.nbytes, same_host=i.same_host
+            )
+            for i in cmd.inputs
         ],
         incarnation=cmd.incarnation,
         queued=cmd.queued,

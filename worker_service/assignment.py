@@ -18,6 +18,8 @@ class InputLocation:
     key: str
     addresses: tuple[str, ...]
     nbytes: int
+    #: per address: whether that holder shares this worker's host (empty: none does)
+    same_host: tuple[bool, ...] = ()
 
 
 # Not frozen, though never changed: one is made per run, and a frozen

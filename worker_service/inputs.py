@@ -21,6 +21,10 @@ MAX_CONCURRENT_FETCHES = 16
 #: Inputs at most this large (as the scheduler announces them) that live on
 #: one peer come in one FetchResults call rather than a stream each.
 SMALL_FETCH_BYTES = 64 * 1024
+#: Inputs at least this large that a peer on this host holds come through
+#: shared memory; below it a segment's making and mapping cost more than
+#: the stream's copies.
+SHARE_MIN_BYTES = 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -48,11 +52,15 @@ def local_inputs(store: ResultStore, a: Assignment) -> dict[str, Frames] | None:
 class InputFetcher:
     """Fetches inputs from peers into this worker's store."""
 
-    def __init__(self, store: ResultStore, peers: ChannelPool, own_address: str) -> None:
+    def __init__(
+        self, store: ResultStore, peers: ChannelPool, own_address: str, share: bool = True
+    ) -> None:
         self._store = store
         self._peers = peers
         #: this worker's own address: never fetched from (a local copy is in the store)
         self.own_address = own_address
+        #: take large inputs from peers on this host through shared memory
+        self.share = share
 
     async def gather(self, a: Assignment) -> Inputs:
         inputs = Inputs()
@@ -74,8 +82,13 @@ class InputFetcher:
         async def fetch(item: InputLocation) -> tuple[Frames | None, list[str]]:
             tried: list[str] = []
             async with limit:
-                for address in item.addresses:
+                for i, address in enumerate(item.addresses):
                     if address != self.own_address:  # our own copy would have been local
+                        if self._shares(item, i):
+                            try:
+                                return await self._peers.share(address, item.key), tried
+                            except ResultUnavailable as exc:
+                                log.info("task %s: input %s; streaming it instead", a.key, exc)
                         try:
                             return await self._peers.fetch(address, item.key), tried
                         except ResultUnavailable as exc:
@@ -90,6 +103,14 @@ class InputFetcher:
             else:
                 self._keep(inputs, key, data)
         return inputs
+
+    def _shares(self, item: InputLocation, index: int) -> bool:
+        return (
+            self.share
+            and item.nbytes >= SHARE_MIN_BYTES
+            and index < len(item.same_host)
+            and item.same_host[index]
+        )
 
     def _keep(self, inputs: Inputs, key: str, data: Frames) -> None:
         self._store.put(key, 0, data)

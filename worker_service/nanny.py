@@ -16,6 +16,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from apportion_common import shm
+
 log = logging.getLogger("worker_service")
 
 #: A child that exits with one of these would fail the same way again (2:
@@ -74,6 +76,7 @@ class Nanny:
                 code = proc.poll()
                 if code is None or self.stopping.is_set():
                     continue
+                shm.remove_segments_of(proc.pid)  # what it was handing over when it died
                 if code in FATAL_EXIT_CODES:
                     log.error("worker process %d exited with %d; stopping", index, code)
                     status = code
@@ -97,3 +100,4 @@ def _stop(children: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        shm.remove_segments_of(proc.pid)

@@ -9,10 +9,13 @@ The wire format is the same ``apportion.v1.ResultChunk``.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
+from apportion_common import shm
 from apportion_common.boundary import WireError, check_count, check_key
 from apportion_common.services import add_service
 from apportion_common.transfer import BATCH_FETCH_MAX_KEYS, BATCH_FETCH_REPLY_BYTES, chunks
@@ -21,6 +24,11 @@ from protos import apportion_pb2 as pb
 from .store import ResultStore
 
 WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
+#: How long a shared segment's name waits for the peer to map it: a peer that
+#: neither maps it nor goes away must not keep it past this.
+SHARE_HOLD_S = 60.0
+
+log = logging.getLogger("worker_service")
 
 
 class WorkerServicer:
@@ -41,6 +49,45 @@ class WorkerServicer:
             return
         for chunk in chunks(data):
             yield chunk
+
+    async def ShareResult(
+        self,
+        requests: AsyncIterator[pb.ShareRequest],
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> AsyncIterator[pb.ShareReply]:
+        """A result written into a new shared-memory segment for a peer on
+        this host; the segment's name goes when the stream ends, however."""
+        request = await anext(aiter(requests), None)
+        if request is None:
+            return
+        try:
+            key = check_key(request.key, "ShareRequest.key")
+        except WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        data = self._store.get(key)
+        if data is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no result for {request.key!r} here")
+            return
+        # In a thread: copying a large value must not stall the event loop.
+        writing = asyncio.ensure_future(asyncio.to_thread(shm.Segment.write, data))
+        try:
+            segment = await asyncio.shield(writing)
+        except asyncio.CancelledError:
+            # The peer went away mid-write: the thread still finishes, then
+            # its segment goes (removing it now would race its creation).
+            writing.add_done_callback(_remove_made_segment)
+            raise
+        except shm.SharedMemoryUnavailable as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        try:
+            yield pb.ShareReply(segment=segment.name, nbytes=segment.nbytes)
+            async with asyncio.timeout(SHARE_HOLD_S):
+                async for _ in requests:
+                    pass  # the peer has nothing more to say; it ends its side once mapped
+        except TimeoutError:
+            log.warning("a peer did not map the segment for %r within %.0fs", key, SHARE_HOLD_S)
+        finally:
+            segment.remove()
 
     async def FetchResults(
         self, request: pb.FetchResultsRequest, context: grpc.aio.ServicerContext[object, object]
@@ -65,6 +112,11 @@ class WorkerServicer:
             room -= data.nbytes
             reply.results.add(key=key, data=b"".join(data.segments()))
         return reply
+
+
+def _remove_made_segment(writing: asyncio.Future[shm.Segment]) -> None:
+    if not writing.cancelled() and writing.exception() is None:
+        writing.result().remove()
 
 
 def _serialized(message: bytes) -> bytes:

@@ -48,6 +48,8 @@ class LinkOwner(Protocol):
 
     nthreads: int
     resources: dict[str, float]
+    #: registered so the scheduler can tell which peers share memory ("": none)
+    host_id: str
 
     @property
     def name(self) -> str: ...
@@ -142,6 +144,7 @@ class SchedulerLink:
                     owner.resources,
                     os.getpid(),
                     owner.registration_held(),
+                    owner.host_id,
                 )
             )
             first = await call.read()

@@ -28,7 +28,7 @@ def assignment_from_pb(a: pb.TaskAssignment, what: str) -> Assignment:
         payload=a.payload,
         resources=resources,
         need=to_quanta(resources),
-        inputs=tuple(InputLocation(i.key, tuple(i.addresses), i.nbytes) for i in a.inputs)
+        inputs=tuple(_input_from_pb(i) for i in a.inputs)
         if a.inputs
         else (),  # most runs have none: no generator to build and run
         incarnation=a.incarnation,
@@ -186,6 +186,13 @@ def _finished_pb(f: Finished) -> pb.TaskFinished:
     )
 
 
+def _input_from_pb(i: pb.InputLocation) -> InputLocation:
+    addresses = tuple(i.addresses)
+    # A flag list that does not match the addresses is ignored: gRPC then.
+    same_host = tuple(i.same_host) if len(i.same_host) == len(addresses) else ()
+    return InputLocation(i.key, addresses, i.nbytes, same_host)
+
+
 def registration_to_pb(
     name: str,
     address: str,
@@ -193,6 +200,7 @@ def registration_to_pb(
     resources: dict[str, float],
     pid: int,
     held: list[tuple[str, int, int]],
+    host_id: str = "",
 ) -> pb.WorkerToScheduler:
     return pb.WorkerToScheduler(
         register=pb.RegisterWorker(
@@ -205,5 +213,6 @@ def registration_to_pb(
                 pb.HeldResult(key=key, incarnation=incarnation, nbytes=nbytes)
                 for key, incarnation, nbytes in held
             ],
+            host_id=host_id,
         )
     )

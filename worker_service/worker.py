@@ -38,8 +38,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from apportion_common import boundary, serialize
+from apportion_common import boundary, serialize, shm
 from apportion_common.grpc_server import ServingHealth, bind, install_stop_signals, make_server
+from apportion_common.host import host_id
 from apportion_common.resources import to_quanta
 from apportion_common.security import (
     TLS,
@@ -124,6 +125,7 @@ class Worker:
         token: str | None = None,
         tls: TLS | None = None,
         validate: bool = False,
+        shared_memory: bool = True,
     ) -> None:
         self.scheduler_address = scheduler_address
         self.resources = dict(resources or {})
@@ -154,7 +156,10 @@ class Worker:
         add_worker_service(WorkerServicer(self.store), self._server)
         self._health = ServingHealth(self._server, [WORKER_SERVICE])
         self._peers = ChannelPool(credentials)
-        self._fetcher = InputFetcher(self.store, self._peers, self.address)
+        #: registered: peers with the same id take large results through
+        #: shared memory ("": this worker neither gives nor takes that way)
+        self.host_id = host_id() if shared_memory and shm.available() else ""
+        self._fetcher = InputFetcher(self.store, self._peers, self.address, bool(self.host_id))
         self._link = SchedulerLink(scheduler_address, credentials, self)
         #: each run holding a lease here, on the loop's side: done once it ended
         self._running: dict[int, asyncio.Future[None]] = {}
@@ -186,6 +191,8 @@ class Worker:
     # ----------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
+        if self.host_id:
+            shm.remove_orphans()  # of workers on this host killed before they could
         self.port = bind(self._server, self.host, self.port, self._security.credentials())
         self._fetcher.own_address = self.address
         self._security.warn_if_exposed(self.host, "this worker", log)
@@ -503,6 +510,7 @@ async def run_worker(
     token: str | None = None,
     tls: TLS | None = None,
     validate: bool = False,
+    shared_memory: bool = True,
 ) -> None:
     """Run one worker until SIGINT/SIGTERM. With ``validate``, a broken
     invariant ends the process with status :data:`INVARIANT_EXIT_CODE`."""
@@ -516,6 +524,7 @@ async def run_worker(
         token=token,
         tls=tls,
         validate=validate,
+        shared_memory=shared_memory,
     )
     # Carrying on with broken books would hide the fault.
     worker.on_broken = lambda: os._exit(INVARIANT_EXIT_CODE)

@@ -84,6 +84,7 @@ def worker(
             token=worker_secret,
             tls=tls,
             validate=settings.check_invariants,
+            shared_memory=settings.shared_memory,
         )
     )
     # Task threads cannot be interrupted; do not let one hold the process up.

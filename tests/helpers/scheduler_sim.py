@@ -68,9 +68,18 @@ class Sim:
 
     # ---------------------------------------------------------- events
 
-    def join(self, worker_id: int, nthreads: int = 1, **resources: float) -> list[Command]:
+    def join(
+        self, worker_id: int, nthreads: int = 1, host_id: str = "", **resources: float
+    ) -> list[Command]:
         return self(
-            WorkerJoined(worker_id, f"w{worker_id}", addr(worker_id), nthreads, q(**resources))
+            WorkerJoined(
+                worker_id,
+                f"w{worker_id}",
+                addr(worker_id),
+                nthreads,
+                q(**resources),
+                host_id=host_id,
+            )
         )
 
     def submit(

@@ -122,6 +122,7 @@ def register(**fields: object) -> pb.RegisterWorker:
 def test_a_good_registration() -> None:
     reg = wire.registration_from_pb(register(name="", resources={"GPU": 2}))
     assert reg == wire.Registration("127.0.0.1:9000", "127.0.0.1:9000", 2, {"GPU": 2 * 10**9})
+    assert wire.registration_from_pb(register(host_id="abc")).host_id == "abc"
 
 
 @pytest.mark.parametrize(
@@ -132,6 +133,7 @@ def test_a_good_registration() -> None:
         ({"address": "localhost"}, "address: 'localhost' is not host:port"),
         ({"address": "h:0"}, "address: 'h:0' has no port in 1..65535"),
         ({"name": "n" * 1025}, "name: String should have at most 1024"),
+        ({"host_id": "h" * 1025}, "host_id: String should have at most 1024"),
         ({"resources": {"GPU": math.nan}}, "resources['GPU']: Input should be a finite number"),
     ],
 )

@@ -1,0 +1,36 @@
+"""The worker's side of the wire: assignments in, registration out."""
+
+from __future__ import annotations
+
+from protos import apportion_pb2 as pb
+from worker_service import wire
+
+
+def assignment(*inputs: pb.InputLocation) -> pb.TaskAssignment:
+    return pb.TaskAssignment(key="t", run_id=1, payload=b"p", inputs=list(inputs))
+
+
+def test_same_host_flags_come_with_each_input() -> None:
+    a = wire.assignment_from_pb(
+        assignment(
+            pb.InputLocation(key="x", addresses=["h:1", "h:2"], nbytes=5, same_host=[True, False]),
+            pb.InputLocation(key="y", addresses=["h:3"], nbytes=6),
+        ),
+        "test",
+    )
+    assert [(i.key, i.addresses, i.nbytes, i.same_host) for i in a.inputs] == [
+        ("x", ("h:1", "h:2"), 5, (True, False)),
+        ("y", ("h:3",), 6, ()),
+    ]
+
+
+def test_flags_that_do_not_match_the_addresses_are_ignored() -> None:
+    a = wire.assignment_from_pb(
+        assignment(pb.InputLocation(key="x", addresses=["h:1", "h:2"], same_host=[True])), "test"
+    )
+    assert a.inputs[0].same_host == ()
+
+
+def test_the_registration_carries_the_host_id() -> None:
+    msg = wire.registration_to_pb("w", "h:1", 2, {"GPU": 1.0}, 42, [], host_id="abc")
+    assert msg.register.host_id == "abc" and msg.register.pid == 42
