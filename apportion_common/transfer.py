@@ -31,8 +31,16 @@ BATCH_FETCH_MAX_KEYS = 10_000
 BATCH_FETCH_REPLY_BYTES = 4 * 1024 * 1024
 
 
+#: ShareResult's answer for a value with nothing a peer could map: stream it.
+NOTHING_TO_MAP = "nothing in this value to map: fetch it with FetchResult"
+
+
 class ResultUnavailable(LookupError):
     """The result could not be fetched from that address (gone, or never there)."""
+
+
+class NotShared(ResultUnavailable):
+    """The holder streams this value rather than share it (nothing to map)."""
 
 
 def chunks(data: Frames | bytes | bytearray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
@@ -183,6 +191,11 @@ class ChannelPool:
             frames = await asyncio.to_thread(shm.read, reply.segment, reply.nbytes)
             await call.done_writing()  # mapped: the holder may drop the name
         except grpc.aio.AioRpcError as exc:
+            if (
+                exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+                and exc.details() == NOTHING_TO_MAP
+            ):
+                raise NotShared(f"{key!r} from {address}: {NOTHING_TO_MAP}") from None
             raise ResultUnavailable(
                 f"{key!r} from {address} in shared memory: {exc.code().name}: {exc.details()}"
             ) from None

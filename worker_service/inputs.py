@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from apportion_common.serialize import Frames
-from apportion_common.transfer import ChannelPool, ResultUnavailable
+from apportion_common.transfer import ChannelPool, NotShared, ResultUnavailable
 
 from .assignment import Assignment, InputLocation
 from .store import ResultStore
@@ -87,6 +87,8 @@ class InputFetcher:
                         if self._shares(item, i):
                             try:
                                 return await self._peers.share(address, item.key), tried
+                            except NotShared:
+                                pass  # bytes only: the stream is the faster way
                             except ResultUnavailable as exc:
                                 log.info("task %s: input %s; streaming it instead", a.key, exc)
                         try:

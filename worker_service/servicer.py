@@ -17,8 +17,14 @@ import grpc
 
 from apportion_common import shm
 from apportion_common.boundary import WireError, check_count, check_key
+from apportion_common.frames import Frames
 from apportion_common.services import add_service
-from apportion_common.transfer import BATCH_FETCH_MAX_KEYS, BATCH_FETCH_REPLY_BYTES, chunks
+from apportion_common.transfer import (
+    BATCH_FETCH_MAX_KEYS,
+    BATCH_FETCH_REPLY_BYTES,
+    NOTHING_TO_MAP,
+    chunks,
+)
 from protos import apportion_pb2 as pb
 
 from .store import ResultStore
@@ -35,18 +41,25 @@ class WorkerServicer:
     def __init__(self, store: ResultStore) -> None:
         self._store = store
 
-    async def FetchResult(
-        self, request: pb.FetchResultRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> AsyncIterator[bytes]:
-        """Serialized ``ResultChunk`` messages (see :func:`add_worker_service`)."""
+    async def _stored(
+        self, key: str, what: str, context: grpc.aio.ServicerContext[object, object]
+    ) -> Frames:
+        """The result stored under ``key``; else the call ends (a bad key, none here)."""
         try:
-            key = check_key(request.key, "FetchResultRequest.key")
+            check_key(key, what)
         except WireError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         data = self._store.get(key)
         if data is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no result for {request.key!r} here")
-            return
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no result for {key!r} here")
+        assert data is not None  # abort raises
+        return data
+
+    async def FetchResult(
+        self, request: pb.FetchResultRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[bytes]:
+        """Serialized ``ResultChunk`` messages (see :func:`add_worker_service`)."""
+        data = await self._stored(request.key, "FetchResultRequest.key", context)
         for chunk in chunks(data):
             yield chunk
 
@@ -60,14 +73,13 @@ class WorkerServicer:
         request = await anext(aiter(requests), None)
         if request is None:
             return
-        try:
-            key = check_key(request.key, "ShareRequest.key")
-        except WireError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        data = self._store.get(key)
-        if data is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no result for {request.key!r} here")
-            return
+        key = request.key
+        data = await self._stored(key, "ShareRequest.key", context)
+        if all(data.readonly):
+            # Only bytes-like buffers, which the peer must copy out again:
+            # through a segment that is two copies into fresh memory, slower
+            # than the stream's one (measured); arrays it maps uncopied.
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NOTHING_TO_MAP)
         # In a thread: copying a large value must not stall the event loop.
         writing = asyncio.ensure_future(asyncio.to_thread(shm.Segment.write, data))
         try:

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -29,14 +30,21 @@ pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/sh
 MB = 1000 * 1000
 
 
-def make_blob(nbytes: int, seed: int) -> tuple[bytes, dict[str, int]]:
-    """The shape results usually have: a large buffer and a little metadata."""
-    return bytes([seed % 256]) * nbytes, {"seed": seed}
+def make_blob(nbytes: int, seed: int) -> tuple[Any, dict[str, int]]:
+    """The shape results usually have: a large array and a little metadata."""
+    import numpy as np
+
+    return np.full(nbytes // 8, float(seed)), {"seed": seed}
 
 
-def describe(value: tuple[bytes, dict[str, int]]) -> tuple[str, int, int, int]:
+def make_bytes(nbytes: int) -> bytes:
+    return b"b" * nbytes
+
+
+def describe(value: tuple[Any, dict[str, int]]) -> tuple[str, int, float, int]:
     data, meta = value
-    return type(data).__name__, len(data), data[-1], meta["seed"]
+    data[0] = -1.0  # writable, as it was made
+    return type(data).__name__, int(data.nbytes), float(data[-1]), meta["seed"]
 
 
 def segments_of(pids: set[int]) -> list[str]:
@@ -98,12 +106,17 @@ def test_a_large_result_reaches_a_worker_on_the_same_host_through_shared_memory(
     with Client(address) as client, Watcher(producer) as watcher:
         blob = client.submit(make_blob, 64 * MB, 7, resources={"PRODUCER": 1})
         used = client.submit(describe, blob, resources={"CONSUMER": 1})
-        assert used.result(timeout=60) == ("bytes", 64 * MB, 7, 7)
+        assert used.result(timeout=60) == ("ndarray", 64 * MB, 7.0, 7)
         # A small one travels as before: inline, or in one stream.
         small = client.submit(make_blob, 1000, 8, resources={"PRODUCER": 1})
         assert client.submit(describe, small, resources={"CONSUMER": 1}).result(30)[1] == 1000
     assert watcher.seen, "the hand-off never went through a shared-memory segment"
     wait_for(lambda: not segments_of({producer}), 10, "the segment to be removed")
+    # Bytes only: nothing to map, so the stream carries it (the faster way).
+    with Client(address) as client, Watcher(producer) as watcher:
+        blob = client.submit(make_bytes, 32 * MB, resources={"PRODUCER": 1})
+        assert client.submit(len, blob, resources={"CONSUMER": 1}).result(timeout=60) == 32 * MB
+    assert watcher.seen == []
     assert_all_released(address)
 
 
@@ -113,7 +126,7 @@ def test_without_shared_memory_the_same_result_streams_over_grpc(processes: Proc
     with Client(address) as client, Watcher(producer) as watcher:
         blob = client.submit(make_blob, 16 * MB, 9, resources={"PRODUCER": 1})
         used = client.submit(describe, blob, resources={"CONSUMER": 1})
-        assert used.result(timeout=60) == ("bytes", 16 * MB, 9, 9)
+        assert used.result(timeout=60) == ("ndarray", 16 * MB, 9.0, 9)
     assert watcher.seen == []
 
 
@@ -138,7 +151,7 @@ def test_killing_either_worker_mid_hand_off_leaves_no_segment_and_loses_nothing(
                 )
                 used = client.submit(describe, blob, resources={"CONSUMER": 1}, pure=False)
                 # Whatever died, the nanny restarts it and the work is done again.
-                assert used.result(timeout=90) == ("bytes", 200 * MB, attempt % 256, attempt)
+                assert used.result(timeout=90) == ("ndarray", 200 * MB, float(attempt), attempt)
             del blob, used
             if watcher.seen and killed:
                 break

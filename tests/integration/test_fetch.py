@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import grpc
 import pytest
 
 from apportion_common import serialize
-from apportion_common.grpc_server import insecure_channel, make_server
+from apportion_common.grpc_server import insecure_channel
 from apportion_common.transfer import ChannelPool, ResultUnavailable
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
-from worker_service.servicer import WorkerServicer, add_worker_service
 from worker_service.store import ResultStore
 
 
 @pytest.fixture
-async def served() -> AsyncIterator[tuple[ResultStore, str]]:
-    store = ResultStore()
-    server = make_server()
-    add_worker_service(WorkerServicer(store), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield store, f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
+def served(worker_server: tuple[ResultStore, str]) -> tuple[ResultStore, str]:
+    return worker_server
 
 
 async def test_a_large_result_arrives_whole_and_its_buffers_uncopied(
