@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 from collections.abc import Iterable, Sequence
 
 import grpc
@@ -74,10 +75,27 @@ def bind(
         else:
             bound = server.add_secure_port(target, credentials)
     except RuntimeError as exc:
-        raise OSError(f"cannot listen on {host}:{port}: {exc}") from exc
+        # grpc's own text only says to turn its debug log on: ask the OS why.
+        raise OSError(f"cannot listen on {host}:{port}: {_why_not(host, port) or exc}") from exc
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+        raise OSError(f"cannot listen on {host}:{port}: {_why_not(host, port) or 'refused'}")
     return bound
+
+
+def _why_not(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound ("Address already in use"), or None."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"{host}: {exc.strerror or exc}"
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(sockaddr)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 def insecure_channel(address: str) -> grpc.aio.Channel:

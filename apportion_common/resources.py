@@ -96,6 +96,9 @@ def parse_resources(text: str) -> dict[str, float]:
         name = name.strip()
         if not name:
             raise ResourceSpecError(f"resource {pair!r}: the name is empty")
+        if name in resources:
+            # "GPU=2 GPU=3" is a typo, not an update: which one was meant?
+            raise ResourceSpecError(f"resource {name!r} is named twice")
         resources[name] = check_amount(name, value.strip())
     return resources
 

@@ -94,13 +94,17 @@ class WorkerSettings(BaseSettings):
     )
 
     resources: dict[str, float] = Field(default_factory=dict)
-    nthreads: int = Field(1, ge=1, le=10_000)
+    #: None: the cores divided by nworkers (as Dask does)
+    nthreads: int | None = Field(None, ge=1, le=10_000)
     nworkers: int = Field(1, ge=1, le=1_000)
     name: str | None = None
     host: str | None = None
     #: Check the worker's books after every stimulus and exit with status 70
     #: on a fault (for tests; costs time).
     check_invariants: bool = False
+    #: Seconds without a scheduler (at start, or after losing it) before the
+    #: worker exits with a non-zero status (None: keep trying forever).
+    death_timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
     #: Hand large results to and from worker processes on the same host
     #: through shared memory (/dev/shm); false: always over gRPC.
     shared_memory: bool = True

@@ -28,6 +28,8 @@ from typing import Any
 
 import grpc
 
+from apportion_common.wrong_peer import not_a_scheduler
+
 from .exceptions import SchedulerConnectionError
 
 
@@ -70,9 +72,17 @@ def access_error(exc: Any, address: str, token_sent: bool) -> SchedulerConnectio
     """The call that checks a new client's credentials failed."""
     if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
         return refused(exc, address, token_sent, Caller.CLIENT)
+    found = not_a_scheduler(exc)
+    if found is not None:
+        return wrong_peer(address, found)
     return SchedulerConnectionError(
         f"the scheduler at {address}: {exc.code().name}: {exc.details()}"
     )
+
+
+def wrong_peer(address: str, found: str) -> SchedulerConnectionError:
+    """Something that is no apportion scheduler answers at ``address``."""
+    return SchedulerConnectionError(f"{address} is not an apportion scheduler ({found})")
 
 
 def unreachable(address: str, timeout: float, why: str) -> SchedulerConnectionError:
@@ -96,6 +106,9 @@ def call_error(exc: Any, method: str, address: str, token_sent: bool, caller: Ca
     if caller is Caller.COMMAND:
         if code == grpc.StatusCode.UNAUTHENTICATED:
             return refused(exc, address, token_sent, caller)
+        found = not_a_scheduler(exc)
+        if found is not None:
+            return wrong_peer(address, found)
         return SchedulerConnectionError(
             f"cannot reach the scheduler at {address}: {code.name}: {exc.details()}"
         )

@@ -24,6 +24,7 @@ from apportion_common.security import TLS, ClientSecurity, tls_from_paths
 from apportion_common.serialize import Frames
 from apportion_common.settings import SecuritySettings
 from apportion_common.transfer import ChannelPool
+from apportion_common.wrong_peer import not_a_scheduler
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
 
@@ -34,7 +35,11 @@ from ._grpc_errors import (
     stream_error,
     unreachable,
     why_unreachable,
+    wrong_peer,
 )
+
+#: While connecting, how often to look at why the channel is not ready yet.
+PROBE_EVERY_S = 1.0
 
 
 class SchedulerStream(Protocol):
@@ -149,8 +154,20 @@ class GrpcTransport:
 
     async def connect(self, timeout: float) -> None:
         stub = self._scheduler
-        if not await self.wait_ready(timeout):
-            raise unreachable(self._address, timeout, await self._why_unreachable())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not await self.wait_ready(min(PROBE_EVERY_S, max(deadline - loop.time(), 0))):
+            failed = await self._probe()
+            found = None if failed is None else not_a_scheduler(failed)
+            if found is not None:
+                # It answers but is no scheduler, and will never become one:
+                # say so now rather than when the timeout runs out.
+                raise wrong_peer(self._address, found)
+            if loop.time() >= deadline:
+                why = (
+                    "" if failed is None else why_unreachable(failed, self.security.tls is not None)
+                )
+                raise unreachable(self._address, timeout, why)
         # One unary call, so that a refused token fails Client() itself (on
         # the stream, a refusal would show only once it is read, later).
         try:
@@ -158,15 +175,16 @@ class GrpcTransport:
         except grpc.RpcError as exc:
             raise access_error(exc, self._address, self.security.token is not None) from None
 
-    async def _why_unreachable(self) -> str:
-        """Why the channel never got ready (a TLS handshake refused, say), briefly."""
+    async def _probe(self) -> grpc.RpcError | None:
+        """The error of one quick call that does not wait for the channel:
+        why it never got ready (a TLS handshake refused, say)."""
         try:
             await self._scheduler.GetClusterState(
                 pb.GetClusterStateRequest(), timeout=2, wait_for_ready=False
             )
         except grpc.RpcError as exc:
-            return why_unreachable(exc, self.security.tls is not None)
-        return ""
+            return exc
+        return None
 
     async def wait_ready(self, timeout: float) -> bool:
         try:

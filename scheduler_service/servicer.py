@@ -66,6 +66,8 @@ log = logging.getLogger("scheduler_service")
 TICK_INTERVAL_S = 0.25
 #: Tasks of one SubmitTasks message handed to the state machine at a time.
 SUBMIT_CHUNK = 128
+#: How long a re-registering worker's old stream has to end.
+STALE_STREAM_WAIT_S = 5.0
 
 T = TypeVar("T")
 
@@ -212,6 +214,25 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         except wire.WireError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         name, address = registration.name, registration.address
+        taken = self.state.worker_named(name)
+        same_process = (
+            taken is not None
+            and reg.pid
+            and (taken.address, taken.pid)
+            == (
+                address,
+                reg.pid,
+            )
+        )
+        if taken is not None and not same_process:
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"the worker name {name!r} is taken by the worker at {taken.address} "
+                f"(pid {taken.pid}); give this one another --name",
+            )
+        if taken is not None and same_process:
+            # The same process again, before its old stream was seen to end.
+            await self._drop_stale_stream(taken.worker_id)
         resources = registration.resources
         worker_id = next(self._worker_ids)
         outbox: Outbox[Command] = Outbox()
@@ -277,6 +298,16 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             self._liveness.forget(worker_id)
             log.info("worker %s (%s) left", name, address)
             self.dispatch(WorkerLeft(worker_id))
+
+    async def _drop_stale_stream(self, worker_id: WorkerId) -> None:
+        """End a worker's old stream (its process registers again) and wait
+        until it has left, so one process never counts twice."""
+        handler = self._worker_handlers.get(worker_id)
+        if handler is None:
+            return
+        self._silenced.add(worker_id)
+        handler.cancel()
+        await asyncio.wait({handler}, timeout=STALE_STREAM_WAIT_S)
 
     async def _read_worker(
         self,

@@ -331,6 +331,10 @@ class ClusterState:
 
     # ---------------------------------------------------------- inspection
 
+    def worker_named(self, name: str) -> WorkerRecord | None:
+        """The connected worker called ``name`` (names are unique among them)."""
+        return next((w for w in self.workers.values() if w.name == name), None)
+
     def find_worker(self, name_or_address: str) -> WorkerRecord | None:
         for worker in self.workers.values():
             if name_or_address in (worker.address, worker.name):

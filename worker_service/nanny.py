@@ -21,9 +21,10 @@ from apportion_common import shm
 log = logging.getLogger("worker_service")
 
 #: A child that exits with one of these would fail the same way again (2:
-#: refused, bad settings; 77: refused credentials), or must not be hidden by a
-#: restart (70: its books broke, with invariant checks on).
-FATAL_EXIT_CODES = frozenset({2, 70, 77})
+#: refused, bad settings, a name taken, not a scheduler; 77: refused
+#: credentials; 75: no scheduler within --death-timeout), or must not be
+#: hidden by a restart (70: its books broke, with invariant checks on).
+FATAL_EXIT_CODES = frozenset({2, 70, 75, 77})
 #: A child that dies younger than this is restarted after a pause (no hot loop).
 MIN_LIFETIME_S = 1.0
 #: How long stopping waits for a child to leave after SIGTERM before SIGKILL.

@@ -14,11 +14,13 @@ import asyncio
 import logging
 import os
 import random
+import time
 from typing import Any, Protocol
 
 import grpc
 
 from apportion_common.security import UNAUTHENTICATED_EXIT_CODE, ClientSecurity
+from apportion_common.wrong_peer import not_a_scheduler
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
 
@@ -29,6 +31,11 @@ log = logging.getLogger("worker_service")
 MAX_BACKOFF_S = 5.0
 #: How long a busy worker's reports wait for others to travel with them.
 REPORT_COALESCE_S = 0.001
+
+
+#: The status a worker exits with after --death-timeout seconds without a
+#: scheduler (the nanny does not restart it: it would only wait again).
+DEATH_TIMEOUT_EXIT_CODE = 75
 
 
 class WorkerRefused(Exception):
@@ -78,8 +85,16 @@ class LinkOwner(Protocol):
 
 
 class SchedulerLink:
-    def __init__(self, scheduler_address: str, credentials: ClientSecurity, owner: LinkOwner):
+    def __init__(
+        self,
+        scheduler_address: str,
+        credentials: ClientSecurity,
+        owner: LinkOwner,
+        death_timeout: float | None = None,
+    ):
         self.scheduler_address = scheduler_address
+        #: seconds without a scheduler after which the worker gives up (None: never)
+        self.death_timeout = death_timeout
         self._credentials = credentials
         self._owner = owner
         self.reports = wire.Reports()
@@ -99,14 +114,29 @@ class SchedulerLink:
 
     async def run_forever(self, stopping: asyncio.Event) -> None:
         backoff = 0.1
+        attempt = 0
+        alone_since = time.monotonic()  # without a scheduler since
         while not stopping.is_set():
+            attempt += 1
             try:
                 await self._session()
                 backoff = 0.1
             except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and not self.registered.is_set():
-                    # Its registration (settings) was refused: it would be again.
+                refused = exc.code() in (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    grpc.StatusCode.ALREADY_EXISTS,
+                )
+                if refused and not self.registered.is_set():
+                    # Its registration (settings, name) was refused: it would be again.
                     log.error("the scheduler refused this worker: %s", exc.details())
+                    raise WorkerRefused(2) from None
+                found = not_a_scheduler(exc)
+                if found is not None:
+                    log.error(
+                        "%s is not an apportion scheduler (%s); check the address",
+                        self.scheduler_address,
+                        found,
+                    )
                     raise WorkerRefused(2) from None
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                     # The same credentials would be refused again: stop here.
@@ -118,12 +148,26 @@ class SchedulerLink:
                     )
                     raise WorkerRefused(UNAUTHENTICATED_EXIT_CODE) from None
                 log.warning(
-                    "scheduler %s unreachable (%s: %s); retrying in %.1fs",
+                    "scheduler %s unreachable (attempt %d: %s: %s); retrying in %.1fs",
                     self.scheduler_address,
+                    attempt,
                     exc.code().name,
                     exc.details(),
                     backoff,
                 )
+            if self.registered.is_set():
+                attempt, alone_since = 0, time.monotonic()  # it had one until now
+            elif self.death_timeout is not None:
+                alone = time.monotonic() - alone_since
+                if alone >= self.death_timeout:
+                    log.error(
+                        "no scheduler at %s for %.0fs (death timeout %gs); stopping",
+                        self.scheduler_address,
+                        alone,
+                        self.death_timeout,
+                    )
+                    raise WorkerRefused(DEATH_TIMEOUT_EXIT_CODE)
+                backoff = min(backoff, max(self.death_timeout - alone, 0.05))
             self.registered.clear()
             await self._owner.orphan_everything()
             # What the old stream never carried would only confuse the next one.

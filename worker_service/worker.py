@@ -126,6 +126,7 @@ class Worker:
         tls: TLS | None = None,
         validate: bool = False,
         shared_memory: bool = True,
+        death_timeout: float | None = None,
     ) -> None:
         self.scheduler_address = scheduler_address
         self.resources = dict(resources or {})
@@ -160,7 +161,7 @@ class Worker:
         #: shared memory ("": this worker neither gives nor takes that way)
         self.host_id = host_id() if shared_memory and shm.available() else ""
         self._fetcher = InputFetcher(self.store, self._peers, self.address, bool(self.host_id))
-        self._link = SchedulerLink(scheduler_address, credentials, self)
+        self._link = SchedulerLink(scheduler_address, credentials, self, death_timeout)
         #: each run holding a lease here, on the loop's side: done once it ended
         self._running: dict[int, asyncio.Future[None]] = {}
         #: runs fetching their inputs before they go to a thread
@@ -511,6 +512,7 @@ async def run_worker(
     tls: TLS | None = None,
     validate: bool = False,
     shared_memory: bool = True,
+    death_timeout: float | None = None,
 ) -> None:
     """Run one worker until SIGINT/SIGTERM. With ``validate``, a broken
     invariant ends the process with status :data:`INVARIANT_EXIT_CODE`."""
@@ -525,6 +527,7 @@ async def run_worker(
         tls=tls,
         validate=validate,
         shared_memory=shared_memory,
+        death_timeout=death_timeout,
     )
     # Carrying on with broken books would hide the fault.
     worker.on_broken = lambda: os._exit(INVARIANT_EXIT_CODE)

@@ -9,13 +9,13 @@ from typing import Annotated
 import typer
 
 from apportion_common.resources import ResourceSpecError, parse_resources
-from client_sdk import LocalCluster
 
 from .options import (
     TlsCaOption,
     TlsCertOption,
     TlsKeyOption,
     TokenOption,
+    default_nthreads,
     fail,
     read_tls,
     security_settings,
@@ -23,16 +23,26 @@ from .options import (
 
 
 def local(
-    workers: Annotated[int, typer.Option(help="Worker processes.")] = 2,
-    nthreads: Annotated[int, typer.Option(help="Threads per worker.")] = 1,
-    resources: Annotated[str | None, typer.Option(help="Resources of each worker.")] = None,
-    port: Annotated[int, typer.Option(help="Scheduler port (0 picks one).")] = 8786,
+    workers: Annotated[int, typer.Option(help="Worker processes.", metavar="N")] = 2,
+    nthreads: Annotated[
+        int | None,
+        typer.Option(
+            help="Threads per worker.", metavar="N", show_default="the cores divided by --workers"
+        ),
+    ] = None,
+    resources: Annotated[
+        str | None,
+        typer.Option(help="Resources of each worker.", metavar="SPEC", show_default="none"),
+    ] = None,
+    port: Annotated[int, typer.Option(help="Scheduler port (0 picks one).", metavar="PORT")] = 8786,
     token: TokenOption = None,
     tls_ca: TlsCaOption = None,
     tls_cert: TlsCertOption = None,
     tls_key: TlsKeyOption = None,
 ) -> None:
     """Run a scheduler and workers on this machine until interrupted."""
+    if nthreads is None:
+        nthreads = default_nthreads(workers)
     if workers < 0 or nthreads < 1:
         fail("--workers must be >= 0 and --nthreads >= 1")
     secure = security_settings(token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
@@ -41,6 +51,8 @@ def local(
         res = parse_resources(resources) if resources is not None else {}
     except ResourceSpecError as exc:
         fail(str(exc))
+    from client_sdk import LocalCluster  # see app.py: services load when their command runs
+
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())

@@ -5,21 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from apportion_common.resources import ResourceSpecError, format_resources, parse_resources
 from apportion_common.security import ClientSecurity
-from client_sdk import SchedulerConnectionError
-from client_sdk._grpc_errors import Caller
-from client_sdk._transport import GrpcTransport
-from client_sdk.info import ClusterInfo, cluster_info
 from protos import apportion_pb2 as pb
 
 from .options import (
+    AddressArgument,
     TlsCaOption,
     TlsCertOption,
     TlsKeyOption,
@@ -29,6 +24,10 @@ from .options import (
     fail,
 )
 
+if TYPE_CHECKING:  # the client SDK itself loads when a command runs (see app.py)
+    from client_sdk._transport import GrpcTransport
+    from client_sdk.info import ClusterInfo
+
 #: Seconds a command waits for the scheduler's answer.
 CALL_TIMEOUT_S = 10.0
 
@@ -36,8 +35,10 @@ R = TypeVar("R")
 
 
 def status(
-    scheduler_address: Annotated[str, typer.Argument(help="The scheduler, HOST:PORT.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    scheduler_address: AddressArgument,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object.", show_default="a table")
+    ] = False,
     token: TokenOption = None,
     tls_ca: TlsCaOption = None,
     tls_cert: TlsCertOption = None,
@@ -51,6 +52,8 @@ def status(
         security,
         lambda scheduler: scheduler.get_cluster_state(pb.GetClusterStateRequest(), CALL_TIMEOUT_S),
     )
+    from client_sdk.info import cluster_info
+
     info = cluster_info(state)
     if as_json:
         typer.echo(json.dumps(info, sort_keys=True))
@@ -59,9 +62,11 @@ def status(
 
 
 def set_resources(
-    scheduler_address: Annotated[str, typer.Argument(help="The scheduler, HOST:PORT.")],
-    worker: Annotated[str, typer.Argument(help="The worker's address or name.")],
-    resources: Annotated[str, typer.Argument(help='What it declares from now, e.g. "GPU=4".')],
+    scheduler_address: AddressArgument,
+    worker: Annotated[str, typer.Argument(help="The worker's address or name.", metavar="WORKER")],
+    resources: Annotated[
+        str, typer.Argument(help='What it declares from now, e.g. "GPU=4".', metavar="SPEC")
+    ],
     token: TokenOption = None,
     tls_ca: TlsCaOption = None,
     tls_cert: TlsCertOption = None,
@@ -74,6 +79,9 @@ def set_resources(
         amounts = parse_resources(resources)
     except ResourceSpecError as exc:
         fail(str(exc))
+    if not amounts:
+        # Most likely an unset shell variable: it would take away everything.
+        fail(f"no resources in {resources!r}; to take one away say so, e.g. GPU=0")
     request = pb.SetWorkerResourcesRequest(worker=worker, resources=amounts)
     reply = _call(
         scheduler_address,
@@ -86,8 +94,8 @@ def set_resources(
 
 
 def explain(
-    scheduler_address: Annotated[str, typer.Argument(help="The scheduler, HOST:PORT.")],
-    key: Annotated[str, typer.Argument(help="The task's key.")],
+    scheduler_address: AddressArgument,
+    key: Annotated[str, typer.Argument(help="The task's key.", metavar="KEY")],
     token: TokenOption = None,
     tls_ca: TlsCaOption = None,
     tls_cert: TlsCertOption = None,
@@ -112,6 +120,10 @@ def _call(
     """One call on the scheduler, through the client SDK's transport; its
     errors, as the SDK maps them, exit 2 with one line."""
 
+    from client_sdk import SchedulerConnectionError
+    from client_sdk._grpc_errors import Caller
+    from client_sdk._transport import GrpcTransport
+
     async def run() -> R:
         scheduler = GrpcTransport(scheduler_address, security, caller=Caller.COMMAND)
         try:
@@ -128,6 +140,9 @@ def _call(
 
 
 def _print_status(info: ClusterInfo) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=f"apportion scheduler {info['address']}")
     columns = ("worker", "address", "threads", "running", "queued", "resources (used / declared)")
     for column in columns:

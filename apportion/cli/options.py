@@ -28,6 +28,25 @@ def setup_logging() -> None:
     )
 
 
+def cores() -> int:
+    """The CPUs this process may run on (its affinity, as Dask counts them)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_nthreads(nworkers: int) -> int:
+    """Dask's default: the cores shared out among the worker processes."""
+    return max(1, cores() // max(nworkers, 1))
+
+
+#: The scheduler's address, as every command that talks to it takes it.
+AddressArgument = Annotated[
+    str, typer.Argument(help="The scheduler, HOST:PORT.", metavar="ADDRESS", show_default=False)
+]
+
+
 def check_address(address: str) -> str:
     """``HOST:PORT`` (``tcp://`` in front too, the Dask habit), without the scheme."""
     bare = address.removeprefix("tcp://")
@@ -50,18 +69,33 @@ TokenOption = Annotated[
     str | None,
     typer.Option(
         help="Shared secret, sent as 'authorization: Bearer TOKEN' (env APPORTION_TOKEN).",
-        show_default=False,
+        metavar="TOKEN",
+        show_default="none",
     ),
 ]
 TlsCaOption = Annotated[
     str | None,
-    typer.Option(help="CA certificate (PEM) the other side's must chain to (APPORTION_TLS_CA)."),
+    typer.Option(
+        help="CA certificate (PEM) the other side's must chain to (APPORTION_TLS_CA).",
+        metavar="FILE",
+        show_default="no TLS",
+    ),
 ]
 TlsCertOption = Annotated[
-    str | None, typer.Option(help="This side's certificate (PEM) (APPORTION_TLS_CERT).")
+    str | None,
+    typer.Option(
+        help="This side's certificate (PEM) (APPORTION_TLS_CERT).",
+        metavar="FILE",
+        show_default="no TLS",
+    ),
 ]
 TlsKeyOption = Annotated[
-    str | None, typer.Option(help="This side's private key (PEM) (APPORTION_TLS_KEY).")
+    str | None,
+    typer.Option(
+        help="This side's private key (PEM) (APPORTION_TLS_KEY).",
+        metavar="FILE",
+        show_default="no TLS",
+    ),
 ]
 
 

@@ -10,7 +10,6 @@ from pydantic import ValidationError
 
 from apportion_common.security import Authorizer, ServerSecurity
 from apportion_common.settings import SchedulerSettings
-from scheduler_service import SchedulingPolicy, run_scheduler
 
 from .options import (
     TlsCaOption,
@@ -26,56 +25,93 @@ from .options import (
 
 
 def scheduler(
-    host: Annotated[str | None, typer.Option(help="Interface to listen on.")] = None,
-    port: Annotated[int | None, typer.Option(help="Port to listen on (0 picks one).")] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(help="Interface to listen on.", metavar="HOST", show_default="127.0.0.1"),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(help="Port to listen on (0 picks one).", metavar="PORT", show_default="8786"),
+    ] = None,
     starvation_after: Annotated[
         float | None,
-        typer.Option(help="Seconds before a waiting task gets a worker reserved (default 2)."),
+        typer.Option(
+            help="Seconds before a waiting task gets a worker reserved.",
+            metavar="SECONDS",
+            show_default="2",
+        ),
     ] = None,
     placement: Annotated[
         str | None,
-        typer.Option(help="spread: least busy fitting worker first (default); pack: busiest."),
+        typer.Option(
+            help="spread: least busy fitting worker first; pack: busiest.",
+            metavar="spread|pack",
+            show_default="spread",
+        ),
     ] = None,
     allowed_failures: Annotated[
         int | None,
-        typer.Option(help="Worker deaths a task may cause before it errs (default 3)."),
+        typer.Option(
+            help="Worker deaths a task may cause before it errs.", metavar="N", show_default="3"
+        ),
     ] = None,
     no_worker_timeout: Annotated[
         float | None,
-        typer.Option(help="Seconds before a task no worker can hold errs (default: wait)."),
+        typer.Option(
+            help="Seconds before a task no worker can hold errs.",
+            metavar="SECONDS",
+            show_default="wait for one",
+        ),
     ] = None,
     worker_ttl: Annotated[
         float | None,
-        typer.Option(help="Seconds of silence before a worker is declared lost (default 5)."),
+        typer.Option(
+            help="Seconds of silence before a worker is declared lost.",
+            metavar="SECONDS",
+            show_default="5",
+        ),
     ] = None,
     client_grace: Annotated[
         float | None,
-        typer.Option(help="Seconds a disconnected client has to come back (default 10)."),
+        typer.Option(
+            help="Seconds a disconnected client has to come back.",
+            metavar="SECONDS",
+            show_default="10",
+        ),
     ] = None,
     state_dir: Annotated[
         str | None,
-        typer.Option(help="Keep a journal of accepted tasks here; survive restarts."),
+        typer.Option(
+            help="Keep a journal of accepted tasks here; survive restarts.",
+            metavar="DIR",
+            show_default="in memory only",
+        ),
     ] = None,
     worker_queue: Annotated[
         int | None,
         typer.Option(
             help="Tasks each worker may hold queued, to start as soon as one ends "
-            "(default: two per thread, more of a kind of task measured short: "
-            "about 5 ms of work per thread, at most 16; 0: none; N: N per worker)."
+            "(two per thread, more of a kind of task measured short: "
+            "about 5 ms of work per thread, at most 16; 0: none; N: N per worker).",
+            metavar="N",
+            show_default="measured",
         ),
     ] = None,
     token: TokenOption = None,
     worker_token: Annotated[
         str | None,
         typer.Option(
-            help="Replaces --token for workers (APPORTION_WORKER_TOKEN).", show_default=False
+            help="Replaces --token for workers (APPORTION_WORKER_TOKEN).",
+            metavar="TOKEN",
+            show_default="--token",
         ),
     ] = None,
     client_token: Annotated[
         str | None,
         typer.Option(
             help="Replaces --token for clients and the CLI (APPORTION_CLIENT_TOKEN).",
-            show_default=False,
+            metavar="TOKEN",
+            show_default="--token",
         ),
     ] = None,
     tls_ca: TlsCaOption = None,
@@ -119,6 +155,8 @@ def scheduler(
         read_tls(secure, serving=True),
     )
     setup_logging()
+    from scheduler_service import SchedulingPolicy, run_scheduler  # see app.py
+
     try:
         policy = SchedulingPolicy(
             starvation_after=settings.starvation_after,

@@ -13,15 +13,15 @@ from pydantic import ValidationError
 
 from apportion_common.resources import ResourceSpecError, format_resources, parse_resources
 from apportion_common.settings import WorkerSettings
-from worker_service import run_worker
-from worker_service.nanny import Nanny
 
 from .options import (
+    AddressArgument,
     TlsCaOption,
     TlsCertOption,
     TlsKeyOption,
     TokenOption,
     check_address,
+    default_nthreads,
     fail,
     read_tls,
     security_settings,
@@ -31,17 +31,51 @@ from .options import (
 
 
 def worker(
-    scheduler_address: Annotated[str, typer.Argument(help="The scheduler, HOST:PORT.")],
+    scheduler_address: AddressArgument,
     resources: Annotated[
         str | None,
-        typer.Option(help='Resources of each worker process, e.g. "GPU=2 MEMORY=100e9".'),
+        typer.Option(
+            help='Resources of each worker process, e.g. "GPU=2 MEMORY=100e9".',
+            metavar="SPEC",
+            show_default="none",
+        ),
     ] = None,
-    nthreads: Annotated[int | None, typer.Option(help="Threads per worker process.")] = None,
-    nworkers: Annotated[int | None, typer.Option(help="Worker processes to start.")] = None,
+    nthreads: Annotated[
+        int | None,
+        typer.Option(
+            help="Threads per worker process.",
+            metavar="N",
+            show_default="the cores divided by --nworkers",
+        ),
+    ] = None,
+    nworkers: Annotated[
+        int | None, typer.Option(help="Worker processes to start.", metavar="N", show_default="1")
+    ] = None,
     name: Annotated[
-        str | None, typer.Option(help="Worker name (suffixed -0, -1... if several).")
+        str | None,
+        typer.Option(
+            help="Worker name (suffixed -0, -1... if several).",
+            metavar="NAME",
+            show_default="its address",
+        ),
     ] = None,
-    host: Annotated[str | None, typer.Option(help="Address to serve results on.")] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            help="Address to serve results on.",
+            metavar="HOST",
+            show_default="the one that reaches the scheduler",
+        ),
+    ] = None,
+    death_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Exit with a non-zero status after this many seconds without a scheduler "
+            "(APPORTION_WORKER__DEATH_TIMEOUT).",
+            metavar="SECONDS",
+            show_default="keep trying",
+        ),
+    ] = None,
     nanny: Annotated[
         bool,
         typer.Option(
@@ -56,7 +90,7 @@ def worker(
 ) -> None:
     """Run worker processes that execute tasks within their declared resources."""
     scheduler_address = check_address(scheduler_address)
-    settings = _worker_settings(resources, nthreads, nworkers, name, host)
+    settings = _worker_settings(resources, nthreads, nworkers, name, host, death_timeout)
     secure = security_settings(token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
     # --token, else APPORTION_WORKER_TOKEN, else APPORTION_TOKEN.
     worker_secret = secure.token if token is not None else secure.worker_role_token
@@ -69,22 +103,27 @@ def worker(
         os.environ.update(tls.env())
     setup_logging()
     if nanny or settings.nworkers > 1:
+        from worker_service.nanny import Nanny  # see app.py
+
         supervisor = Nanny(
             lambda index: _child_command(scheduler_address, settings, index), settings.nworkers
         )
         supervisor.stop_on_signals()
         raise typer.Exit(supervisor.run())
+    from worker_service import run_worker  # see app.py
+
     asyncio.run(
         run_worker(
             scheduler_address,
             resources=settings.resources,
-            nthreads=settings.nthreads,
+            nthreads=settings.nthreads or 1,
             name=settings.name,
             host=settings.host,
             token=worker_secret,
             tls=tls,
             validate=settings.check_invariants,
             shared_memory=settings.shared_memory,
+            death_timeout=settings.death_timeout,
         )
     )
     # Task threads cannot be interrupted; do not let one hold the process up.
@@ -115,6 +154,8 @@ def _child_command(scheduler_address: str, settings: WorkerSettings, index: int)
         args += ["--name", f"{settings.name}-{index}" if several else settings.name]
     if settings.host:
         args += ["--host", settings.host]
+    if settings.death_timeout is not None:
+        args += ["--death-timeout", str(settings.death_timeout)]
     return args
 
 
@@ -124,12 +165,16 @@ def _worker_settings(
     nworkers: int | None,
     name: str | None,
     host: str | None,
+    death_timeout: float | None = None,
 ) -> WorkerSettings:
-    overrides: dict[str, Any] = {
-        k: v
-        for k, v in {"nthreads": nthreads, "nworkers": nworkers, "name": name, "host": host}.items()
-        if v is not None
+    given = {
+        "nthreads": nthreads,
+        "nworkers": nworkers,
+        "name": name,
+        "host": host,
+        "death_timeout": death_timeout,
     }
+    overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     try:
         parsed = parse_resources(resources) if resources is not None else None
         if parsed is not None:
@@ -145,4 +190,6 @@ def _worker_settings(
     if parsed is not None:
         # The flag replaces resources from the environment as a whole.
         settings = settings.model_copy(update={"resources": parsed})
+    if settings.nthreads is None:
+        settings = settings.model_copy(update={"nthreads": default_nthreads(settings.nworkers)})
     return settings

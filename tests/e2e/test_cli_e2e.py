@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 
 import pytest
 
 from client_sdk import Client
 from tests.helpers.processes import (
-    APPORTION,
     Processes,
     cluster_state,
     read_line,
+    run_apportion,
     wait_for,
     wait_for_workers,
 )
@@ -31,17 +30,6 @@ def process_slot(seconds: float) -> tuple[int, float, float]:
 
 def _declared(address: str) -> list[dict[str, float]]:
     return [dict(w.resources) for w in cluster_state(address).workers]
-
-
-def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [APPORTION, *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        stdin=subprocess.DEVNULL,
-        env=dict(os.environ, **(env or {})),
-    )
 
 
 def test_resources_flag_accepts_spaces_and_commas(
@@ -80,7 +68,7 @@ def test_resources_flag_wins_over_the_environment(
     ],
 )
 def test_bad_resources_exit_2_with_one_line_before_starting(spec: str, named: list[str]) -> None:
-    result = _run("worker", UNREACHABLE, "--resources", spec)
+    result = run_apportion("worker", UNREACHABLE, "--resources", spec)
     assert result.returncode == 2, result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -95,14 +83,14 @@ def test_bad_resources_exit_2_with_one_line_before_starting(spec: str, named: li
     [
         (["worker", UNREACHABLE, "--nthreads", "abc"], "--nthreads"),
         (["worker", UNREACHABLE, "--nthreads", "0"], "nthreads"),
-        (["worker"], "scheduler_address"),
+        (["worker"], "ADDRESS"),
         (["worker", "no-port-here"], "HOST:PORT"),
         (["scheduler", "--port", "99999"], "port"),
         (["no-such-command"], "no-such-command"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args: list[str], named: str) -> None:
-    result = _run(*args)
+    result = run_apportion(*args)
     assert result.returncode == 2, result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -111,7 +99,7 @@ def test_bad_flags_exit_2_with_one_line(args: list[str], named: str) -> None:
 
 
 def test_bad_resource_in_the_environment_exits_2() -> None:
-    result = _run("worker", UNREACHABLE, env={"APPORTION_WORKER__RESOURCES__GPU": "lots"})
+    result = run_apportion("worker", UNREACHABLE, env={"APPORTION_WORKER__RESOURCES__GPU": "lots"})
     assert result.returncode == 2, result
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "GPU" in result.stderr and "lots" in result.stderr
@@ -158,7 +146,7 @@ def test_status_json_is_shaped_like_scheduler_info(
 ) -> None:
     processes.worker(scheduler_address, "--resources", "GPU=2 MEMORY=1e9", "--name", "alpha")
     processes.worker(scheduler_address, "--nthreads", "3", "--name", "beta")
-    result = _run("status", scheduler_address, "--json")
+    result = run_apportion("status", scheduler_address, "--json")
     assert result.returncode == 0, result
     info = json.loads(result.stdout)  # one JSON object, nothing else
     assert isinstance(info, dict)
@@ -178,7 +166,7 @@ def test_status_prints_a_table_naming_the_workers(
 ) -> None:
     processes.worker(scheduler_address, "--resources", "GPU=2", "--name", "alpha")
     processes.worker(scheduler_address, "--name", "beta")
-    result = _run("status", scheduler_address)
+    result = run_apportion("status", scheduler_address)
     assert result.returncode == 0, result
     assert "alpha" in result.stdout and "beta" in result.stdout
     assert "GPU" in result.stdout
@@ -186,7 +174,7 @@ def test_status_prints_a_table_naming_the_workers(
 
 
 def test_status_of_an_unreachable_scheduler_fails_in_one_line() -> None:
-    result = _run("status", UNREACHABLE)
+    result = run_apportion("status", UNREACHABLE)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert UNREACHABLE in result.stderr

@@ -101,6 +101,9 @@ class Processes:
         # Wait for a worker id not seen before (ids only grow): counting workers
         # races with one that leaves meanwhile (a frozen one declared lost).
         seen = max((w.worker_id for w in cluster_state(address).workers), default=0)
+        if "--nthreads" not in args and "APPORTION_WORKER__NTHREADS" not in (env or {}):
+            # The tests were written for one thread; the default is the cores.
+            args = (*args, "--nthreads", "1")
         proc = self.start("worker", address, *args, env=env)
         if wait:
             wait_for(
@@ -134,3 +137,17 @@ def read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
         if not sel.select(timeout):
             raise TimeoutError(f"{proc.args} printed nothing within {timeout}s")
     return proc.stdout.readline().decode().strip()
+
+
+def run_apportion(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``apportion ARGS...`` to the end (a command that must exit on its own)."""
+    return subprocess.run(
+        [APPORTION, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        env=dict(os.environ, **(env or {})),
+    )

@@ -6,6 +6,7 @@ scheduler and the worker carry on."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 import grpc
@@ -27,9 +28,12 @@ NOT_FOUND = grpc.StatusCode.NOT_FOUND
 VALID_PAYLOAD = serialize.dump_call(abs, (-1,), {})
 
 
+_names = itertools.count(1)  # worker names are unique among connected workers
+
+
 async def register_worker(stub: pb_grpc.SchedulerStub, resources: dict[str, float]) -> Any:
     call = stub.WorkerStream(timeout=CALL_TIMEOUT)
-    register = pb.RegisterWorker(name="raw", address="127.0.0.1:1", nthreads=2)
+    register = pb.RegisterWorker(name=f"raw-{next(_names)}", address="127.0.0.1:1", nthreads=2)
     register.resources.update(resources)
     await call.write(pb.WorkerToScheduler(register=register))
     assert (await call.read()).HasField("registered")
@@ -268,3 +272,44 @@ async def test_the_worker_refuses_a_bad_fetch_and_skips_a_bad_assignment(
         async with Client(scheduler_server.address, asynchronous=True) as client:
             future = await client.submit(abs, -5, resources={"GPU": 1})
             assert await asyncio.wait_for(future.result(), 15) == 5
+
+
+async def _register(stub: pb_grpc.SchedulerStub, name: str, address: str, pid: int) -> Any:
+    call = stub.WorkerStream(timeout=CALL_TIMEOUT)
+    register = pb.RegisterWorker(name=name, address=address, nthreads=1, pid=pid)
+    await call.write(pb.WorkerToScheduler(register=register))
+    return call
+
+
+async def test_a_name_taken_by_another_worker_is_refused_naming_it(
+    scheduler_server: SchedulerServer,
+) -> None:
+    async with insecure_channel(scheduler_server.address) as channel:
+        stub = pb_grpc.SchedulerStub(channel)
+        first = await _register(stub, "gpu-1", "127.0.0.1:7001", 11)
+        assert (await first.read()).HasField("registered")
+        for address, pid in (("127.0.0.1:7002", 12), ("127.0.0.1:7001", 12), ("127.0.0.1:7001", 0)):
+            second = await _register(stub, "gpu-1", address, pid)
+            code, details = await drain(second)
+            assert code == grpc.StatusCode.ALREADY_EXISTS
+            assert "'gpu-1' is taken" in details and "127.0.0.1:7001" in details
+        state = await stub.GetClusterState(pb.GetClusterStateRequest(), timeout=CALL_TIMEOUT)
+        assert [(w.name, w.address) for w in state.workers] == [("gpu-1", "127.0.0.1:7001")]
+        first.cancel()
+
+
+async def test_the_same_process_registering_again_replaces_its_stale_stream(
+    scheduler_server: SchedulerServer,
+) -> None:
+    async with insecure_channel(scheduler_server.address) as channel:
+        stub = pb_grpc.SchedulerStub(channel)
+        old = await _register(stub, "w", "127.0.0.1:7001", 11)
+        assert (await old.read()).HasField("registered")
+        again = await _register(stub, "w", "127.0.0.1:7001", 11)
+        assert (await again.read()).HasField("registered")
+        code, _ = await drain(old)
+        assert code == grpc.StatusCode.UNAVAILABLE  # the stale stream was ended
+        state = await stub.GetClusterState(pb.GetClusterStateRequest(), timeout=CALL_TIMEOUT)
+        assert [w.name for w in state.workers] == ["w"]
+        scheduler_server.servicer.state.validate()
+        again.cancel()

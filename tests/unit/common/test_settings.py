@@ -20,7 +20,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_defaults() -> None:
     s = WorkerSettings()
-    assert (s.resources, s.nthreads, s.nworkers, s.name, s.host) == ({}, 1, 1, None, None)
+    # nthreads None: the command line makes it the cores divided by nworkers.
+    assert (s.resources, s.nthreads, s.nworkers, s.name, s.host) == ({}, None, 1, None, None)
 
 
 def test_resources_from_env_keep_their_case(monkeypatch: pytest.MonkeyPatch) -> None:
