@@ -80,12 +80,12 @@ class Frames:
         # object, so a bytes result comes back without a copy. (A writable
         # buffer is shared, not copied, with every value made from it, as
         # Dask shares a worker's data between the tasks on that worker.)
-        if not self.buffers:
-            return pickle.loads(self.pickled)
         whole = [_whole(b) for b in self.buffers]
-        by_id = self.by_id or (False,) * len(whole)
-        out_of_band = [b for b, named in zip(whole, by_id, strict=True) if not named]
-        named = {i: b for i, (b, n) in enumerate(zip(whole, by_id, strict=True)) if n}
+        if not self.by_id:
+            # No persistent ids (most values): the plain C unpickler.
+            return pickle.loads(self.pickled, buffers=whole)
+        out_of_band = [b for b, named in zip(whole, self.by_id, strict=True) if not named]
+        named = {i: b for i, (b, n) in enumerate(zip(whole, self.by_id, strict=True)) if n}
         return _Unpickler(self.pickled, out_of_band, named).load()
 
     @classmethod

@@ -41,8 +41,8 @@ def test_help_names_every_flag_in_plain_words_with_its_default(command: str) -> 
     flags = [line.split()[0] for line in text.splitlines() if line.startswith("  --")]
     flags = [flag for flag in flags if flag != "--help"]
     assert flags and text.count("[default:") >= len(flags), text
-    if command != "scheduler":
-        assert "ADDRESS" in text.splitlines()[0] or command == "local"
+    if command not in ("scheduler", "local"):  # the commands that take the scheduler's address
+        assert "ADDRESS" in text.splitlines()[0], text
 
 
 def test_nthreads_defaults_to_the_cores_divided_by_nworkers(processes: Processes) -> None:
