@@ -16,14 +16,15 @@ band and which travel as persistent ids instead (``by_id``).
 
 from __future__ import annotations
 
-import ctypes
 import io
+import mmap
 import pickle
 import struct
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from . import fresh
 
 #: Buffers smaller than this stay inside the pickle: copying them costs less
 #: than keeping them apart.
@@ -163,7 +164,7 @@ class Assembler:
         self._head: Head | None = None
         #: per piece to fill (the pickle, then each buffer): its object, a
         #: writable view of it, and whether it is read-only
-        self._pieces: list[tuple[bytes | bytearray, memoryview, bool]] = []
+        self._pieces: list[tuple[bytes | bytearray | mmap.mmap, memoryview, bool]] = []
         self._index = 0
         self._offset = 0
 
@@ -215,7 +216,7 @@ class Assembler:
             raise ValueError(f"a framed value of {self.total} bytes whose header says otherwise")
         self._head = head
         pieces = [_fillable(head.pickle_len, readonly=True)]
-        pieces += [_fillable(n, readonly=ro) for n, ro, _ in head.buffers]
+        pieces += [_fillable(n, readonly=ro, by_id=by_id) for n, ro, by_id in head.buffers]
         self._pieces = pieces
         return data
 
@@ -230,25 +231,19 @@ class Assembler:
         return Frames(bytes(pickled), tuple(memoryview(b) for b in buffers), *self._head.flags())
 
 
-#: CPython: a new ``bytes`` may be filled in place before anyone sees it (as
-#: its own readers such as ``os.read`` do), sparing a copy out of a bytearray.
-_FILL_BYTES_IN_PLACE = sys.implementation.name == "cpython"
-if _FILL_BYTES_IN_PLACE:
-    _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
-    _new_bytes.restype = ctypes.py_object
-    _new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
-    _BYTES_DATA_OFFSET = bytes.__basicsize__ - 1  # ob_sval; basicsize counts its NUL
-
-
-def _fillable(n: int, *, readonly: bool) -> tuple[bytes | bytearray, memoryview, bool]:
-    """A buffer of ``n`` bytes to fill: a ``bytes`` for a read-only one (a
-    bytes value comes back as bytes), else a ``bytearray`` (arrays stay writable)."""
-    if readonly and _FILL_BYTES_IN_PLACE and n:
-        obj: bytes = _new_bytes(None, n)
-        raw = (ctypes.c_char * n).from_address(id(obj) + _BYTES_DATA_OFFSET)
-        return obj, memoryview(raw).cast("B"), readonly
-    buffer = bytearray(n)
-    return buffer, memoryview(buffer), readonly
+def _fillable(
+    n: int, *, readonly: bool, by_id: bool = False
+) -> tuple[bytes | bytearray | mmap.mmap, memoryview, bool]:
+    """A fresh buffer of ``n`` bytes to fill: a ``bytes`` for a read-only one
+    (a bytes value comes back as bytes), a ``bytearray`` for a bytearray value
+    named by id (it comes back as that very object), else writable memory on
+    huge pages (arrays stay writable; see :mod:`apportion_common.fresh`)."""
+    if readonly:
+        return (*fresh.new_bytes(n), readonly)
+    if by_id:
+        buffer = bytearray(n)
+        return buffer, memoryview(buffer), readonly
+    return (*fresh.new_writable(n), readonly)
 
 
 class _Unpickler(pickle.Unpickler):
@@ -272,7 +267,15 @@ def rebuild_bytes(buffer: Any, kind: str) -> bytes | bytearray:
     object when the buffer is one, else a copy (Python needs one piece)."""
     if kind == "bytearray":
         return buffer if type(buffer) is bytearray else bytearray(buffer)
-    return buffer if type(buffer) is bytes else bytes(buffer)
+    if type(buffer) is bytes:
+        return buffer
+    view = memoryview(buffer).cast("B")
+    if view.nbytes < fresh.HUGE_MIN_BYTES:
+        return bytes(view)
+    obj, fill = fresh.new_bytes(view.nbytes)  # a large copy: into fresh huge pages
+    fill[:] = view
+    fill.release()
+    return obj if type(obj) is bytes else bytes(obj)
 
 
 class _ChunkReader:

@@ -2,11 +2,17 @@
 
 The holder writes a result's wire form (:class:`~apportion_common.frames.Frames`)
 once into a new file under ``/dev/shm`` (what ``shm_open`` makes on Linux)
-and names it to the peer; the peer opens it, removes the name, and rebuilds
-the value: NumPy arrays and pandas columns over the segment mapped privately,
-without a copy; ``bytes`` read into new objects, the one copy Python needs.
-The memory goes back to the system when the last mapping goes, so a
-segment's name lives only as long as a hand-off.
+and names it to the peer; the peer opens it and rebuilds the value: NumPy
+arrays and pandas columns over the segment mapped privately, without a copy;
+``bytes`` read into new objects, the one copy Python needs. The memory goes
+back to the system when the name is gone and the last mapping with it.
+
+A large result is written as it is made (:func:`publish`) and its name kept
+until the result is released, so a peer waits for nothing but a round trip;
+the holder's own copy becomes a view of the segment, not a second copy. A
+value that was not (a copy fetched from a peer) is written when a peer asks
+with arrays in it, and its name removed once the peer has mapped it (or the
+hand-off ended some other way).
 
 Names carry the holder's process id (``apportion-<pid>-<n>-<token>``): a
 worker's nanny removes the names its dead child left behind, and every
@@ -25,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import fresh
 from .frames import HEAD_START_BYTES, Frames, Head
 
 log = logging.getLogger("apportion_common")
@@ -54,10 +61,17 @@ class Segment:
     @classmethod
     def write(cls, frames: Frames) -> Segment:
         """A new segment holding ``frames``' wire form (one copy of each byte)."""
+        segment, fd = cls._made(frames)
+        os.close(fd)
+        return segment
+
+    @classmethod
+    def _made(cls, frames: Frames) -> tuple[Segment, int]:
+        """A new segment holding ``frames``, and a descriptor open on it."""
         name = f"{PREFIX}{os.getpid()}-{next(_counter)}-{secrets.token_hex(4)}"
         path = SHM_DIR / name
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         except OSError as exc:
             raise SharedMemoryUnavailable(f"cannot make {path}: {exc}") from None
         try:
@@ -65,20 +79,54 @@ class Segment:
             # than killing the process with SIGBUS.
             _write_all(fd, frames.segments())
         except OSError as exc:
+            os.close(fd)
             _unlink(path)
             raise SharedMemoryUnavailable(
                 f"cannot write {frames.nbytes} bytes into {path}: {exc}"
             ) from None
-        finally:
-            os.close(fd)
-        return cls(name, frames.nbytes)
+        return cls(name, frames.nbytes), fd
 
     def remove(self) -> None:
         _unlink(SHM_DIR / self.name)
 
 
-def read(name: str, nbytes: int) -> Frames:
-    """The value in segment ``name`` (made by a peer); the name is removed.
+def publish(frames: Frames, min_bytes: int) -> tuple[Frames, Segment] | None:
+    """A result with at least ``min_bytes`` in buffers, written into a
+    segment as it is made, so a peer on this host maps it the moment it asks;
+    and the holder's own frames, whose buffers are now views of that segment
+    (mapped privately), so the value is not kept twice: arrays are rebuilt
+    over it without a copy, a ``bytes`` copied out when a task here takes it.
+    None: nothing worth it, or no room in ``/dev/shm`` (the value stays put).
+    """
+    if sum(b.nbytes for b in frames.buffers) < min_bytes:
+        return None
+    try:
+        segment, fd = Segment._made(frames)
+    except SharedMemoryUnavailable as exc:
+        log.info("result kept out of shared memory: %s", exc)
+        return None
+    try:
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        mapped = memoryview(mmap.mmap(fd, segment.nbytes, flags=mmap.MAP_PRIVATE, prot=prot))
+    except OSError as exc:
+        segment.remove()
+        log.info("result kept out of shared memory: cannot map it: %s", exc)
+        return None
+    finally:
+        os.close(fd)
+    at = frames.head_bytes() + len(frames.pickled)
+    buffers = []
+    for buffer, readonly in zip(frames.buffers, frames.readonly, strict=True):
+        view = mapped[at : at + buffer.nbytes]
+        buffers.append(view.toreadonly() if readonly else view)
+        at += buffer.nbytes
+    own = Frames(frames.pickled, tuple(buffers), frames.readonly, frames.by_id)
+    return own, segment
+
+
+def read(name: str, nbytes: int, *, remove: bool = True) -> Frames:
+    """The value in segment ``name`` (made by a peer); the name is removed
+    unless the peer keeps it (``remove=False``: a published result's).
 
     Read-only buffers (``bytes`` values) are read into new ``bytes``: the one
     copy Python needs. Writable ones (NumPy arrays, pandas columns) are views
@@ -101,7 +149,8 @@ def read(name: str, nbytes: int) -> Frames:
         raise SharedMemoryUnavailable(f"cannot read {path}: {exc}") from None
     finally:
         os.close(fd)
-        _unlink(path)
+        if remove:
+            _unlink(path)
 
 
 def _frames_from(fd: int, size: int) -> Frames:
@@ -117,7 +166,7 @@ def _frames_from(fd: int, size: int) -> Frames:
     buffers: list[memoryview] = []
     for n, readonly, _ in head.buffers:
         if readonly:
-            buffers.append(memoryview(_read_exactly(fd, n, at)))
+            buffers.append(memoryview(_read_fresh(fd, n, at)))
         else:
             if mapped is None:
                 # Private: a task that writes into an array it was handed
@@ -145,6 +194,21 @@ def _read_exactly(fd: int, n: int, offset: int) -> bytes:
         pieces.append(piece)
         got += len(piece)
     return b"".join(pieces)
+
+
+def _read_fresh(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset`` read straight into a new ``bytes`` (on huge
+    pages when large: see :mod:`apportion_common.fresh`)."""
+    obj, view = fresh.new_bytes(n)
+    got = 0
+    while got < n:
+        # preadv reads at most about 2 GiB at once: the rest in pieces.
+        read = os.preadv(fd, [view[got:]], offset + got)
+        if not read:
+            raise ValueError(f"a segment cut short at {offset + got} bytes")
+        got += read
+    view.release()
+    return obj if type(obj) is bytes else bytes(obj)
 
 
 def _write_all(fd: int, segments: list[bytes | memoryview]) -> None:

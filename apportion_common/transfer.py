@@ -178,7 +178,7 @@ class ChannelPool:
 
     async def share(self, address: str, key: str) -> Frames:
         """The result of ``key`` from the worker at ``address``, on this host,
-        through a shared-memory segment it writes (Worker/ShareResult), mapped
+        through a shared-memory segment it names (Worker/ShareResult), mapped
         here: see :mod:`apportion_common.shm`."""
         call = self.stub(address).ShareResult()
         try:
@@ -188,8 +188,10 @@ class ChannelPool:
                 raise ResultUnavailable(f"{key!r} from {address}: no segment named")
             assert isinstance(reply, pb.ShareReply)
             # In a thread: reading a large bytes value must not stall the loop.
-            frames = await asyncio.to_thread(shm.read, reply.segment, reply.nbytes)
-            await call.done_writing()  # mapped: the holder may drop the name
+            frames = await asyncio.to_thread(
+                shm.read, reply.segment, reply.nbytes, remove=not reply.kept
+            )
+            await call.done_writing()  # mapped: the holder may drop a name made for us
         except grpc.aio.AioRpcError as exc:
             if (
                 exc.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -578,6 +578,12 @@ class WorkerInstructions(_message.Message):
     CANCEL_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
     DECLARED_FIELD_NUMBER: _builtins.int
+    HOST_PEERS_FIELD_NUMBER: _builtins.int
+    host_peers: _builtins.int
+    """Set when it changes: how many other workers share this worker's host
+    (their host ids match). A worker writes large results into shared memory
+    as it makes them only while it has such peers.
+    """
     @_builtins.property
     def assign(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskAssignment]: ...
     @_builtins.property
@@ -595,12 +601,15 @@ class WorkerInstructions(_message.Message):
         cancel: _abc.Iterable[Global___RunRef] | None = ...,
         release: _abc.Iterable[Global___RunRef] | None = ...,
         declared: Global___ResourceAmounts | None = ...,
+        host_peers: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["declared", b"declared"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_host_peers", b"_host_peers", "declared", b"declared", "host_peers", b"host_peers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign", b"assign", "cancel", b"cancel", "declared", b"declared", "release", b"release"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_host_peers", b"_host_peers", "assign", b"assign", "cancel", b"cancel", "declared", b"declared", "host_peers", b"host_peers", "release", b"release"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__host_peers: _TypeAlias = _typing.Literal["host_peers"]  # noqa: Y015
+    _WhichOneofArgType__host_peers: _TypeAlias = _typing.Literal["_host_peers", b"_host_peers"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__host_peers) -> _WhichOneofReturnType__host_peers | None: ...
 
 Global___WorkerInstructions: _TypeAlias = WorkerInstructions  # noqa: Y015
 
@@ -1212,18 +1221,24 @@ class ShareReply(_message.Message):
 
     SEGMENT_FIELD_NUMBER: _builtins.int
     NBYTES_FIELD_NUMBER: _builtins.int
+    KEPT_FIELD_NUMBER: _builtins.int
     segment: _builtins.str
     """The segment's name under /dev/shm, and the size of the value in it."""
     nbytes: _builtins.int
+    kept: _builtins.bool
+    """The holder keeps the name (until the result is released); false: it was
+    made for this peer, which removes it once mapped.
+    """
     def __init__(
         self,
         *,
         segment: _builtins.str = ...,
         nbytes: _builtins.int = ...,
+        kept: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["nbytes", b"nbytes", "segment", b"segment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kept", b"kept", "nbytes", b"nbytes", "segment", b"segment"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

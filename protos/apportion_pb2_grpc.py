@@ -337,9 +337,10 @@ class WorkerServicer:
 
     def ShareResult(self, request_iterator, context):
         """A peer on the same host asks for a result (one ShareRequest); the holder
-        writes it into a new shared-memory segment and names it (one ShareReply).
-        The peer maps the segment, then ends its side of the stream; the holder
-        removes the segment's name when the stream ends, however it ends.
+        names the shared-memory segment it holds it in (one ShareReply): the one
+        written as the result was made (a value with arrays; its name goes when
+        the result is released), else a new one, whose name goes when the stream
+        ends, however it ends. The peer maps the segment, then ends its side.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

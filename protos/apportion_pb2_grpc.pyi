@@ -149,9 +149,10 @@ class WorkerStub:
     """
     ShareResult: _grpc.StreamStreamMultiCallable[_apportion_pb2.ShareRequest, _apportion_pb2.ShareReply]
     """A peer on the same host asks for a result (one ShareRequest); the holder
-    writes it into a new shared-memory segment and names it (one ShareReply).
-    The peer maps the segment, then ends its side of the stream; the holder
-    removes the segment's name when the stream ends, however it ends.
+    names the shared-memory segment it holds it in (one ShareReply): the one
+    written as the result was made (a value with arrays; its name goes when
+    the result is released), else a new one, whose name goes when the stream
+    ends, however it ends. The peer maps the segment, then ends its side.
     """
 
 @_typing.type_check_only
@@ -171,9 +172,10 @@ class WorkerAsyncStub(WorkerStub):
     """
     ShareResult: _aio.StreamStreamMultiCallable[_apportion_pb2.ShareRequest, _apportion_pb2.ShareReply]  # type: ignore[assignment]
     """A peer on the same host asks for a result (one ShareRequest); the holder
-    writes it into a new shared-memory segment and names it (one ShareReply).
-    The peer maps the segment, then ends its side of the stream; the holder
-    removes the segment's name when the stream ends, however it ends.
+    names the shared-memory segment it holds it in (one ShareReply): the one
+    written as the result was made (a value with arrays; its name goes when
+    the result is released), else a new one, whose name goes when the stream
+    ends, however it ends. The peer maps the segment, then ends its side.
     """
 
 class WorkerServicer(metaclass=_abc_1.ABCMeta):
@@ -208,9 +210,10 @@ class WorkerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_apportion_pb2.ShareReply], _abc.AsyncIterator[_apportion_pb2.ShareReply]]:
         """A peer on the same host asks for a result (one ShareRequest); the holder
-        writes it into a new shared-memory segment and names it (one ShareReply).
-        The peer maps the segment, then ends its side of the stream; the holder
-        removes the segment's name when the stream ends, however it ends.
+        names the shared-memory segment it holds it in (one ShareReply): the one
+        written as the result was made (a value with arrays; its name goes when
+        the result is released), else a new one, whose name goes when the stream
+        ends, however it ends. The peer maps the segment, then ends its side.
         """
 
 def add_WorkerServicer_to_server(servicer: WorkerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

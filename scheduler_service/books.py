@@ -44,6 +44,8 @@ class Books:
         self.queue_room = 0
         #: every resource name any worker has declared since the start
         self.names_seen: set[str] = set()
+        #: workers by the host id they registered (those with shared memory)
+        self._hosts: dict[str, set[WorkerId]] = {}
         #: grows each time a worker joins, leaves or declares other amounts:
         #: what no worker could hold may fit now (and the other way round)
         self.version = 0
@@ -64,6 +66,8 @@ class Books:
             host_id=event.host_id,
             queue_limit=self._queue_limit(event.nthreads),
         )
+        if event.host_id:
+            self._hosts.setdefault(event.host_id, set()).add(event.worker_id)
         self.free_slots += event.nthreads
         self.queue_room += worker.queue_limit
         self.names_seen.update(event.resources)
@@ -83,11 +87,20 @@ class Books:
         worker = self.workers.pop(worker_id, None)
         if worker is None:
             return None
+        on_host = self._hosts.get(worker.host_id)
+        if on_host is not None:
+            on_host.discard(worker_id)
+            if not on_host:
+                del self._hosts[worker.host_id]
         self.free_slots -= worker.free_slots
         self.queue_room -= worker.queue_limit - len(worker.queued)
         self.version += 1
         self._changes.everything = True
         return worker
+
+    def on_host(self, host_id: str) -> frozenset[WorkerId]:
+        """The connected workers that registered ``host_id``."""
+        return frozenset(self._hosts.get(host_id, ()))
 
     def redeclare(self, worker: WorkerRecord, resources: Quanta) -> Quanta:
         """The worker now declares ``resources``. A resource withdrawn while

@@ -71,6 +71,14 @@ class DeclareResources:
     resources: Quanta
 
 
+@dataclass(frozen=True, slots=True)
+class TellHostPeers:
+    """Tell a worker how many other workers share its host (see shared memory)."""
+
+    worker_id: WorkerId
+    count: int
+
+
 # ------------------------------------------------------------------ to clients
 
 
@@ -159,4 +167,12 @@ JOURNAL_COMMANDS = (
     JournalFailure,
 )
 
-Command = AssignTask | CancelRun | ReleaseData | DeclareResources | NotifyClient | JournalCommand
+Command = (
+    AssignTask
+    | CancelRun
+    | ReleaseData
+    | DeclareResources
+    | TellHostPeers
+    | NotifyClient
+    | JournalCommand
+)

@@ -33,6 +33,7 @@ from .commands import (
     DeclareResources,
     NotifyClient,
     ReleaseData,
+    TellHostPeers,
 )
 from .events import (
     ClientDisconnected,
@@ -572,4 +573,6 @@ def _worker_batch(cmds: list[Command]) -> pb.SchedulerToWorker:
             # hear it (an empty map alone would leave the field unset).
             instructions.declared.SetInParent()
             instructions.declared.amounts.update(from_quanta(cmd.resources))
+        elif isinstance(cmd, TellHostPeers):
+            instructions.host_peers = cmd.count
     return pb.SchedulerToWorker(instructions=instructions)

@@ -50,7 +50,7 @@ from apportion_common.status import ErrorKind
 
 from .books import Books
 from .clients import FORGET, Clients
-from .commands import Command, DeclareResources, ReleaseData
+from .commands import Command, DeclareResources, ReleaseData, TellHostPeers
 from .events import (
     ClientDisconnected,
     ClientId,
@@ -257,6 +257,7 @@ class ClusterState:
 
     def _on_worker_joined(self, event: WorkerJoined, cmds: list[Command]) -> None:
         worker = self.books.join(event)
+        self._tell_host_peers(worker.host_id, cmds)
         for held in event.held:
             task = self.tasks.get(held.key)
             if (
@@ -272,11 +273,21 @@ class ClusterState:
         worker = self.books.leave(event.worker_id)
         if worker is None:
             return
+        self._tell_host_peers(worker.host_id, cmds)
         self.placer.worker_left(worker)
         # Recompute what was lost first, then place its runs again.
         self.graph.lose_holder(worker, cmds)
         self.graph.lose_runs(worker, self.policy.allowed_failures, cmds)
         self.graph.retell_why_waiting(cmds)
+
+    def _tell_host_peers(self, host_id: str, cmds: list[Command]) -> None:
+        """A worker joined or left ``host_id``: tell each worker there how many
+        others share it (only a worker with shared memory names its host)."""
+        if not host_id:
+            return
+        on_host = self.books.on_host(host_id)
+        for worker_id in on_host:
+            cmds.append(TellHostPeers(worker_id, len(on_host) - 1))
 
     def _on_resources_changed(self, event: WorkerResourcesChanged, cmds: list[Command]) -> None:
         worker = self.workers.get(event.worker_id)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from apportion_common import serialize
 from apportion_common.serialize import ErrorInfo, Frames, SerializationError
+from apportion_common.shm import Segment
 from apportion_common.task_context import TaskContext, set_task_context
 
 
@@ -24,6 +25,8 @@ class Outcome:
     result: Frames | ErrorInfo
     #: seconds it took (the scheduler sizes queues from it)
     duration: float
+    #: where peers on this host map the result from (see shm.publish)
+    segment: Segment | None = None
 
 
 def execute(

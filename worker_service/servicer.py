@@ -68,13 +68,19 @@ class WorkerServicer:
         requests: AsyncIterator[pb.ShareRequest],
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[pb.ShareReply]:
-        """A result written into a new shared-memory segment for a peer on
-        this host; the segment's name goes when the stream ends, however."""
+        """A result's shared-memory segment named to a peer on this host: the
+        one it was written into as it was made (kept until it is released),
+        else one written now, whose name goes when the stream ends, however."""
         request = await anext(aiter(requests), None)
         if request is None:
             return
         key = request.key
         data = await self._stored(key, "ShareRequest.key", context)
+        published = self._store.segment(key)
+        if published is not None:
+            yield pb.ShareReply(segment=published.name, nbytes=published.nbytes, kept=True)
+            await _peer_mapped(requests, key)
+            return
         if all(data.readonly):
             # Only bytes-like buffers, which the peer must copy out again:
             # through a segment that is two copies into fresh memory, slower
@@ -93,11 +99,7 @@ class WorkerServicer:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         try:
             yield pb.ShareReply(segment=segment.name, nbytes=segment.nbytes)
-            async with asyncio.timeout(SHARE_HOLD_S):
-                async for _ in requests:
-                    pass  # the peer has nothing more to say; it ends its side once mapped
-        except TimeoutError:
-            log.warning("a peer did not map the segment for %r within %.0fs", key, SHARE_HOLD_S)
+            await _peer_mapped(requests, key)
         finally:
             segment.remove()
 
@@ -124,6 +126,18 @@ class WorkerServicer:
             room -= data.nbytes
             reply.results.add(key=key, data=b"".join(data.segments()))
         return reply
+
+
+async def _peer_mapped(requests: AsyncIterator[pb.ShareRequest], key: str) -> None:
+    """Until the peer ends its side of the stream (it has mapped the segment), or
+    :data:`SHARE_HOLD_S`: a peer that neither maps it nor goes away must not
+    keep a segment written for it."""
+    try:
+        async with asyncio.timeout(SHARE_HOLD_S):
+            async for _ in requests:
+                pass  # the peer has nothing more to say
+    except TimeoutError:
+        log.warning("a peer did not map the segment for %r within %.0fs", key, SHARE_HOLD_S)
 
 
 def _remove_made_segment(writing: asyncio.Future[shm.Segment]) -> None:

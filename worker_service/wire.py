@@ -62,6 +62,8 @@ class Instructions:
     #: run ids cancelled
     cancel: list[int]
     assign: list[Assignment | Malformed]
+    #: how many other workers share this host, if the batch says
+    host_peers: int | None = None
 
 
 def instructions_from_pb(batch: pb.WorkerInstructions) -> Instructions:
@@ -86,6 +88,7 @@ def instructions_from_pb(batch: pb.WorkerInstructions) -> Instructions:
         [(ref.key, ref.run_id) for ref in batch.release],
         [ref.run_id for ref in batch.cancel],
         assign,
+        batch.host_peers if batch.HasField("host_peers") else None,
     )
 
 

@@ -57,7 +57,7 @@ from apportion_common.transfer import ChannelPool
 from . import wire
 from .assignment import Assignment
 from .execute import Outcome, execute
-from .inputs import InputFetcher, Inputs, local_inputs
+from .inputs import SHARE_MIN_BYTES, InputFetcher, Inputs, local_inputs
 from .ledger import OverCommitted
 from .servicer import WORKER_SERVICE, WorkerServicer, add_worker_service
 from .state import InvariantError, Refused, WorkerState
@@ -161,6 +161,9 @@ class Worker:
         #: shared memory ("": this worker neither gives nor takes that way)
         self.host_id = host_id() if shared_memory and shm.available() else ""
         self._fetcher = InputFetcher(self.store, self._peers, self.address, bool(self.host_id))
+        #: other workers on this host, as the scheduler last said: large results
+        #: go into shared memory as they are made only while there are some
+        self.host_peers = 0
         self._link = SchedulerLink(scheduler_address, credentials, self, death_timeout)
         #: each run holding a lease here, on the loop's side: done once it ended
         self._running: dict[int, asyncio.Future[None]] = {}
@@ -219,6 +222,7 @@ class Worker:
         await self._server.stop(0.5)
         await self._peers.close()
         self._threads.shutdown()
+        self.store.clear()  # its shared-memory segments with it
 
     async def __aenter__(self) -> Worker:
         await self.start()
@@ -261,6 +265,8 @@ class Worker:
             log.error(
                 "ignoring a declaration from the scheduler: %s", instructions.declared_refused
             )
+        if instructions.host_peers is not None and self.host_id:
+            self.host_peers = instructions.host_peers
         declared = instructions.declared
         if declared is not None:
             self.resources = declared
@@ -402,6 +408,11 @@ class Worker:
         while True:
             context = TaskContext(a.key, address, name, a.resources)
             outcome = execute(a.key, a.payload, values, context)
+            if self.host_peers and isinstance(outcome.result, Frames):
+                # Here, in the task's thread: the copy must not stall the loop.
+                published = shm.publish(outcome.result, SHARE_MIN_BYTES)
+                if published is not None:
+                    outcome.result, outcome.segment = published
             taken: tuple[Assignment, dict[str, Frames], list[tuple[str, int]]] | None = None
             with self._lock:
                 ended = self.state.end(a.run_id)
@@ -471,9 +482,11 @@ class Worker:
     def _report(self, ran: _Ran) -> None:
         a, result = ran.assignment, ran.outcome.result
         if ran.cancelled:
+            if ran.outcome.segment is not None:
+                ran.outcome.segment.remove()
             self._report_failure(a, _cancelled_error())
         elif isinstance(result, Frames):
-            self.store.put(a.key, a.run_id, result, a.incarnation)
+            self.store.put(a.key, a.run_id, result, a.incarnation, ran.outcome.segment)
             inline = not result.buffers and result.nbytes <= INLINE_RESULT_BYTES
             self._link.reports.finished.append(
                 wire.Finished(

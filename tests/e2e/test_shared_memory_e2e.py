@@ -47,6 +47,14 @@ def describe(value: tuple[Any, dict[str, int]]) -> tuple[str, int, float, int]:
     return type(data).__name__, int(data.nbytes), float(data[-1]), meta["seed"]
 
 
+def maps_segment_of(value: object, pid: int) -> bool:
+    """Whether this process maps a segment of process ``pid`` while it holds
+    ``value``: the proof that the value came through shared memory."""
+    del value
+    with open("/proc/self/maps") as maps:
+        return any(f"/dev/shm/{shm.PREFIX}{pid}-" in line for line in maps)
+
+
 def segments_of(pids: set[int]) -> list[str]:
     prefixes = tuple(f"{shm.PREFIX}{pid}-" for pid in pids)
     try:
@@ -107,16 +115,22 @@ def test_a_large_result_reaches_a_worker_on_the_same_host_through_shared_memory(
         blob = client.submit(make_blob, 64 * MB, 7, resources={"PRODUCER": 1})
         used = client.submit(describe, blob, resources={"CONSUMER": 1})
         assert used.result(timeout=60) == ("ndarray", 64 * MB, 7.0, 7)
+        mapped = client.submit(maps_segment_of, blob, producer, resources={"CONSUMER": 1})
+        assert mapped.result(timeout=60), "the consumer does not map the producer's segment"
         # A small one travels as before: inline, or in one stream.
         small = client.submit(make_blob, 1000, 8, resources={"PRODUCER": 1})
         assert client.submit(describe, small, resources={"CONSUMER": 1}).result(30)[1] == 1000
-    assert watcher.seen, "the hand-off never went through a shared-memory segment"
-    wait_for(lambda: not segments_of({producer}), 10, "the segment to be removed")
-    # Bytes only: nothing to map, so the stream carries it (the faster way).
+        assert watcher.seen, "the result was never written into a shared-memory segment"
+        del blob, used, mapped
+        # Released: its segment goes with it (the consumer's mapping may live on).
+        wait_for(lambda: not segments_of({producer}), 10, "the segment to be removed")
+    # Bytes too: the consumer copies them out of the segment into its own bytes.
     with Client(address) as client, Watcher(producer) as watcher:
         blob = client.submit(make_bytes, 32 * MB, resources={"PRODUCER": 1})
         assert client.submit(len, blob, resources={"CONSUMER": 1}).result(timeout=60) == 32 * MB
-    assert watcher.seen == []
+        assert blob.result(timeout=60) == b"b" * 32 * MB  # the client's copy, over gRPC
+    assert watcher.seen
+    wait_for(lambda: not segments_of({producer}), 10, "the segment to be removed")
     assert_all_released(address)
 
 
@@ -127,6 +141,10 @@ def test_without_shared_memory_the_same_result_streams_over_grpc(processes: Proc
         blob = client.submit(make_blob, 16 * MB, 9, resources={"PRODUCER": 1})
         used = client.submit(describe, blob, resources={"CONSUMER": 1})
         assert used.result(timeout=60) == ("ndarray", 16 * MB, 9.0, 9)
+        mapped = client.submit(maps_segment_of, blob, producer, resources={"CONSUMER": 1})
+        assert not mapped.result(timeout=60)
+    # The producer has no peer on its host that takes shared memory: it never
+    # wrote a segment, not even as it made the value.
     assert watcher.seen == []
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,6 +59,70 @@ async def test_values_with_arrays_come_through_a_segment_that_is_gone_after(
         assert our_segments() == []  # named only for the hand-off
     finally:
         await pool.close()
+
+
+async def test_a_published_result_is_mapped_from_its_own_segment_until_released(
+    served: tuple[ResultStore, str],
+) -> None:
+    store, address = served
+    value = {"a": np.arange(BIG // 8), "meta": b"m" * BIG}
+    made = serialize.dumps_result(value)
+    published = shm.publish(made, SHARE_MIN_BYTES)
+    assert published is not None
+    own, segment = published
+    assert our_segments() == [segment.name]
+    # The holder's own copy is the segment: arrays over it, bytes copied out.
+    own_value = serialize.loads(own)
+    assert (own_value["a"] == value["a"]).all() and own_value["meta"] == value["meta"]
+    assert type(own_value["meta"]) is bytes
+    assert all(isinstance(b.obj, mmap.mmap) for b in own.buffers)
+    store.put("k", 1, own, segment=segment)
+    pool = ChannelPool()
+    try:
+        for _ in range(2):  # every peer maps the same segment; none removes it
+            back = serialize.loads(await pool.share(address, "k"))
+            assert (back["a"] == value["a"]).all() and back["meta"] == value["meta"]
+            back["a"][0] = -5  # private: neither the holder nor the next peer sees it
+            assert our_segments() == [segment.name]
+        assert serialize.loads(store.get("k"))["a"][0] == 0  # type: ignore[arg-type]
+    finally:
+        await pool.close()
+    store.release("k")
+    assert our_segments() == []
+
+
+def test_a_result_is_published_only_with_enough_bytes_in_buffers() -> None:
+    small = [b"b" * (SHARE_MIN_BYTES - 1000), np.arange(10), {"x": 1}]
+    for value in small:
+        assert shm.publish(serialize.dumps_result(value), SHARE_MIN_BYTES) is None
+    assert our_segments() == []
+    published = shm.publish(serialize.dumps_result((b"b" * BIG, 1)), SHARE_MIN_BYTES)
+    assert published is not None
+    own, segment = published
+    try:
+        assert serialize.loads(own) == (b"b" * BIG, 1) and own.buffers[0].readonly
+    finally:
+        segment.remove()
+
+
+def test_a_stores_segments_go_when_results_are_replaced_dropped_or_cleared() -> None:
+    store = ResultStore()
+
+    def put(key: str, incarnation: int = 1) -> str:
+        published = shm.publish(serialize.dumps_result(np.ones(BIG // 8)), SHARE_MIN_BYTES)
+        assert published is not None
+        store.put(key, 1, published[0], incarnation, published[1])
+        return published[1].name
+
+    first = put("k")
+    second = put("k")
+    assert our_segments() == [second] and first != second
+    put("fetched", incarnation=0)
+    assert len(our_segments()) == 2
+    store.keep_only_own()  # after losing the scheduler: fetched copies go
+    assert our_segments() == [second]
+    store.clear()
+    assert our_segments() == []
 
 
 async def test_bytes_only_values_are_streamed_not_shared(
@@ -146,6 +211,9 @@ def test_only_apportion_segment_names_are_opened() -> None:
 
 def test_a_segment_whose_size_is_not_the_announced_one_is_refused_and_removed() -> None:
     segment = shm.Segment.write(serialize.dumps_result(b"s" * BIG))
+    with pytest.raises(shm.SharedMemoryUnavailable, match="not the 5 announced"):
+        shm.read(segment.name, 5, remove=False)
+    assert (shm.SHM_DIR / segment.name).exists()  # a kept name is the holder's to remove
     with pytest.raises(shm.SharedMemoryUnavailable, match="not the 5 announced"):
         shm.read(segment.name, 5)
     assert not (shm.SHM_DIR / segment.name).exists()

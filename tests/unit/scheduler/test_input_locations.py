@@ -4,6 +4,8 @@ shared memory (issue 12)."""
 
 from __future__ import annotations
 
+from scheduler_service.commands import Command, TellHostPeers
+from scheduler_service.events import WorkerLeft
 from tests.helpers.scheduler_sim import Sim, addr
 
 
@@ -49,3 +51,18 @@ def test_an_empty_host_id_never_matches_another_empty_one() -> None:
     assert sim.run_of("z").inputs[0].same_host == (False,)
     sim.finish("z")
     sim.assert_idle()
+
+
+def peers_told(cmds: list[Command]) -> dict[int, int]:
+    return {c.worker_id: c.count for c in cmds if isinstance(c, TellHostPeers)}
+
+
+def test_workers_hear_how_many_others_share_their_host_as_they_come_and_go() -> None:
+    sim = Sim()
+    assert peers_told(sim.join(1, host_id="h1", A=1)) == {1: 0}
+    assert peers_told(sim.join(2, host_id="h2", A=1)) == {2: 0}
+    assert peers_told(sim.join(3, host_id="h1", A=1)) == {1: 1, 3: 1}
+    assert peers_told(sim.join(4, host_id="", A=1)) == {}  # no shared memory: not told
+    assert peers_told(sim(WorkerLeft(1))) == {3: 0}
+    assert peers_told(sim(WorkerLeft(4))) == {}
+    assert sim.state.books.on_host("h1") == {3}

@@ -34,3 +34,10 @@ def test_flags_that_do_not_match_the_addresses_are_ignored() -> None:
 def test_the_registration_carries_the_host_id() -> None:
     msg = wire.registration_to_pb("w", "h:1", 2, {"GPU": 1.0}, 42, [], host_id="abc")
     assert msg.register.host_id == "abc" and msg.register.pid == 42
+
+
+def test_host_peers_are_heard_only_when_the_batch_says_so() -> None:
+    told = wire.instructions_from_pb(pb.WorkerInstructions(host_peers=0))
+    assert told.host_peers == 0
+    assert wire.instructions_from_pb(pb.WorkerInstructions(host_peers=3)).host_peers == 3
+    assert wire.instructions_from_pb(pb.WorkerInstructions()).host_peers is None
