@@ -102,8 +102,16 @@ def insecure_channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
-def install_stop_signals(stop: asyncio.Event) -> None:
-    """Set ``stop`` on SIGINT or SIGTERM (long-running commands stop cleanly)."""
+def install_stop_signals(stop: asyncio.Event, drain: asyncio.Event | None = None) -> None:
+    """Set ``stop`` on SIGINT or SIGTERM (long-running commands stop cleanly);
+    with ``drain``, SIGTERM sets that instead, and a second SIGTERM ``stop``."""
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+
+    def on_sigterm() -> None:
+        if drain is None or drain.is_set():
+            stop.set()
+        else:
+            drain.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)

@@ -76,6 +76,7 @@ METHOD_ROLES: Mapping[str, frozenset[Role]] = {
     "/apportion.v1.Scheduler/GetClusterState": _CLIENT,
     "/apportion.v1.Scheduler/SetWorkerResources": _CLIENT,
     "/apportion.v1.Scheduler/ExplainTask": _CLIENT,
+    "/apportion.v1.Scheduler/RetireWorkers": _CLIENT,
     # Peers fetch inputs with the worker token, clients results with theirs.
     "/apportion.v1.Worker/FetchResult": _EITHER,
     "/apportion.v1.Worker/FetchResults": _EITHER,

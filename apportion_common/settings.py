@@ -105,6 +105,9 @@ class WorkerSettings(BaseSettings):
     #: Seconds without a scheduler (at start, or after losing it) before the
     #: worker exits with a non-zero status (None: keep trying forever).
     death_timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
+    #: Seconds SIGTERM lets the worker drain (its tasks finish, its wanted
+    #: results move to other workers) before it stops anyway; 0: stop at once.
+    drain_timeout: float = Field(30.0, ge=0, allow_inf_nan=False)
     #: Hand large results to and from worker processes on the same host
     #: through shared memory (/dev/shm); false: always over gRPC.
     shared_memory: bool = True

@@ -94,6 +94,10 @@ class Transport(Protocol):
         self, request: pb.ExplainTaskRequest, timeout: float
     ) -> pb.ExplainTaskReply: ...
 
+    async def retire_workers(
+        self, request: pb.RetireWorkersRequest, timeout: float
+    ) -> pb.RetireWorkersReply: ...
+
     async def fetch(self, address: str, key: str) -> Frames:
         """The result of ``key`` from the worker at ``address``; raise
         :class:`~apportion_common.transfer.ResultUnavailable` if it has none."""
@@ -209,6 +213,15 @@ class GrpcTransport:
     ) -> pb.SetWorkerResourcesReply:
         with self._mapped("SetWorkerResources"):
             reply: pb.SetWorkerResourcesReply = await self._scheduler.SetWorkerResources(
+                request, timeout=timeout
+            )
+        return reply
+
+    async def retire_workers(
+        self, request: pb.RetireWorkersRequest, timeout: float
+    ) -> pb.RetireWorkersReply:
+        with self._mapped("RetireWorkers"):
+            reply: pb.RetireWorkersReply = await self._scheduler.RetireWorkers(
                 request, timeout=timeout
             )
         return reply

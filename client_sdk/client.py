@@ -476,6 +476,37 @@ class Client(Generic[IsAsync]):
         return self._bridge.run(run())
 
     @overload
+    def retire_workers(
+        self: Client[Literal[False]], workers: Iterable[str], timeout: float = ...
+    ) -> dict[str, WorkerInfo]: ...
+    @overload
+    def retire_workers(
+        self: Client[Literal[True]], workers: Iterable[str], timeout: float = ...
+    ) -> Coroutine[Any, Any, dict[str, WorkerInfo]]: ...
+    def retire_workers(self, workers: Iterable[str], timeout: float = 60.0) -> Any:
+        """Take ``workers`` (addresses or names) out of service without losing
+        work, as Dask's ``retire_workers``: nothing new is placed on them, their
+        running and queued tasks finish, results still wanted are copied to
+        other workers, then each exits (its nanny does not restart it).
+
+        Blocks until they are gone and returns them by address, as
+        ``scheduler_info()["workers"]`` showed them; raises ``TimeoutError``
+        naming those still draining after ``timeout`` seconds (they go on
+        draining).
+        """
+        names = [workers] if isinstance(workers, str) else list(workers)
+        request = pb.RetireWorkersRequest(workers=names, timeout_s=timeout)
+
+        async def run() -> dict[str, WorkerInfo]:
+            reply = await self.core.transport.retire_workers(request, timeout + CALL_TIMEOUT_S)
+            if reply.draining:
+                still = ", ".join(w.name or w.address for w in reply.draining)
+                raise TimeoutError(f"still draining after {timeout:g}s: {still}")
+            return {w.address: worker_info(w) for w in reply.retired}
+
+        return self._bridge.run(run())
+
+    @overload
     def explain(self: Client[Literal[False]], future: Future[Any] | str) -> str: ...
     @overload
     def explain(

@@ -22,6 +22,8 @@ class WorkerInfo(TypedDict):
     running: int
     #: tasks queued there, holding nothing yet
     queued: int
+    #: being retired: nothing new goes there, it exits once drained
+    draining: bool
 
 
 class ClusterInfo(TypedDict):
@@ -40,6 +42,7 @@ def worker_info(w: pb.WorkerInfo) -> WorkerInfo:
         "used_resources": dict(w.used_resources),
         "running": w.running,
         "queued": w.queued,
+        "draining": w.draining,
     }
 
 

@@ -87,6 +87,60 @@ TASK_STATUS_CANCELLED: TaskStatus.ValueType  # 4
 Global___TaskStatus: _TypeAlias = TaskStatus  # noqa: Y015
 
 @_typing.final
+class RetireWorkersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKERS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    timeout_s: _builtins.float
+    """How long to wait for them to be gone (0: the scheduler's default, 60 s)."""
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Addresses or names."""
+
+    def __init__(
+        self,
+        *,
+        workers: _abc.Iterable[_builtins.str] | None = ...,
+        timeout_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["timeout_s", b"timeout_s", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetireWorkersRequest: _TypeAlias = RetireWorkersRequest  # noqa: Y015
+
+@_typing.final
+class RetireWorkersReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RETIRED_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def retired(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerInfo]:
+        """Those gone, as they were when asked."""
+
+    @_builtins.property
+    def draining(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerInfo]:
+        """Those still draining at the timeout."""
+
+    def __init__(
+        self,
+        *,
+        retired: _abc.Iterable[Global___WorkerInfo] | None = ...,
+        draining: _abc.Iterable[Global___WorkerInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "retired", b"retired"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetireWorkersReply: _TypeAlias = RetireWorkersReply  # noqa: Y015
+
+@_typing.final
 class SetWorkerResourcesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -323,8 +377,12 @@ class WorkerReports(_message.Message):
     MISSING_INPUTS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     STARTED_FIELD_NUMBER: _builtins.int
+    ACQUIRED_FIELD_NUMBER: _builtins.int
+    RETIRE_ME_FIELD_NUMBER: _builtins.int
     heartbeat: _builtins.bool
     """Set when the batch is only a heartbeat (or also one)."""
+    retire_me: _builtins.bool
+    """The worker asks to be retired (it got SIGTERM): drain it, then say retire."""
     @_builtins.property
     def finished(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskFinished]: ...
     @_builtins.property
@@ -338,6 +396,10 @@ class WorkerReports(_message.Message):
         and missing_inputs before these.
         """
 
+    @_builtins.property
+    def acquired(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldResult]:
+        """Copies this worker now holds, taken as WorkerInstructions.replicate asked."""
+
     def __init__(
         self,
         *,
@@ -346,10 +408,12 @@ class WorkerReports(_message.Message):
         missing_inputs: _abc.Iterable[Global___TaskMissingInputs] | None = ...,
         heartbeat: _builtins.bool = ...,
         started: _abc.Iterable[Global___RunRef] | None = ...,
+        acquired: _abc.Iterable[Global___HeldResult] | None = ...,
+        retire_me: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "finished", b"finished", "heartbeat", b"heartbeat", "missing_inputs", b"missing_inputs", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquired", b"acquired", "failed", b"failed", "finished", b"finished", "heartbeat", b"heartbeat", "missing_inputs", b"missing_inputs", "retire_me", b"retire_me", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -579,11 +643,15 @@ class WorkerInstructions(_message.Message):
     RELEASE_FIELD_NUMBER: _builtins.int
     DECLARED_FIELD_NUMBER: _builtins.int
     HOST_PEERS_FIELD_NUMBER: _builtins.int
+    REPLICATE_FIELD_NUMBER: _builtins.int
+    RETIRE_FIELD_NUMBER: _builtins.int
     host_peers: _builtins.int
     """Set when it changes: how many other workers share this worker's host
     (their host ids match). A worker writes large results into shared memory
     as it makes them only while it has such peers.
     """
+    retire: _builtins.bool
+    """Drained: close and exit; a nanny does not start this process again."""
     @_builtins.property
     def assign(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskAssignment]: ...
     @_builtins.property
@@ -594,6 +662,12 @@ class WorkerInstructions(_message.Message):
     def declared(self) -> Global___ResourceAmounts:
         """Set when the worker's declared resources were changed (set-resources)."""
 
+    @_builtins.property
+    def replicate(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputLocation]:
+        """Take a copy of each of these results from where it lives (a worker that
+        retires hands them over) and report it in WorkerReports.acquired.
+        """
+
     def __init__(
         self,
         *,
@@ -602,10 +676,12 @@ class WorkerInstructions(_message.Message):
         release: _abc.Iterable[Global___RunRef] | None = ...,
         declared: Global___ResourceAmounts | None = ...,
         host_peers: _builtins.int | None = ...,
+        replicate: _abc.Iterable[Global___InputLocation] | None = ...,
+        retire: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_host_peers", b"_host_peers", "declared", b"declared", "host_peers", b"host_peers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_host_peers", b"_host_peers", "assign", b"assign", "cancel", b"cancel", "declared", b"declared", "host_peers", b"host_peers", "release", b"release"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_host_peers", b"_host_peers", "assign", b"assign", "cancel", b"cancel", "declared", b"declared", "host_peers", b"host_peers", "release", b"release", "replicate", b"replicate", "retire", b"retire"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__host_peers: _TypeAlias = _typing.Literal["host_peers"]  # noqa: Y015
     _WhichOneofArgType__host_peers: _TypeAlias = _typing.Literal["_host_peers", b"_host_peers"]  # noqa: Y015
@@ -1163,6 +1239,7 @@ class WorkerInfo(_message.Message):
     RUNNING_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
     QUEUED_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.int
     name: _builtins.str
     address: _builtins.str
@@ -1171,6 +1248,8 @@ class WorkerInfo(_message.Message):
     pid: _builtins.int
     queued: _builtins.int
     """Runs assigned to its queue that hold nothing yet."""
+    draining: _builtins.bool
+    """Retiring: nothing new is placed on it; it exits once drained."""
     @_builtins.property
     def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
@@ -1187,10 +1266,11 @@ class WorkerInfo(_message.Message):
         running: _builtins.int = ...,
         pid: _builtins.int = ...,
         queued: _builtins.int = ...,
+        draining: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "name", b"name", "nthreads", b"nthreads", "pid", b"pid", "queued", b"queued", "resources", b"resources", "running", b"running", "used_resources", b"used_resources", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "draining", b"draining", "name", b"name", "nthreads", b"nthreads", "pid", b"pid", "queued", b"queued", "resources", b"resources", "running", b"running", "used_resources", b"used_resources", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -61,6 +61,11 @@ class SchedulerStub:
                 request_serializer=protos_dot_apportion__pb2.ExplainTaskRequest.SerializeToString,
                 response_deserializer=protos_dot_apportion__pb2.ExplainTaskReply.FromString,
                 _registered_method=True)
+        self.RetireWorkers = channel.unary_unary(
+                '/apportion.v1.Scheduler/RetireWorkers',
+                request_serializer=protos_dot_apportion__pb2.RetireWorkersRequest.SerializeToString,
+                response_deserializer=protos_dot_apportion__pb2.RetireWorkersReply.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -107,6 +112,17 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetireWorkers(self, request, context):
+        """Take workers out of service without losing work: nothing new is placed
+        on them, their running and queued tasks finish, results still wanted are
+        copied to other workers, then each is told to exit (its nanny does not
+        restart it). Answers once they are gone, or at the timeout with those
+        still draining (they go on draining).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -134,6 +150,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ExplainTask,
                     request_deserializer=protos_dot_apportion__pb2.ExplainTaskRequest.FromString,
                     response_serializer=protos_dot_apportion__pb2.ExplainTaskReply.SerializeToString,
+            ),
+            'RetireWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireWorkers,
+                    request_deserializer=protos_dot_apportion__pb2.RetireWorkersRequest.FromString,
+                    response_serializer=protos_dot_apportion__pb2.RetireWorkersReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -273,6 +294,33 @@ class Scheduler:
             '/apportion.v1.Scheduler/ExplainTask',
             protos_dot_apportion__pb2.ExplainTaskRequest.SerializeToString,
             protos_dot_apportion__pb2.ExplainTaskReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apportion.v1.Scheduler/RetireWorkers',
+            protos_dot_apportion__pb2.RetireWorkersRequest.SerializeToString,
+            protos_dot_apportion__pb2.RetireWorkersReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,13 @@ class SchedulerStub:
     """
     ExplainTask: _grpc.UnaryUnaryMultiCallable[_apportion_pb2.ExplainTaskRequest, _apportion_pb2.ExplainTaskReply]
     """One sentence on why a task is not running."""
+    RetireWorkers: _grpc.UnaryUnaryMultiCallable[_apportion_pb2.RetireWorkersRequest, _apportion_pb2.RetireWorkersReply]
+    """Take workers out of service without losing work: nothing new is placed
+    on them, their running and queued tasks finish, results still wanted are
+    copied to other workers, then each is told to exit (its nanny does not
+    restart it). Answers once they are gone, or at the timeout with those
+    still draining (they go on draining).
+    """
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
@@ -77,6 +84,13 @@ class SchedulerAsyncStub(SchedulerStub):
     """
     ExplainTask: _aio.UnaryUnaryMultiCallable[_apportion_pb2.ExplainTaskRequest, _apportion_pb2.ExplainTaskReply]  # type: ignore[assignment]
     """One sentence on why a task is not running."""
+    RetireWorkers: _aio.UnaryUnaryMultiCallable[_apportion_pb2.RetireWorkersRequest, _apportion_pb2.RetireWorkersReply]  # type: ignore[assignment]
+    """Take workers out of service without losing work: nothing new is placed
+    on them, their running and queued tasks finish, results still wanted are
+    copied to other workers, then each is told to exit (its nanny does not
+    restart it). Answers once they are gone, or at the timeout with those
+    still draining (they go on draining).
+    """
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------- scheduler"""
@@ -127,6 +141,19 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_apportion_pb2.ExplainTaskReply, _abc.Awaitable[_apportion_pb2.ExplainTaskReply]]:
         """One sentence on why a task is not running."""
+
+    @_abc_1.abstractmethod
+    def RetireWorkers(
+        self,
+        request: _apportion_pb2.RetireWorkersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_apportion_pb2.RetireWorkersReply, _abc.Awaitable[_apportion_pb2.RetireWorkersReply]]:
+        """Take workers out of service without losing work: nothing new is placed
+        on them, their running and queued tasks finish, results still wanted are
+        copied to other workers, then each is told to exit (its nanny does not
+        restart it). Answers once they are gone, or at the timeout with those
+        still draining (they go on draining).
+        """
 
 def add_SchedulerServicer_to_server(servicer: SchedulerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

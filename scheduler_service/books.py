@@ -38,6 +38,9 @@ class Books:
         self._policy = policy
         self._changes = changes
         self.workers: dict[WorkerId, WorkerRecord] = {}
+        #: the connected workers that take new work (all but those retiring):
+        #: the only ones placement looks at
+        self.open: dict[WorkerId, WorkerRecord] = {}
         #: free threads on all workers together
         self.free_slots = 0
         #: free places in all worker queues together
@@ -66,6 +69,7 @@ class Books:
             host_id=event.host_id,
             queue_limit=self._queue_limit(event.nthreads),
         )
+        self.open[event.worker_id] = worker
         if event.host_id:
             self._hosts.setdefault(event.host_id, set()).add(event.worker_id)
         self.free_slots += event.nthreads
@@ -87,6 +91,7 @@ class Books:
         worker = self.workers.pop(worker_id, None)
         if worker is None:
             return None
+        self.open.pop(worker_id, None)
         on_host = self._hosts.get(worker.host_id)
         if on_host is not None:
             on_host.discard(worker_id)
@@ -97,6 +102,14 @@ class Books:
         self.version += 1
         self._changes.everything = True
         return worker
+
+    def close_to_work(self, worker: WorkerRecord) -> None:
+        """``worker`` retires: nothing new goes there (its runs and queued runs
+        carry on, and its books stay open until it leaves)."""
+        worker.retiring = True
+        if self.open.pop(worker.worker_id, None) is not None:
+            self.version += 1  # what only it could hold now fits nowhere
+            self._changes.everything = True
 
     def on_host(self, host_id: str) -> frozenset[WorkerId]:
         """The connected workers that registered ``host_id``."""

@@ -79,6 +79,21 @@ class TellHostPeers:
     count: int
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicateData:
+    """Tell a worker to take a copy of a result from where it lives."""
+
+    worker_id: WorkerId
+    location: InputLocation
+
+
+@dataclass(frozen=True, slots=True)
+class RetireWorker:
+    """Tell a drained worker to exit (its nanny does not start it again)."""
+
+    worker_id: WorkerId
+
+
 # ------------------------------------------------------------------ to clients
 
 
@@ -173,6 +188,8 @@ Command = (
     | ReleaseData
     | DeclareResources
     | TellHostPeers
+    | ReplicateData
+    | RetireWorker
     | NotifyClient
     | JournalCommand
 )

@@ -188,8 +188,25 @@ class TasksForgotten:
     keys: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class RetirementAsked:
+    """Retire these workers (an operator, a client, or the worker itself on SIGTERM)."""
+
+    worker_ids: tuple[WorkerId, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DataReplicated:
+    """``worker_id`` took copies of these results (key, nbytes), as asked."""
+
+    worker_id: WorkerId
+    acquired: tuple[tuple[str, int], ...]
+
+
 Event = (
     Tick
+    | RetirementAsked
+    | DataReplicated
     | WorkerJoined
     | WorkerResourcesChanged
     | WorkerLeft

@@ -273,6 +273,16 @@ class Graph:
             else:
                 cmds.append(ReleaseData(worker.worker_id, fetched_key))
 
+    def tell_holders(self, key: str, cmds: list[Command]) -> None:
+        """``key``'s holders changed (a retiring worker handed it over): its
+        clients hear where it lives now, before the old holder goes."""
+        task = self.tasks.get(key)
+        if task is None or task.state != MEMORY:
+            return
+        addresses = tuple(self._workers[w].address for w in sorted(task.who_has))
+        for client in task.wanted_by:
+            cmds.append(NotifyClient(client, key, TaskStatus.FINISHED, addresses, task.nbytes))
+
     def finished(
         self,
         key: str,

@@ -33,6 +33,8 @@ class WorkerSnapshot:
     running: int
     pid: int = 0
     queued: int = 0
+    #: retiring: nothing new goes there; it exits once drained
+    draining: bool = False
 
 
 @dataclass(slots=True)
@@ -55,6 +57,7 @@ def snapshot(state: ClusterState) -> ClusterSnapshot:
                 running=len(w.runs),
                 pid=w.pid,
                 queued=len(w.queued),
+                draining=w.retiring,
             )
             for w in sorted(state.workers.values(), key=lambda w: w.worker_id)
         ],

@@ -65,7 +65,8 @@ class Placer:
         self._pack = policy.placement == "pack"
         self._tasks = tasks
         self._books = books
-        self._workers = books.workers
+        #: the workers open to new work (retiring ones are not)
+        self._workers = books.open
         self._queues = queues
         self._changes = changes
         self._clock = clock
@@ -286,7 +287,7 @@ class Placer:
     def _input_location(self, worker: WorkerRecord, dep: TaskRecord) -> InputLocation:
         """Where ``dep``'s result lives, holders on ``worker``'s host first
         (their copy comes through shared memory)."""
-        holders = [self._workers[w] for w in sorted(dep.who_has)]
+        holders = [self._books.workers[w] for w in sorted(dep.who_has)]  # retiring too
         host = worker.host_id
         if host:
             holders.sort(key=lambda h: h.host_id != host)

@@ -108,6 +108,10 @@ class WorkerRecord:
     pid: int = 0
     #: equal for workers that may share memory segments ("" unknown)
     host_id: str = ""
+    #: being retired: nothing new is placed here (see retirement.py)
+    retiring: bool = False
+    #: drained and told to exit; gone once its stream ends
+    told_to_retire: bool = False
 
     def held(self) -> Quanta:
         return {name: self.declared[name] - self.free[name] for name in self.declared}

@@ -18,7 +18,6 @@ from typing import Generic, TypeVar
 
 import grpc
 
-from apportion_common.resources import from_quanta
 from apportion_common.serialize import ErrorInfo
 from apportion_common.status import ErrorKind, TaskStatus
 from protos import apportion_pb2 as pb
@@ -27,13 +26,8 @@ from protos import apportion_pb2_grpc as pb_grpc
 from . import wire
 from .commands import (
     JOURNAL_COMMANDS,
-    AssignTask,
-    CancelRun,
     Command,
-    DeclareResources,
     NotifyClient,
-    ReleaseData,
-    TellHostPeers,
 )
 from .events import (
     ClientDisconnected,
@@ -43,6 +37,7 @@ from .events import (
     Event,
     HeldResult,
     KeysReleased,
+    RetirementAsked,
     StateRecovered,
     TaskErred,
     TaskFinished,
@@ -56,6 +51,7 @@ from .events import (
     WorkerLeft,
     WorkerResourcesChanged,
 )
+from .inspection import WorkerSnapshot
 from .journal import Journal
 from .liveness import Liveness
 from .policy import SchedulingPolicy
@@ -281,7 +277,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                 cmds = await outbox.take_all()
                 if outbox.closed:
                     break
-                await context.write(_worker_batch(cmds))
+                await context.write(wire.worker_batch_to_pb(cmds))
         except asyncio.CancelledError:
             if worker_id not in self._silenced:
                 raise
@@ -381,7 +377,14 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                     f"a report names run {event.run_id} of task {event.key!r}, "
                     f"but that run is of task {run.key!r}"
                 )
-        self.dispatch_all((*events, *started))
+        more: list[Event] = []
+        acquired = wire.acquired_from_pb(worker_id, reports)
+        if acquired is not None:
+            more.append(acquired)
+        if reports.retire_me:
+            log.info("worker %d asks to retire (SIGTERM): draining it", worker_id)
+            more.append(RetirementAsked((worker_id,)))
+        self.dispatch_all((*events, *started, *more))
 
     # ------------------------------------------------------------ clients
 
@@ -544,6 +547,40 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         info = next(w for w in snapshot.workers if w.worker_id == worker.worker_id)
         return pb.SetWorkerResourcesReply(worker=wire.worker_info_to_pb(info))
 
+    async def RetireWorkers(
+        self, request: pb.RetireWorkersRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.RetireWorkersReply:
+        """Drain the workers named (see scheduler_service.retirement) and answer
+        once they are gone, or at the timeout with those still draining."""
+        try:
+            names, timeout = wire.retire_workers_from_pb(request)
+        except wire.WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        asked: list[WorkerSnapshot] = []
+        for name in names:
+            worker = self.state.find_worker(name)
+            if worker is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no worker {name!r}")
+            assert worker is not None
+            asked.append(self._snapshot_of(worker.worker_id))
+        ids = tuple(dict.fromkeys(w.worker_id for w in asked))
+        log.info("retiring %s", ", ".join(w.name for w in asked))
+        self.dispatch(RetirementAsked(ids))
+        # A worker is gone once its stream's handler has ended (it left).
+        streams = [self._worker_handlers[i] for i in ids if i in self._worker_handlers]
+        if streams:
+            await asyncio.wait(streams, timeout=timeout)
+        reply = pb.RetireWorkersReply()
+        for snapshot in {w.worker_id: w for w in asked}.values():
+            if snapshot.worker_id in self.state.workers:
+                reply.draining.append(wire.worker_info_to_pb(self._snapshot_of(snapshot.worker_id)))
+            else:
+                reply.retired.append(wire.worker_info_to_pb(snapshot))
+        return reply
+
+    def _snapshot_of(self, worker_id: WorkerId) -> WorkerSnapshot:
+        return next(w for w in self.state.snapshot().workers if w.worker_id == worker_id)
+
     async def ExplainTask(
         self, request: pb.ExplainTaskRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ExplainTaskReply:
@@ -557,22 +594,3 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         self, request: pb.GetClusterStateRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ClusterState:
         return wire.cluster_state_to_pb(self._address(), self.state.snapshot())
-
-
-def _worker_batch(cmds: list[Command]) -> pb.SchedulerToWorker:
-    instructions = pb.WorkerInstructions()
-    for cmd in cmds:
-        if isinstance(cmd, AssignTask):
-            instructions.assign.append(wire.assignment_to_pb(cmd))
-        elif isinstance(cmd, CancelRun):
-            instructions.cancel.append(pb.RunRef(key=cmd.key, run_id=cmd.run_id))
-        elif isinstance(cmd, ReleaseData):
-            instructions.release.append(pb.RunRef(key=cmd.key, run_id=cmd.run_id))
-        elif isinstance(cmd, DeclareResources):
-            # Present even when empty: a worker told to declare nothing must
-            # hear it (an empty map alone would leave the field unset).
-            instructions.declared.SetInParent()
-            instructions.declared.amounts.update(from_quanta(cmd.resources))
-        elif isinstance(cmd, TellHostPeers):
-            instructions.host_peers = cmd.count
-    return pb.SchedulerToWorker(instructions=instructions)

@@ -56,8 +56,10 @@ from .events import (
     ClientId,
     ClientJoined,
     ClientLeft,
+    DataReplicated,
     Event,
     KeysReleased,
+    RetirementAsked,
     StateRecovered,
     TaskErred,
     TaskFinished,
@@ -93,6 +95,7 @@ from .records import (
     WorkerRecord,
     key_prefix,
 )
+from .retirement import Retirements
 from .validate import InvariantError, validate
 
 __all__ = [
@@ -130,6 +133,7 @@ class ClusterState:
             self.tasks, self.workers, self.queues, self.placer, self.clock, incarnation_base
         )
         self.clientele = Clients(self.policy, self.graph, self.books, self.clock)
+        self.retirements = Retirements(self.tasks, self.books, self.clock, self.graph.needs_data)
         #: each client's wanted keys
         self.clients: dict[ClientId, set[str]] = self.clientele.wants
         self._changes = changes
@@ -156,6 +160,7 @@ class ClusterState:
         self._apply(event, cmds)
         self._let_go_of_forgotten(cmds)
         self.placer.schedule(cmds)
+        self.retirements.progress(cmds)
         return cmds
 
     def handle_all(self, events: Iterable[Event]) -> list[Command]:
@@ -166,6 +171,7 @@ class ClusterState:
             self._apply(event, cmds)
         self._let_go_of_forgotten(cmds)
         self.placer.schedule(cmds)
+        self.retirements.progress(cmds)
         return cmds
 
     def _let_go_of_forgotten(self, cmds: list[Command]) -> None:
@@ -189,6 +195,15 @@ class ClusterState:
                 self._on_erred(event, cmds)
             case TaskMissingInputs():
                 self._on_missing_inputs(event, cmds)
+            case RetirementAsked():
+                self._on_retirement_asked(event)
+            case DataReplicated():
+                worker = self.workers.get(event.worker_id)
+                if worker is not None:
+                    self.graph.fetched(worker, event.acquired, cmds)
+                    for key, _ in event.acquired:
+                        self.graph.tell_holders(key, cmds)
+                    self.retirements.acquired([key for key, _ in event.acquired])
             case WorkerJoined():
                 self._on_worker_joined(event, cmds)
             case WorkerLeft():
@@ -273,12 +288,20 @@ class ClusterState:
         worker = self.books.leave(event.worker_id)
         if worker is None:
             return
+        self.retirements.left(worker.worker_id)
         self._tell_host_peers(worker.host_id, cmds)
         self.placer.worker_left(worker)
         # Recompute what was lost first, then place its runs again.
         self.graph.lose_holder(worker, cmds)
         self.graph.lose_runs(worker, self.policy.allowed_failures, cmds)
         self.graph.retell_why_waiting(cmds)
+
+    def _on_retirement_asked(self, event: RetirementAsked) -> None:
+        for worker_id in event.worker_ids:
+            worker = self.workers.get(worker_id)
+            if worker is not None and not worker.retiring:
+                self.placer.worker_left(worker)  # a reservation on it goes first
+                self.retirements.ask(worker)
 
     def _tell_host_peers(self, host_id: str, cmds: list[Command]) -> None:
         """A worker joined or left ``host_id``: tell each worker there how many

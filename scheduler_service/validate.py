@@ -38,7 +38,13 @@ def validate(state: ClusterState) -> None:
 
 def _check_workers(state: ClusterState) -> None:
     tasks = state.tasks
+    open_ids = {w for w, rec in state.workers.items() if not rec.retiring}
+    check(state.books.open.keys() == open_ids, "the workers open to work are not the unretiring")
     for worker in state.workers.values():
+        check(
+            not worker.retiring or worker.reserved_for is None,
+            f"worker {worker.name}: retiring yet kept for {worker.reserved_for}",
+        )
         held: Counter[str] = Counter()
         for run in worker.runs.values():
             held.update(run.resources)

@@ -9,6 +9,7 @@ and what it costs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -45,8 +46,19 @@ from apportion_common.serialize import ErrorInfo
 from apportion_common.status_pb import ERROR_KIND_TO_PB, TASK_STATUS_TO_PB
 from protos import apportion_pb2 as pb
 
-from .commands import AssignTask, NotifyClient
+from .commands import (
+    AssignTask,
+    CancelRun,
+    Command,
+    DeclareResources,
+    NotifyClient,
+    ReleaseData,
+    ReplicateData,
+    RetireWorker,
+    TellHostPeers,
+)
 from .events import (
+    DataReplicated,
     TaskErred,
     TaskFinished,
     TaskMissingInputs,
@@ -315,8 +327,37 @@ def started_from_pb(worker_id: WorkerId, ref: pb.RunRef, what: str) -> TaskStart
 
 
 def check_report_counts(reports: pb.WorkerReports) -> None:
-    for name in ("finished", "failed", "missing_inputs", "started"):
+    for name in ("finished", "failed", "missing_inputs", "started", "acquired"):
         check_count(getattr(reports, name), MAX_ITEMS_PER_MESSAGE, f"WorkerReports.{name}")
+
+
+def acquired_from_pb(worker_id: WorkerId, reports: pb.WorkerReports) -> DataReplicated | None:
+    """The copies a worker took as asked (see Retirements), checked; None if none."""
+    if not reports.acquired:
+        return None
+    acquired = tuple(
+        (check_key(held.key, f"WorkerReports.acquired[{i}].key"), held.nbytes)
+        for i, held in enumerate(reports.acquired)
+    )
+    return DataReplicated(worker_id, acquired)
+
+
+def retire_workers_from_pb(request: pb.RetireWorkersRequest) -> tuple[list[str], float]:
+    """(names or addresses, timeout in seconds) of a RetireWorkers call."""
+    check_count(request.workers, MAX_ITEMS_PER_MESSAGE, "RetireWorkersRequest.workers")
+    if not request.workers:
+        raise WireError("RetireWorkersRequest.workers: name at least one worker")
+    workers = [
+        check_key(w, f"RetireWorkersRequest.workers[{i}]") for i, w in enumerate(request.workers)
+    ]
+    timeout = request.timeout_s
+    if not (math.isfinite(timeout) and timeout >= 0):
+        raise WireError(f"RetireWorkersRequest.timeout_s must be >= 0 seconds, not {timeout}")
+    return workers, timeout or DEFAULT_RETIRE_TIMEOUT_S
+
+
+#: How long RetireWorkers waits when the caller names no timeout.
+DEFAULT_RETIRE_TIMEOUT_S = 60.0
 
 
 def set_resources_from_pb(request: pb.SetWorkerResourcesRequest) -> tuple[str, dict[str, int]]:
@@ -398,6 +439,7 @@ def worker_info_to_pb(w: WorkerSnapshot) -> pb.WorkerInfo:
         running=w.running,
         pid=w.pid,
         queued=w.queued,
+        draining=w.draining,
     )
 
 
@@ -407,3 +449,30 @@ def cluster_state_to_pb(address: str, snapshot: ClusterSnapshot) -> pb.ClusterSt
         workers=[worker_info_to_pb(w) for w in snapshot.workers],
         task_counts=snapshot.task_counts,
     )
+
+
+def worker_batch_to_pb(cmds: list[Command]) -> pb.SchedulerToWorker:
+    """The commands for one worker, as one WorkerInstructions message."""
+    instructions = pb.WorkerInstructions()
+    for cmd in cmds:
+        if isinstance(cmd, AssignTask):
+            instructions.assign.append(assignment_to_pb(cmd))
+        elif isinstance(cmd, CancelRun):
+            instructions.cancel.append(pb.RunRef(key=cmd.key, run_id=cmd.run_id))
+        elif isinstance(cmd, ReleaseData):
+            instructions.release.append(pb.RunRef(key=cmd.key, run_id=cmd.run_id))
+        elif isinstance(cmd, DeclareResources):
+            # Present even when empty: a worker told to declare nothing must
+            # hear it (an empty map alone would leave the field unset).
+            instructions.declared.SetInParent()
+            instructions.declared.amounts.update(from_quanta(cmd.resources))
+        elif isinstance(cmd, TellHostPeers):
+            instructions.host_peers = cmd.count
+        elif isinstance(cmd, ReplicateData):
+            location = cmd.location
+            instructions.replicate.add(
+                key=location.key, addresses=location.addresses, nbytes=location.nbytes
+            )
+        elif isinstance(cmd, RetireWorker):
+            instructions.retire = True
+    return pb.SchedulerToWorker(instructions=instructions)

@@ -80,23 +80,8 @@ class InputFetcher:
         limit = asyncio.Semaphore(MAX_CONCURRENT_FETCHES)
 
         async def fetch(item: InputLocation) -> tuple[Frames | None, list[str]]:
-            tried: list[str] = []
             async with limit:
-                for i, address in enumerate(item.addresses):
-                    if address != self.own_address:  # our own copy would have been local
-                        if self._shares(item, i):
-                            try:
-                                return await self._peers.share(address, item.key), tried
-                            except NotShared:
-                                pass  # bytes only: the stream is the faster way
-                            except ResultUnavailable as exc:
-                                log.info("task %s: input %s; streaming it instead", a.key, exc)
-                        try:
-                            return await self._peers.fetch(address, item.key), tried
-                        except ResultUnavailable as exc:
-                            log.warning("task %s: input %s", a.key, exc)
-                    tried.append(address)
-            return None, tried
+                return await self.fetch_one(item, f"task {a.key}")
 
         outcomes = await asyncio.gather(*(fetch(item) for item in remote.values()))
         for key, (data, tried) in zip(remote, outcomes, strict=True):
@@ -105,6 +90,26 @@ class InputFetcher:
             else:
                 self._keep(inputs, key, data)
         return inputs
+
+    async def fetch_one(self, item: InputLocation, why: str) -> tuple[Frames | None, list[str]]:
+        """``item``'s value from the first holder that has it (through shared
+        memory where it may), and the addresses tried in vain before it."""
+        tried: list[str] = []
+        for i, address in enumerate(item.addresses):
+            if address != self.own_address:  # our own copy would have been local
+                if self._shares(item, i):
+                    try:
+                        return await self._peers.share(address, item.key), tried
+                    except NotShared:
+                        pass  # bytes only: the stream is the faster way
+                    except ResultUnavailable as exc:
+                        log.info("%s: input %s; streaming it instead", why, exc)
+                try:
+                    return await self._peers.fetch(address, item.key), tried
+                except ResultUnavailable as exc:
+                    log.warning("%s: input %s", why, exc)
+            tried.append(address)
+        return None, tried
 
     def _shares(self, item: InputLocation, index: int) -> bool:
         return (

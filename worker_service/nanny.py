@@ -2,7 +2,10 @@
 
 A task that calls ``os._exit`` or crashes the interpreter takes its worker
 process down; the nanny starts a fresh one in its place (the scheduler places
-the task again, and errs it after its allowed failures). The nanny does not
+the task again, and errs it after its allowed failures). A child that exits
+with status 0 was retired or stopped on purpose: it is not started again, and
+the nanny ends once none is left. SIGTERM reaches the children as SIGTERM
+(each drains, see ``worker_service.retiring``), SIGINT as SIGINT (each stops). The nanny does not
 know how a worker is started: its caller gives the command line of worker
 ``index``, so the command line stays the only place that knows its own flags.
 """
@@ -27,7 +30,7 @@ log = logging.getLogger("worker_service")
 FATAL_EXIT_CODES = frozenset({2, 70, 75, 77})
 #: A child that dies younger than this is restarted after a pause (no hot loop).
 MIN_LIFETIME_S = 1.0
-#: How long stopping waits for a child to leave after SIGTERM before SIGKILL.
+#: How long stopping waits for a child to leave, past its drain, before SIGKILL.
 STOP_TIMEOUT_S = 10.0
 
 
@@ -51,11 +54,16 @@ class Nanny:
     restarted: the nanny stops the others and :meth:`run` returns its status.
     """
 
-    def __init__(self, command: Callable[[int], list[str]], nworkers: int) -> None:
+    def __init__(
+        self, command: Callable[[int], list[str]], nworkers: int, drain_timeout: float = 0.0
+    ) -> None:
         self._command = command
         self._nworkers = nworkers
+        self._drain_timeout = drain_timeout
         self._started: dict[int, float] = {}
         self.stopping = threading.Event()
+        #: the signal that stopped the nanny, passed on to the children
+        self._signal = signal.SIGTERM
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         self._started[index] = time.monotonic()
@@ -66,7 +74,11 @@ class Nanny:
     def stop_on_signals(self) -> None:
         """SIGINT and SIGTERM stop the nanny and its children (main thread only)."""
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self.stopping.set())
+            signal.signal(sig, self._stop_on)
+
+    def _stop_on(self, sig: int, _frame: object) -> None:
+        self._signal = signal.Signals(sig)
+        self.stopping.set()
 
     def run(self) -> int:
         """Supervise until stopped; returns the exit status for the nanny."""
@@ -78,6 +90,12 @@ class Nanny:
                 if code is None or self.stopping.is_set():
                     continue
                 shm.remove_segments_of(proc.pid)  # what it was handing over when it died
+                if code == 0:
+                    log.info("worker process %d retired", index)
+                    del children[index]
+                    if not children:
+                        return 0
+                    continue
                 if code in FATAL_EXIT_CODES:
                     log.error("worker process %d exited with %d; stopping", index, code)
                     status = code
@@ -87,17 +105,22 @@ class Nanny:
                 if time.monotonic() - self._started[index] < MIN_LIFETIME_S:
                     self.stopping.wait(MIN_LIFETIME_S)
                 children[index] = self._spawn(index)
-        _stop(list(children.values()))
+        if status == 0:  # stopped by a signal: the children get the same
+            drain = self._drain_timeout if self._signal == signal.SIGTERM else 0.0
+            _stop(list(children.values()), self._signal, drain)
+        else:  # a child failed for good: the others stop at once
+            _stop(list(children.values()), signal.SIGINT, 0.0)
         return status
 
 
-def _stop(children: list[subprocess.Popen[bytes]]) -> None:
+def _stop(children: list[subprocess.Popen[bytes]], sig: int, drain_timeout: float) -> None:
     for proc in children:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
+    deadline = time.monotonic() + drain_timeout + STOP_TIMEOUT_S
     for proc in children:
         try:
-            proc.wait(STOP_TIMEOUT_S)
+            proc.wait(max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

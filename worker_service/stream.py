@@ -99,6 +99,8 @@ class SchedulerLink:
         self._owner = owner
         self.reports = wire.Reports()
         self.registered = asyncio.Event()
+        #: set when a registered stream ends (cleared when one registers again)
+        self.lost = asyncio.Event()
         self.worker_id = 0
         self._wake = asyncio.Event()
         #: ends a report's wait for company early: the worker ran out of work
@@ -168,6 +170,8 @@ class SchedulerLink:
                     )
                     raise WorkerRefused(DEATH_TIMEOUT_EXIT_CODE)
                 backoff = min(backoff, max(self.death_timeout - alone, 0.05))
+            if self.registered.is_set():
+                self.lost.set()
             self.registered.clear()
             await self._owner.orphan_everything()
             # What the old stream never carried would only confuse the next one.
@@ -196,6 +200,7 @@ class SchedulerLink:
                 raise ConnectionError("the scheduler closed the stream before registering us")
             assert isinstance(first, pb.SchedulerToWorker)
             self.worker_id = first.registered.worker_id
+            self.lost.clear()
             owner.on_registered(first.registered.client_token_sha256)
             interval = first.registered.heartbeat_interval_s or 2.0
             log.info(

@@ -7,6 +7,7 @@ reports (:class:`Reports`) become one ``WorkerReports`` message per write.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,8 @@ from apportion_common.serialize import ErrorInfo
 from protos import apportion_pb2 as pb
 
 from .assignment import Assignment, InputLocation
+
+log = logging.getLogger("worker_service")
 
 
 def assignment_from_pb(a: pb.TaskAssignment, what: str) -> Assignment:
@@ -64,6 +67,10 @@ class Instructions:
     assign: list[Assignment | Malformed]
     #: how many other workers share this host, if the batch says
     host_peers: int | None = None
+    #: results to take a copy of (a retiring worker hands them over)
+    replicate: list[InputLocation] = field(default_factory=list)
+    #: drained: close and exit
+    retire: bool = False
 
 
 def instructions_from_pb(batch: pb.WorkerInstructions) -> Instructions:
@@ -89,7 +96,23 @@ def instructions_from_pb(batch: pb.WorkerInstructions) -> Instructions:
         [ref.run_id for ref in batch.cancel],
         assign,
         batch.host_peers if batch.HasField("host_peers") else None,
+        _replications(batch),
+        batch.retire,
     )
+
+
+def _replications(batch: pb.WorkerInstructions) -> list[InputLocation]:
+    """The usable ones: a bad key or no address is logged and skipped."""
+    usable = []
+    for i, item in enumerate(batch.replicate):
+        try:
+            boundary.check_key(item.key, f"WorkerInstructions.replicate[{i}].key")
+        except boundary.WireError as exc:
+            log.error("ignoring a replication from the scheduler: %s", exc)
+            continue
+        if item.addresses:
+            usable.append(_input_from_pb(item))
+    return usable
 
 
 @dataclass(slots=True)  # not frozen: one is made per run (see Assignment)
@@ -131,9 +154,21 @@ class Reports:
     #: (key, run id) of queued runs that took their lease and began
     started: list[tuple[str, int]] = field(default_factory=list)
     heartbeat: bool = False
+    #: (key, nbytes) of copies taken as the scheduler asked
+    acquired: list[tuple[str, int]] = field(default_factory=list)
+    #: ask the scheduler to drain and retire this worker
+    retire_me: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.finished or self.failed or self.missing or self.started or self.heartbeat)
+        return bool(
+            self.finished
+            or self.failed
+            or self.missing
+            or self.started
+            or self.heartbeat
+            or self.acquired
+            or self.retire_me
+        )
 
 
 def reports_to_pb(reports: Reports) -> pb.WorkerToScheduler:
@@ -166,6 +201,10 @@ def reports_to_pb(reports: Reports) -> pb.WorkerToScheduler:
         ]
     if reports.started:
         fields["started"] = [pb.RunRef(key=key, run_id=run_id) for key, run_id in reports.started]
+    if reports.acquired:
+        fields["acquired"] = [pb.HeldResult(key=k, nbytes=n) for k, n in reports.acquired]
+    if reports.retire_me:
+        fields["retire_me"] = True
     return pb.WorkerToScheduler(reports=pb.WorkerReports(**fields))
 
 

@@ -36,7 +36,7 @@ import socket
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from apportion_common import boundary, serialize, shm
 from apportion_common.grpc_server import ServingHealth, bind, install_stop_signals, make_server
@@ -59,6 +59,7 @@ from .assignment import Assignment
 from .execute import Outcome, execute
 from .inputs import SHARE_MIN_BYTES, InputFetcher, Inputs, local_inputs
 from .ledger import OverCommitted
+from .retiring import DEFAULT_DRAIN_TIMEOUT_S, Retiring, drain
 from .servicer import WORKER_SERVICE, WorkerServicer, add_worker_service
 from .state import InvariantError, Refused, WorkerState
 from .store import ResultStore
@@ -165,6 +166,7 @@ class Worker:
         #: go into shared memory as they are made only while there are some
         self.host_peers = 0
         self._link = SchedulerLink(scheduler_address, credentials, self, death_timeout)
+        self.retiring = Retiring(self.store, self._fetcher, self._link)
         #: each run holding a lease here, on the loop's side: done once it ended
         self._running: dict[int, asyncio.Future[None]] = {}
         #: runs fetching their inputs before they go to a thread
@@ -218,6 +220,7 @@ class Worker:
         await asyncio.gather(
             *self._fetching.values(), *self._running.values(), return_exceptions=True
         )
+        await self.retiring.close()
         await self._health.set(False)
         await self._server.stop(0.5)
         await self._peers.close()
@@ -244,6 +247,7 @@ class Worker:
         """
         if self._authorizer is not None:
             self._authorizer.set_role(Role.CLIENT, client_token_sha256 or None)
+        self.retiring.registered()
 
     async def orphan_everything(self) -> None:
         """After losing the scheduler: let running code return (its resources
@@ -267,6 +271,11 @@ class Worker:
             )
         if instructions.host_peers is not None and self.host_id:
             self.host_peers = instructions.host_peers
+        for item in instructions.replicate:
+            self.retiring.replicate(item)
+        if instructions.retire:
+            log.info("drained: retiring")
+            self.retiring.retired.set()
         declared = instructions.declared
         if declared is not None:
             self.resources = declared
@@ -526,9 +535,12 @@ async def run_worker(
     validate: bool = False,
     shared_memory: bool = True,
     death_timeout: float | None = None,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
 ) -> None:
-    """Run one worker until SIGINT/SIGTERM. With ``validate``, a broken
-    invariant ends the process with status :data:`INVARIANT_EXIT_CODE`."""
+    """Run one worker until it is retired, or SIGINT (stop now), or SIGTERM
+    (drain for at most ``drain_timeout`` seconds, then stop). With
+    ``validate``, a broken invariant ends the process with status
+    :data:`INVARIANT_EXIT_CODE`."""
     worker = Worker(
         scheduler_address,
         resources=resources,
@@ -546,13 +558,23 @@ async def run_worker(
     worker.on_broken = lambda: os._exit(INVARIANT_EXIT_CODE)
     await worker.start()
     print(f"apportion worker {worker.name} serving on {worker.address}", flush=True)
-    stop = asyncio.Event()
+    stop, drain_asked = asyncio.Event(), asyncio.Event()
     if handle_signals:
-        install_stop_signals(stop)
-    stopper = asyncio.create_task(stop.wait())
+        install_stop_signals(stop, drain_asked if drain_timeout > 0 else None)
     assert worker._main is not None
-    done, _ = await asyncio.wait({stopper, worker._main}, return_when=asyncio.FIRST_COMPLETED)
-    stopper.cancel()
+    stopped = asyncio.create_task(stop.wait())
+    asked = asyncio.create_task(drain_asked.wait())
+    retired = asyncio.create_task(worker.retiring.retired.wait())
+    waits: set[asyncio.Task[Any]] = {stopped, asked, retired}
+    done, _ = await asyncio.wait({*waits, worker._main}, return_when=asyncio.FIRST_COMPLETED)
+    if asked in done and not done & {stopped, retired, worker._main}:
+        drained = asyncio.create_task(drain(worker.retiring, drain_timeout))
+        waits.add(drained)
+        done, _ = await asyncio.wait(
+            {stopped, retired, drained, worker._main}, return_when=asyncio.FIRST_COMPLETED
+        )
+    for waiting in waits:
+        waiting.cancel()
     await worker.close()
     if worker._main in done and not stop.is_set():
         refused = worker._main.exception()

@@ -18,7 +18,7 @@ import typer
 from typer.core import TyperCommand
 
 from .local import local
-from .operator import explain, set_resources, status
+from .operator import explain, retire, set_resources, status
 from .scheduler import scheduler
 from .worker import worker
 
@@ -72,6 +72,7 @@ for command, name in (
     (local, None),
     (status, None),
     (set_resources, "set-resources"),
+    (retire, None),
     (explain, None),
 ):
     app.command(name, cls=_Command)(command)

@@ -1,4 +1,5 @@
-"""Commands that ask the running scheduler: ``status``, ``set-resources``, ``explain``."""
+"""Commands that ask the running scheduler: ``status``, ``set-resources``,
+``explain``, ``retire``."""
 
 from __future__ import annotations
 
@@ -93,6 +94,43 @@ def set_resources(
     typer.echo(f"{w.name} ({w.address}) now declares {declared}")
 
 
+def retire(
+    scheduler_address: AddressArgument,
+    workers: Annotated[
+        list[str], typer.Argument(help="Workers' addresses or names.", metavar="WORKER...")
+    ],
+    timeout: Annotated[
+        float,
+        typer.Option(help="Give up waiting after this many seconds.", metavar="SECONDS"),
+    ] = 60.0,
+    token: TokenOption = None,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+) -> None:
+    """Take workers out of service without losing work, and wait until they are gone.
+
+    Nothing new is placed on them; their running and queued tasks finish,
+    results still wanted move to other workers, then each exits (its nanny
+    does not restart it).
+    """
+    scheduler_address = check_address(scheduler_address)
+    security = caller_security(token, tls_ca, tls_cert, tls_key)
+    if not (timeout >= 0 and timeout != float("inf")):
+        fail(f"--timeout must be a number of seconds >= 0, not {timeout}")
+    request = pb.RetireWorkersRequest(workers=workers, timeout_s=timeout)
+    reply = _call(
+        scheduler_address,
+        security,
+        lambda scheduler: scheduler.retire_workers(request, timeout + CALL_TIMEOUT_S),
+    )
+    for w in reply.retired:
+        typer.echo(f"retired {w.name} ({w.address})")
+    if reply.draining:
+        still = ", ".join(f"{w.name} ({w.address})" for w in reply.draining)
+        fail(f"still draining after {timeout:g}s: {still}")
+
+
 def explain(
     scheduler_address: AddressArgument,
     key: Annotated[str, typer.Argument(help="The task's key.", metavar="KEY")],
@@ -151,7 +189,7 @@ def _print_status(info: ClusterInfo) -> None:
         used = w["used_resources"]
         res = ", ".join(f"{n} {used.get(n, 0):g}/{v:g}" for n, v in sorted(w["resources"].items()))
         table.add_row(
-            w["name"],
+            w["name"] + (" (draining)" if w["draining"] else ""),
             address,
             str(w["nthreads"]),
             str(w["running"]),

@@ -76,6 +76,16 @@ def worker(
             show_default="keep trying",
         ),
     ] = None,
+    drain_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="On SIGTERM, let running and queued tasks finish and move wanted results "
+            "to other workers for at most this many seconds before stopping; 0: stop at "
+            "once (APPORTION_WORKER__DRAIN_TIMEOUT).",
+            metavar="SECONDS",
+            show_default="30",
+        ),
+    ] = None,
     nanny: Annotated[
         bool,
         typer.Option(
@@ -90,7 +100,9 @@ def worker(
 ) -> None:
     """Run worker processes that execute tasks within their declared resources."""
     scheduler_address = check_address(scheduler_address)
-    settings = _worker_settings(resources, nthreads, nworkers, name, host, death_timeout)
+    settings = _worker_settings(
+        resources, nthreads, nworkers, name, host, death_timeout, drain_timeout
+    )
     secure = security_settings(token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
     # --token, else APPORTION_WORKER_TOKEN, else APPORTION_TOKEN.
     worker_secret = secure.token if token is not None else secure.worker_role_token
@@ -106,7 +118,9 @@ def worker(
         from worker_service.nanny import Nanny  # see app.py
 
         supervisor = Nanny(
-            lambda index: _child_command(scheduler_address, settings, index), settings.nworkers
+            lambda index: _child_command(scheduler_address, settings, index),
+            settings.nworkers,
+            settings.drain_timeout,
         )
         supervisor.stop_on_signals()
         raise typer.Exit(supervisor.run())
@@ -124,6 +138,7 @@ def worker(
             validate=settings.check_invariants,
             shared_memory=settings.shared_memory,
             death_timeout=settings.death_timeout,
+            drain_timeout=settings.drain_timeout,
         )
     )
     # Task threads cannot be interrupted; do not let one hold the process up.
@@ -156,6 +171,7 @@ def _child_command(scheduler_address: str, settings: WorkerSettings, index: int)
         args += ["--host", settings.host]
     if settings.death_timeout is not None:
         args += ["--death-timeout", str(settings.death_timeout)]
+    args += ["--drain-timeout", str(settings.drain_timeout)]
     return args
 
 
@@ -166,6 +182,7 @@ def _worker_settings(
     name: str | None,
     host: str | None,
     death_timeout: float | None = None,
+    drain_timeout: float | None = None,
 ) -> WorkerSettings:
     given = {
         "nthreads": nthreads,
@@ -173,6 +190,7 @@ def _worker_settings(
         "name": name,
         "host": host,
         "death_timeout": death_timeout,
+        "drain_timeout": drain_timeout,
     }
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     try:

@@ -144,6 +144,15 @@ class StubTransport:
         worker = pb.WorkerInfo(name=request.worker, address=WORKER, resources=request.resources)
         return pb.SetWorkerResourcesReply(worker=worker)
 
+    async def retire_workers(
+        self, request: pb.RetireWorkersRequest, timeout: float
+    ) -> pb.RetireWorkersReply:
+        self.requests.append(request)
+        reply = pb.RetireWorkersReply()
+        for worker in request.workers:
+            reply.retired.add(name=worker, address=f"{worker}.stub:1")
+        return reply
+
     async def explain_task(
         self, request: pb.ExplainTaskRequest, timeout: float
     ) -> pb.ExplainTaskReply:

@@ -167,6 +167,7 @@ async def test_worker_serves_results_in_chunks_and_refuses_unknown_keys(
     [
         ("/apportion.v1.Scheduler/ExplainTask", "apportion.v1.ExplainTaskRequest"),
         ("/apportion.v1.Scheduler/SetWorkerResources", "apportion.v1.SetWorkerResourcesRequest"),
+        ("/apportion.v1.Scheduler/RetireWorkers", "apportion.v1.RetireWorkersRequest"),
     ],
 )
 async def test_a_unary_request_that_does_not_parse_is_refused_by_name(
@@ -183,3 +184,27 @@ async def test_a_unary_request_that_does_not_parse_is_refused_by_name(
             pb.GetClusterStateRequest(), timeout=10
         )
         assert state.address == scheduler_server.address
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "says"),
+    [
+        (pb.RetireWorkersRequest(), grpc.StatusCode.INVALID_ARGUMENT, "name at least one"),
+        (
+            pb.RetireWorkersRequest(workers=["w"], timeout_s=math.nan),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "timeout_s",
+        ),
+        (pb.RetireWorkersRequest(workers=["nope"]), grpc.StatusCode.NOT_FOUND, "no worker 'nope'"),
+    ],
+)
+async def test_retire_workers_refuses_what_it_cannot_do_by_name(
+    scheduler_server: SchedulerServer,
+    request_: pb.RetireWorkersRequest,
+    code: grpc.StatusCode,
+    says: str,
+) -> None:
+    async with insecure_channel(scheduler_server.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pb_grpc.SchedulerStub(channel).RetireWorkers(request_, timeout=10)
+    assert info.value.code() == code and says in (info.value.details() or "")

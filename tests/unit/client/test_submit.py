@@ -141,6 +141,7 @@ async def test_the_scheduler_s_unary_calls_go_through_the_transport(h: Harness) 
                 "used_resources": {},
                 "running": 1,
                 "queued": 0,
+                "draining": False,
             }
         },
         "tasks": {"running": 1},

@@ -41,3 +41,20 @@ def test_host_peers_are_heard_only_when_the_batch_says_so() -> None:
     assert told.host_peers == 0
     assert wire.instructions_from_pb(pb.WorkerInstructions(host_peers=3)).host_peers == 3
     assert wire.instructions_from_pb(pb.WorkerInstructions()).host_peers is None
+
+
+def test_replications_with_a_bad_key_or_no_holder_are_skipped_and_retire_is_heard() -> None:
+    batch = pb.WorkerInstructions(retire=True)
+    batch.replicate.add(key="x", addresses=["h:1"], nbytes=5)
+    batch.replicate.add(key="", addresses=["h:1"])
+    batch.replicate.add(key="y")
+    told = wire.instructions_from_pb(batch)
+    assert [(i.key, i.addresses, i.nbytes) for i in told.replicate] == [("x", ("h:1",), 5)]
+    assert told.retire and not wire.instructions_from_pb(pb.WorkerInstructions()).retire
+
+
+def test_reports_carry_copies_taken_and_a_wish_to_retire() -> None:
+    reports = wire.Reports(acquired=[("x", 5)], retire_me=True)
+    assert reports
+    msg = wire.reports_to_pb(reports).reports
+    assert [(h.key, h.nbytes) for h in msg.acquired] == [("x", 5)] and msg.retire_me
