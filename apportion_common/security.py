@@ -77,11 +77,17 @@ METHOD_ROLES: Mapping[str, frozenset[Role]] = {
     "/apportion.v1.Scheduler/SetWorkerResources": _CLIENT,
     "/apportion.v1.Scheduler/ExplainTask": _CLIENT,
     "/apportion.v1.Scheduler/RetireWorkers": _CLIENT,
+    "/apportion.v1.Scheduler/UploadFile": _CLIENT,
+    "/apportion.v1.Scheduler/Restart": _CLIENT,
+    "/apportion.v1.Scheduler/Shutdown": _CLIENT,
     # Peers fetch inputs with the worker token, clients results with theirs.
     "/apportion.v1.Worker/FetchResult": _EITHER,
     "/apportion.v1.Worker/FetchResults": _EITHER,
     # Only peers on the same host: a segment costs the host's memory.
     "/apportion.v1.Worker/ShareResult": _WORKER,
+    # Code and files, as a task would bring: the clients' calls.
+    "/apportion.v1.Worker/RunFunction": _CLIENT,
+    "/apportion.v1.Worker/UploadFile": _CLIENT,
 }
 
 #: A method missing from METHOD_ROLES (one added later) is never open by

@@ -24,6 +24,7 @@ from apportion_common.security import TLS, ClientSecurity, tls_from_paths
 from apportion_common.serialize import Frames
 from apportion_common.settings import SecuritySettings
 from apportion_common.transfer import ChannelPool
+from apportion_common.uploads import UploadError
 from apportion_common.wrong_peer import not_a_scheduler
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
@@ -97,6 +98,25 @@ class Transport(Protocol):
     async def retire_workers(
         self, request: pb.RetireWorkersRequest, timeout: float
     ) -> pb.RetireWorkersReply: ...
+
+    async def upload_file(self, request: pb.UploadFileRequest, timeout: float) -> None: ...
+
+    async def restart(self, request: pb.RestartRequest, timeout: float) -> pb.RestartReply: ...
+
+    async def shutdown(self, request: pb.ShutdownRequest, timeout: float) -> None: ...
+
+    async def run_function(
+        self, address: str, request: pb.RunFunctionRequest, timeout: float
+    ) -> pb.RunFunctionReply:
+        """Call a function on the worker at ``address`` (client.run)."""
+        ...
+
+    async def upload_to_worker(
+        self, address: str, request: pb.UploadFileRequest, timeout: float
+    ) -> None:
+        """Raise :class:`~apportion_common.uploads.UploadError` naming the
+        worker if the file does not import there."""
+        ...
 
     async def fetch(self, address: str, key: str) -> Frames:
         """The result of ``key`` from the worker at ``address``; raise
@@ -225,6 +245,43 @@ class GrpcTransport:
                 request, timeout=timeout
             )
         return reply
+
+    async def upload_file(self, request: pb.UploadFileRequest, timeout: float) -> None:
+        with self._mapped("UploadFile"):
+            await self._scheduler.UploadFile(request, timeout=timeout)
+
+    async def restart(self, request: pb.RestartRequest, timeout: float) -> pb.RestartReply:
+        with self._mapped("Restart"):
+            reply: pb.RestartReply = await self._scheduler.Restart(request, timeout=timeout)
+        return reply
+
+    async def shutdown(self, request: pb.ShutdownRequest, timeout: float) -> None:
+        with self._mapped("Shutdown"):
+            await self._scheduler.Shutdown(request, timeout=timeout)
+
+    async def run_function(
+        self, address: str, request: pb.RunFunctionRequest, timeout: float
+    ) -> pb.RunFunctionReply:
+        with self._mapped_at(address, "RunFunction"):
+            reply: pb.RunFunctionReply = await self._peers.stub(address).RunFunction(
+                request, timeout=timeout
+            )
+        return reply
+
+    async def upload_to_worker(
+        self, address: str, request: pb.UploadFileRequest, timeout: float
+    ) -> None:
+        try:
+            await self._peers.stub(address).UploadFile(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise UploadError(f"on the worker at {address}: {exc.details()}") from None
+            with self._mapped_at(address, "UploadFile"):
+                raise
+
+    def _mapped_at(self, address: str, method: str) -> AbstractContextManager[None]:
+        """Errors of a call on the worker at ``address``, as the SDK's."""
+        return mapped_call_errors(method, address, self.security.token is not None, self._caller)
 
     async def explain_task(
         self, request: pb.ExplainTaskRequest, timeout: float

@@ -19,7 +19,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping
-from typing import Any, Generic, Literal, Protocol, Self, TypeVar, overload
+from typing import Any, Literal, Protocol, Self, TypeVar, overload
 
 from apportion_common import serialize
 from apportion_common.resources import check_resources
@@ -27,6 +27,7 @@ from apportion_common.security import TLS
 from protos import apportion_pb2 as pb
 
 from ._bridge import AsyncBridge, SyncBridge
+from ._control import ControlCalls
 from ._core import CONNECT_TIMEOUT_S, RECONNECT_TIMEOUT_S, ClientCore
 from ._dask import api as dask_api
 from ._dask.api import as_dask_default, require_dask
@@ -68,7 +69,7 @@ def _address_of(address: Any) -> str:
     return addr
 
 
-class Client(Generic[IsAsync]):
+class Client(ControlCalls[IsAsync]):
     """Connect to a scheduler and run functions on its workers.
 
     ``Client(address)`` blocks; ``Client(address, asynchronous=True)`` is used
@@ -472,37 +473,6 @@ class Client(Generic[IsAsync]):
         async def run() -> WorkerInfo:
             reply = await self.core.transport.set_worker_resources(request, CALL_TIMEOUT_S)
             return worker_info(reply.worker)
-
-        return self._bridge.run(run())
-
-    @overload
-    def retire_workers(
-        self: Client[Literal[False]], workers: Iterable[str], timeout: float = ...
-    ) -> dict[str, WorkerInfo]: ...
-    @overload
-    def retire_workers(
-        self: Client[Literal[True]], workers: Iterable[str], timeout: float = ...
-    ) -> Coroutine[Any, Any, dict[str, WorkerInfo]]: ...
-    def retire_workers(self, workers: Iterable[str], timeout: float = 60.0) -> Any:
-        """Take ``workers`` (addresses or names) out of service without losing
-        work, as Dask's ``retire_workers``: nothing new is placed on them, their
-        running and queued tasks finish, results still wanted are copied to
-        other workers, then each exits (its nanny does not restart it).
-
-        Blocks until they are gone and returns them by address, as
-        ``scheduler_info()["workers"]`` showed them; raises ``TimeoutError``
-        naming those still draining after ``timeout`` seconds (they go on
-        draining).
-        """
-        names = [workers] if isinstance(workers, str) else list(workers)
-        request = pb.RetireWorkersRequest(workers=names, timeout_s=timeout)
-
-        async def run() -> dict[str, WorkerInfo]:
-            reply = await self.core.transport.retire_workers(request, timeout + CALL_TIMEOUT_S)
-            if reply.draining:
-                still = ", ".join(w.name or w.address for w in reply.draining)
-                raise TimeoutError(f"still draining after {timeout:g}s: {still}")
-            return {w.address: worker_info(w) for w in reply.retired}
 
         return self._bridge.run(run())
 

@@ -87,6 +87,78 @@ TASK_STATUS_CANCELLED: TaskStatus.ValueType  # 4
 Global___TaskStatus: _TypeAlias = TaskStatus  # noqa: Y015
 
 @_typing.final
+class RestartRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    timeout_s: _builtins.float
+    """How long to wait for the workers to come back (0: 60 s)."""
+    def __init__(
+        self,
+        *,
+        timeout_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["timeout_s", b"timeout_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestartRequest: _TypeAlias = RestartRequest  # noqa: Y015
+
+@_typing.final
+class RestartReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerInfo]:
+        """Workers registered when it answered."""
+
+    def __init__(
+        self,
+        *,
+        workers: _abc.Iterable[Global___WorkerInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestartReply: _TypeAlias = RestartReply  # noqa: Y015
+
+@_typing.final
+class ShutdownRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShutdownRequest: _TypeAlias = ShutdownRequest  # noqa: Y015
+
+@_typing.final
+class ShutdownReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShutdownReply: _TypeAlias = ShutdownReply  # noqa: Y015
+
+@_typing.final
 class RetireWorkersRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -645,6 +717,8 @@ class WorkerInstructions(_message.Message):
     HOST_PEERS_FIELD_NUMBER: _builtins.int
     REPLICATE_FIELD_NUMBER: _builtins.int
     RETIRE_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    RESTART_FIELD_NUMBER: _builtins.int
     host_peers: _builtins.int
     """Set when it changes: how many other workers share this worker's host
     (their host ids match). A worker writes large results into shared memory
@@ -652,6 +726,8 @@ class WorkerInstructions(_message.Message):
     """
     retire: _builtins.bool
     """Drained: close and exit; a nanny does not start this process again."""
+    restart: _builtins.bool
+    """Exit so that the nanny starts this process afresh (client.restart())."""
     @_builtins.property
     def assign(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskAssignment]: ...
     @_builtins.property
@@ -668,6 +744,10 @@ class WorkerInstructions(_message.Message):
         retires hands them over) and report it in WorkerReports.acquired.
         """
 
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___UploadFileRequest]:
+        """Files for tasks to import (uploaded before this worker joined)."""
+
     def __init__(
         self,
         *,
@@ -678,10 +758,12 @@ class WorkerInstructions(_message.Message):
         host_peers: _builtins.int | None = ...,
         replicate: _abc.Iterable[Global___InputLocation] | None = ...,
         retire: _builtins.bool = ...,
+        files: _abc.Iterable[Global___UploadFileRequest] | None = ...,
+        restart: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_host_peers", b"_host_peers", "declared", b"declared", "host_peers", b"host_peers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_host_peers", b"_host_peers", "assign", b"assign", "cancel", b"cancel", "declared", b"declared", "host_peers", b"host_peers", "release", b"release", "replicate", b"replicate", "retire", b"retire"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_host_peers", b"_host_peers", "assign", b"assign", "cancel", b"cancel", "declared", b"declared", "files", b"files", "host_peers", b"host_peers", "release", b"release", "replicate", b"replicate", "restart", b"restart", "retire", b"retire"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__host_peers: _TypeAlias = _typing.Literal["host_peers"]  # noqa: Y015
     _WhichOneofArgType__host_peers: _TypeAlias = _typing.Literal["_host_peers", b"_host_peers"]  # noqa: Y015
@@ -1275,6 +1357,90 @@ class WorkerInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerInfo: _TypeAlias = WorkerInfo  # noqa: Y015
+
+@_typing.final
+class RunFunctionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    payload: _builtins.bytes
+    """cloudpickle of (function, args, kwargs)."""
+    def __init__(
+        self,
+        *,
+        payload: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunFunctionRequest: _TypeAlias = RunFunctionRequest  # noqa: Y015
+
+@_typing.final
+class RunFunctionReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    result: _builtins.bytes
+    """The pickled result."""
+    @_builtins.property
+    def error(self) -> Global___TaskError: ...
+    def __init__(
+        self,
+        *,
+        result: _builtins.bytes = ...,
+        error: Global___TaskError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["result", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___RunFunctionReply: _TypeAlias = RunFunctionReply  # noqa: Y015
+
+@_typing.final
+class UploadFileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILENAME_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    filename: _builtins.str
+    """A bare file name: no directory part."""
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        filename: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "filename", b"filename"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadFileRequest: _TypeAlias = UploadFileRequest  # noqa: Y015
+
+@_typing.final
+class UploadFileReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadFileReply: _TypeAlias = UploadFileReply  # noqa: Y015
 
 @_typing.final
 class ShareRequest(_message.Message):

@@ -66,6 +66,21 @@ class SchedulerStub:
                 request_serializer=protos_dot_apportion__pb2.RetireWorkersRequest.SerializeToString,
                 response_deserializer=protos_dot_apportion__pb2.RetireWorkersReply.FromString,
                 _registered_method=True)
+        self.UploadFile = channel.unary_unary(
+                '/apportion.v1.Scheduler/UploadFile',
+                request_serializer=protos_dot_apportion__pb2.UploadFileRequest.SerializeToString,
+                response_deserializer=protos_dot_apportion__pb2.UploadFileReply.FromString,
+                _registered_method=True)
+        self.Restart = channel.unary_unary(
+                '/apportion.v1.Scheduler/Restart',
+                request_serializer=protos_dot_apportion__pb2.RestartRequest.SerializeToString,
+                response_deserializer=protos_dot_apportion__pb2.RestartReply.FromString,
+                _registered_method=True)
+        self.Shutdown = channel.unary_unary(
+                '/apportion.v1.Scheduler/Shutdown',
+                request_serializer=protos_dot_apportion__pb2.ShutdownRequest.SerializeToString,
+                response_deserializer=protos_dot_apportion__pb2.ShutdownReply.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -123,6 +138,30 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadFile(self, request, context):
+        """Keep a file for workers that join later (client.upload_file sends it to
+        the current ones itself, to hear whether it imports there).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Restart(self, request, context):
+        """Cancel every task (each client's futures end cancelled) and restart every
+        worker process through its nanny; answers once as many workers are back,
+        or at the timeout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Shutdown(self, request, context):
+        """Stop every worker (their nannies too), then the scheduler itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +194,21 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.RetireWorkers,
                     request_deserializer=protos_dot_apportion__pb2.RetireWorkersRequest.FromString,
                     response_serializer=protos_dot_apportion__pb2.RetireWorkersReply.SerializeToString,
+            ),
+            'UploadFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadFile,
+                    request_deserializer=protos_dot_apportion__pb2.UploadFileRequest.FromString,
+                    response_serializer=protos_dot_apportion__pb2.UploadFileReply.SerializeToString,
+            ),
+            'Restart': grpc.unary_unary_rpc_method_handler(
+                    servicer.Restart,
+                    request_deserializer=protos_dot_apportion__pb2.RestartRequest.FromString,
+                    response_serializer=protos_dot_apportion__pb2.RestartReply.SerializeToString,
+            ),
+            'Shutdown': grpc.unary_unary_rpc_method_handler(
+                    servicer.Shutdown,
+                    request_deserializer=protos_dot_apportion__pb2.ShutdownRequest.FromString,
+                    response_serializer=protos_dot_apportion__pb2.ShutdownReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -331,6 +385,87 @@ class Scheduler:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def UploadFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apportion.v1.Scheduler/UploadFile',
+            protos_dot_apportion__pb2.UploadFileRequest.SerializeToString,
+            protos_dot_apportion__pb2.UploadFileReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restart(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apportion.v1.Scheduler/Restart',
+            protos_dot_apportion__pb2.RestartRequest.SerializeToString,
+            protos_dot_apportion__pb2.RestartReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Shutdown(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apportion.v1.Scheduler/Shutdown',
+            protos_dot_apportion__pb2.ShutdownRequest.SerializeToString,
+            protos_dot_apportion__pb2.ShutdownReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class WorkerStub:
     """------------------------------------------------------------------- worker
@@ -357,6 +492,16 @@ class WorkerStub:
                 '/apportion.v1.Worker/ShareResult',
                 request_serializer=protos_dot_apportion__pb2.ShareRequest.SerializeToString,
                 response_deserializer=protos_dot_apportion__pb2.ShareReply.FromString,
+                _registered_method=True)
+        self.RunFunction = channel.unary_unary(
+                '/apportion.v1.Worker/RunFunction',
+                request_serializer=protos_dot_apportion__pb2.RunFunctionRequest.SerializeToString,
+                response_deserializer=protos_dot_apportion__pb2.RunFunctionReply.FromString,
+                _registered_method=True)
+        self.UploadFile = channel.unary_unary(
+                '/apportion.v1.Worker/UploadFile',
+                request_serializer=protos_dot_apportion__pb2.UploadFileRequest.SerializeToString,
+                response_deserializer=protos_dot_apportion__pb2.UploadFileReply.FromString,
                 _registered_method=True)
 
 
@@ -394,6 +539,21 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunFunction(self, request, context):
+        """Run a function here, outside the task slots and holding no resources
+        (client.run); its result or its error comes back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadFile(self, request, context):
+        """Keep a file (.py, .zip, .egg) where tasks import from, and import it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -411,6 +571,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.ShareResult,
                     request_deserializer=protos_dot_apportion__pb2.ShareRequest.FromString,
                     response_serializer=protos_dot_apportion__pb2.ShareReply.SerializeToString,
+            ),
+            'RunFunction': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunFunction,
+                    request_deserializer=protos_dot_apportion__pb2.RunFunctionRequest.FromString,
+                    response_serializer=protos_dot_apportion__pb2.RunFunctionReply.SerializeToString,
+            ),
+            'UploadFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadFile,
+                    request_deserializer=protos_dot_apportion__pb2.UploadFileRequest.FromString,
+                    response_serializer=protos_dot_apportion__pb2.UploadFileReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -496,6 +666,60 @@ class Worker:
             '/apportion.v1.Worker/ShareResult',
             protos_dot_apportion__pb2.ShareRequest.SerializeToString,
             protos_dot_apportion__pb2.ShareReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunFunction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apportion.v1.Worker/RunFunction',
+            protos_dot_apportion__pb2.RunFunctionRequest.SerializeToString,
+            protos_dot_apportion__pb2.RunFunctionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apportion.v1.Worker/UploadFile',
+            protos_dot_apportion__pb2.UploadFileRequest.SerializeToString,
+            protos_dot_apportion__pb2.UploadFileReply.FromString,
             options,
             channel_credentials,
             insecure,

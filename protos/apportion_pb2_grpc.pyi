@@ -61,6 +61,17 @@ class SchedulerStub:
     restart it). Answers once they are gone, or at the timeout with those
     still draining (they go on draining).
     """
+    UploadFile: _grpc.UnaryUnaryMultiCallable[_apportion_pb2.UploadFileRequest, _apportion_pb2.UploadFileReply]
+    """Keep a file for workers that join later (client.upload_file sends it to
+    the current ones itself, to hear whether it imports there).
+    """
+    Restart: _grpc.UnaryUnaryMultiCallable[_apportion_pb2.RestartRequest, _apportion_pb2.RestartReply]
+    """Cancel every task (each client's futures end cancelled) and restart every
+    worker process through its nanny; answers once as many workers are back,
+    or at the timeout.
+    """
+    Shutdown: _grpc.UnaryUnaryMultiCallable[_apportion_pb2.ShutdownRequest, _apportion_pb2.ShutdownReply]
+    """Stop every worker (their nannies too), then the scheduler itself."""
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
@@ -91,6 +102,17 @@ class SchedulerAsyncStub(SchedulerStub):
     restart it). Answers once they are gone, or at the timeout with those
     still draining (they go on draining).
     """
+    UploadFile: _aio.UnaryUnaryMultiCallable[_apportion_pb2.UploadFileRequest, _apportion_pb2.UploadFileReply]  # type: ignore[assignment]
+    """Keep a file for workers that join later (client.upload_file sends it to
+    the current ones itself, to hear whether it imports there).
+    """
+    Restart: _aio.UnaryUnaryMultiCallable[_apportion_pb2.RestartRequest, _apportion_pb2.RestartReply]  # type: ignore[assignment]
+    """Cancel every task (each client's futures end cancelled) and restart every
+    worker process through its nanny; answers once as many workers are back,
+    or at the timeout.
+    """
+    Shutdown: _aio.UnaryUnaryMultiCallable[_apportion_pb2.ShutdownRequest, _apportion_pb2.ShutdownReply]  # type: ignore[assignment]
+    """Stop every worker (their nannies too), then the scheduler itself."""
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------- scheduler"""
@@ -155,6 +177,35 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         still draining (they go on draining).
         """
 
+    @_abc_1.abstractmethod
+    def UploadFile(
+        self,
+        request: _apportion_pb2.UploadFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_apportion_pb2.UploadFileReply, _abc.Awaitable[_apportion_pb2.UploadFileReply]]:
+        """Keep a file for workers that join later (client.upload_file sends it to
+        the current ones itself, to hear whether it imports there).
+        """
+
+    @_abc_1.abstractmethod
+    def Restart(
+        self,
+        request: _apportion_pb2.RestartRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_apportion_pb2.RestartReply, _abc.Awaitable[_apportion_pb2.RestartReply]]:
+        """Cancel every task (each client's futures end cancelled) and restart every
+        worker process through its nanny; answers once as many workers are back,
+        or at the timeout.
+        """
+
+    @_abc_1.abstractmethod
+    def Shutdown(
+        self,
+        request: _apportion_pb2.ShutdownRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_apportion_pb2.ShutdownReply, _abc.Awaitable[_apportion_pb2.ShutdownReply]]:
+        """Stop every worker (their nannies too), then the scheduler itself."""
+
 def add_SchedulerServicer_to_server(servicer: SchedulerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class WorkerStub:
@@ -181,6 +232,12 @@ class WorkerStub:
     the result is released), else a new one, whose name goes when the stream
     ends, however it ends. The peer maps the segment, then ends its side.
     """
+    RunFunction: _grpc.UnaryUnaryMultiCallable[_apportion_pb2.RunFunctionRequest, _apportion_pb2.RunFunctionReply]
+    """Run a function here, outside the task slots and holding no resources
+    (client.run); its result or its error comes back.
+    """
+    UploadFile: _grpc.UnaryUnaryMultiCallable[_apportion_pb2.UploadFileRequest, _apportion_pb2.UploadFileReply]
+    """Keep a file (.py, .zip, .egg) where tasks import from, and import it."""
 
 @_typing.type_check_only
 class WorkerAsyncStub(WorkerStub):
@@ -204,6 +261,12 @@ class WorkerAsyncStub(WorkerStub):
     the result is released), else a new one, whose name goes when the stream
     ends, however it ends. The peer maps the segment, then ends its side.
     """
+    RunFunction: _aio.UnaryUnaryMultiCallable[_apportion_pb2.RunFunctionRequest, _apportion_pb2.RunFunctionReply]  # type: ignore[assignment]
+    """Run a function here, outside the task slots and holding no resources
+    (client.run); its result or its error comes back.
+    """
+    UploadFile: _aio.UnaryUnaryMultiCallable[_apportion_pb2.UploadFileRequest, _apportion_pb2.UploadFileReply]  # type: ignore[assignment]
+    """Keep a file (.py, .zip, .egg) where tasks import from, and import it."""
 
 class WorkerServicer(metaclass=_abc_1.ABCMeta):
     """------------------------------------------------------------------- worker"""
@@ -242,5 +305,23 @@ class WorkerServicer(metaclass=_abc_1.ABCMeta):
         the result is released), else a new one, whose name goes when the stream
         ends, however it ends. The peer maps the segment, then ends its side.
         """
+
+    @_abc_1.abstractmethod
+    def RunFunction(
+        self,
+        request: _apportion_pb2.RunFunctionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_apportion_pb2.RunFunctionReply, _abc.Awaitable[_apportion_pb2.RunFunctionReply]]:
+        """Run a function here, outside the task slots and holding no resources
+        (client.run); its result or its error comes back.
+        """
+
+    @_abc_1.abstractmethod
+    def UploadFile(
+        self,
+        request: _apportion_pb2.UploadFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_apportion_pb2.UploadFileReply, _abc.Awaitable[_apportion_pb2.UploadFileReply]]:
+        """Keep a file (.py, .zip, .egg) where tasks import from, and import it."""
 
 def add_WorkerServicer_to_server(servicer: WorkerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

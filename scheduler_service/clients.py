@@ -169,6 +169,15 @@ class Clients:
             current.wanted_by.clear()
             self._graph.forget(current, cmds)
 
+    def cancel_everything(self, cmds: list[Command]) -> None:
+        """Cancel every task any client wants (and so every task): each
+        client hears that its futures are cancelled (client.restart())."""
+        for wanted in list(self.wants.values()):
+            for key in sorted(wanted):
+                task = self._tasks.get(key)
+                if task is not None:
+                    self._cancel(task, cmds, "", frozenset())
+
     def release(self, client: ClientId, keys: Iterable[str], cmds: list[Command]) -> None:
         wanted = self.wants.get(client)
         for key in keys:

@@ -94,6 +94,22 @@ class RetireWorker:
     worker_id: WorkerId
 
 
+@dataclass(frozen=True, slots=True)
+class RestartWorker:
+    """Tell a worker to exit so that its nanny starts it afresh."""
+
+    worker_id: WorkerId
+
+
+@dataclass(frozen=True, slots=True)
+class UploadFiles:
+    """Files for a worker's tasks to import (sent by the servicer to a worker
+    that joins after they were uploaded; the state machine never sees them)."""
+
+    worker_id: WorkerId
+    files: tuple[tuple[str, bytes], ...]
+
+
 # ------------------------------------------------------------------ to clients
 
 
@@ -190,6 +206,8 @@ Command = (
     | TellHostPeers
     | ReplicateData
     | RetireWorker
+    | RestartWorker
+    | UploadFiles
     | NotifyClient
     | JournalCommand
 )

@@ -203,8 +203,14 @@ class DataReplicated:
     acquired: tuple[tuple[str, int], ...]
 
 
+@dataclass(frozen=True, slots=True)
+class RestartAsked:
+    """Cancel every task and restart every worker process (client.restart())."""
+
+
 Event = (
     Tick
+    | RestartAsked
     | RetirementAsked
     | DataReplicated
     | WorkerJoined

@@ -108,6 +108,10 @@ def _die_on_invariant_error() -> None:
     os._exit(INVARIANT_EXIT_CODE)
 
 
+#: After Shutdown, how long the workers' streams get to end before the scheduler stops.
+SHUTDOWN_GRACE_S = 0.5
+
+
 async def run_scheduler(
     host: str,
     port: int,
@@ -146,7 +150,14 @@ async def run_scheduler(
     if handle_signals:
         install_stop_signals(stop)
     try:
-        await stop.wait()
+        stopped = asyncio.create_task(stop.wait())
+        asked = asyncio.create_task(server.servicer.shutdown_asked.wait())
+        await asyncio.wait({stopped, asked}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        asked.cancel()
+        if server.servicer.shutdown_asked.is_set():
+            # The workers were told to exit: give their streams a moment to end.
+            await asyncio.sleep(SHUTDOWN_GRACE_S)
     finally:
         log.info("scheduler stopping")
         await server.stop()

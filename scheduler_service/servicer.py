@@ -28,6 +28,8 @@ from .commands import (
     JOURNAL_COMMANDS,
     Command,
     NotifyClient,
+    RetireWorker,
+    UploadFiles,
 )
 from .events import (
     ClientDisconnected,
@@ -49,11 +51,10 @@ from .events import (
     WorkerId,
     WorkerJoined,
     WorkerLeft,
-    WorkerResourcesChanged,
 )
-from .inspection import WorkerSnapshot
 from .journal import Journal
 from .liveness import Liveness
+from .operator_calls import OperatorCalls
 from .policy import SchedulingPolicy
 from .state import ClusterState, InvariantError
 
@@ -92,7 +93,7 @@ class Outbox(Generic[T]):
         return items
 
 
-class SchedulerServicer(pb_grpc.SchedulerServicer):
+class SchedulerServicer(OperatorCalls, pb_grpc.SchedulerServicer):
     def __init__(
         self,
         address: Callable[[], str],
@@ -125,6 +126,9 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         #: clients' result fetches without holding their secret (security.py);
         #: empty when clients need no token.
         self.client_token_sha256 = b""
+        self.uploads: dict[str, bytes] = {}
+        self.shutdown_asked = asyncio.Event()
+        self.worker_joined = asyncio.Event()
 
     def recover(self) -> int:
         """Rebuild the journal's tasks (at startup); returns how many."""
@@ -140,6 +144,11 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     def dispatch(self, event: Event) -> None:
         self.dispatch_all((event,))
+
+    def send_to_workers(self, make: Callable[[WorkerId], Command]) -> None:
+        """The command ``make(worker_id)`` to every connected worker."""
+        for worker_id, outbox in self._worker_outboxes.items():
+            outbox.put(make(worker_id))
 
     def dispatch_all(self, events: tuple[Event, ...]) -> None:
         """Hand ``events`` to the state machine together (one placement pass)
@@ -221,13 +230,16 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                 reg.pid,
             )
         )
-        if taken is not None and not same_process:
+        # One told to exit (retired, restarted) whose stream has not ended yet
+        # gives its name up to the process that replaces it.
+        replaced = taken is not None and taken.told_to_retire
+        if taken is not None and not same_process and not replaced:
             await context.abort(
                 grpc.StatusCode.ALREADY_EXISTS,
                 f"the worker name {name!r} is taken by the worker at {taken.address} "
                 f"(pid {taken.pid}); give this one another --name",
             )
-        if taken is not None and same_process:
+        if taken is not None and (same_process or replaced):
             # The same process again, before its old stream was seen to end.
             await self._drop_stale_stream(taken.worker_id)
         resources = registration.resources
@@ -241,6 +253,9 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             reg.nthreads,
             dict(reg.resources),
         )
+        if self.uploads:
+            # Before anything the join brings: its tasks may import them.
+            outbox.put(UploadFiles(worker_id, tuple(self.uploads.items())))
         held = tuple(HeldResult(h.key, h.incarnation, h.nbytes) for h in reg.held)
         self._liveness.heard(worker_id, time.monotonic())
         handler = asyncio.current_task()
@@ -261,6 +276,9 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                 registration.host_id,
             )
         )
+        self.worker_joined.set()
+        if self.shutdown_asked.is_set():
+            outbox.put(RetireWorker(worker_id))  # joined as everything stops: stop too
         reader: asyncio.Task[None] | None = None
         try:
             await context.write(
@@ -525,72 +543,3 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                 )
         if accepted:
             self.dispatch(TasksSubmitted(client_id, tuple(accepted)))
-
-    # ------------------------------------------------------------- unary
-
-    async def SetWorkerResources(
-        self,
-        request: pb.SetWorkerResourcesRequest,
-        context: grpc.aio.ServicerContext[object, object],
-    ) -> pb.SetWorkerResourcesReply:
-        try:
-            name, resources = wire.set_resources_from_pb(request)
-        except wire.WireError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        worker = self.state.find_worker(name)
-        if worker is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no worker {name!r}")
-        assert worker is not None
-        log.info("worker %s now declares %s", worker.name, dict(request.resources))
-        self.dispatch(WorkerResourcesChanged(worker.worker_id, resources))
-        snapshot = self.state.snapshot()
-        info = next(w for w in snapshot.workers if w.worker_id == worker.worker_id)
-        return pb.SetWorkerResourcesReply(worker=wire.worker_info_to_pb(info))
-
-    async def RetireWorkers(
-        self, request: pb.RetireWorkersRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.RetireWorkersReply:
-        """Drain the workers named (see scheduler_service.retirement) and answer
-        once they are gone, or at the timeout with those still draining."""
-        try:
-            names, timeout = wire.retire_workers_from_pb(request)
-        except wire.WireError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        asked: list[WorkerSnapshot] = []
-        for name in names:
-            worker = self.state.find_worker(name)
-            if worker is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"no worker {name!r}")
-            assert worker is not None
-            asked.append(self._snapshot_of(worker.worker_id))
-        ids = tuple(dict.fromkeys(w.worker_id for w in asked))
-        log.info("retiring %s", ", ".join(w.name for w in asked))
-        self.dispatch(RetirementAsked(ids))
-        # A worker is gone once its stream's handler has ended (it left).
-        streams = [self._worker_handlers[i] for i in ids if i in self._worker_handlers]
-        if streams:
-            await asyncio.wait(streams, timeout=timeout)
-        reply = pb.RetireWorkersReply()
-        for snapshot in {w.worker_id: w for w in asked}.values():
-            if snapshot.worker_id in self.state.workers:
-                reply.draining.append(wire.worker_info_to_pb(self._snapshot_of(snapshot.worker_id)))
-            else:
-                reply.retired.append(wire.worker_info_to_pb(snapshot))
-        return reply
-
-    def _snapshot_of(self, worker_id: WorkerId) -> WorkerSnapshot:
-        return next(w for w in self.state.snapshot().workers if w.worker_id == worker_id)
-
-    async def ExplainTask(
-        self, request: pb.ExplainTaskRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.ExplainTaskReply:
-        try:
-            key = wire.check_key(request.key, "ExplainTaskRequest.key")
-        except wire.WireError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return pb.ExplainTaskReply(explanation=self.state.explain(key))
-
-    async def GetClusterState(
-        self, request: pb.GetClusterStateRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.ClusterState:
-        return wire.cluster_state_to_pb(self._address(), self.state.snapshot())

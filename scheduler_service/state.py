@@ -50,7 +50,7 @@ from apportion_common.status import ErrorKind
 
 from .books import Books
 from .clients import FORGET, Clients
-from .commands import Command, DeclareResources, ReleaseData, TellHostPeers
+from .commands import Command, DeclareResources, ReleaseData, RestartWorker, TellHostPeers
 from .events import (
     ClientDisconnected,
     ClientId,
@@ -59,6 +59,7 @@ from .events import (
     DataReplicated,
     Event,
     KeysReleased,
+    RestartAsked,
     RetirementAsked,
     StateRecovered,
     TaskErred,
@@ -195,6 +196,8 @@ class ClusterState:
                 self._on_erred(event, cmds)
             case TaskMissingInputs():
                 self._on_missing_inputs(event, cmds)
+            case RestartAsked():
+                self._on_restart_asked(cmds)
             case RetirementAsked():
                 self._on_retirement_asked(event)
             case DataReplicated():
@@ -295,6 +298,16 @@ class ClusterState:
         self.graph.lose_holder(worker, cmds)
         self.graph.lose_runs(worker, self.policy.allowed_failures, cmds)
         self.graph.retell_why_waiting(cmds)
+
+    def _on_restart_asked(self, cmds: list[Command]) -> None:
+        """Every task cancelled; every worker takes nothing new and is told to
+        exit, for its nanny to start it afresh (its name goes to that process)."""
+        self.clientele.cancel_everything(cmds)
+        for worker in sorted(self.workers.values(), key=lambda w: w.worker_id):
+            self.placer.worker_left(worker)
+            self.retirements.ask(worker)
+            worker.told_to_retire = True
+            cmds.append(RestartWorker(worker.worker_id))
 
     def _on_retirement_asked(self, event: RetirementAsked) -> None:
         for worker_id in event.worker_ids:

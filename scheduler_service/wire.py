@@ -54,8 +54,10 @@ from .commands import (
     NotifyClient,
     ReleaseData,
     ReplicateData,
+    RestartWorker,
     RetireWorker,
     TellHostPeers,
+    UploadFiles,
 )
 from .events import (
     DataReplicated,
@@ -475,4 +477,9 @@ def worker_batch_to_pb(cmds: list[Command]) -> pb.SchedulerToWorker:
             )
         elif isinstance(cmd, RetireWorker):
             instructions.retire = True
+        elif isinstance(cmd, RestartWorker):
+            instructions.restart = True
+        elif isinstance(cmd, UploadFiles):
+            for filename, data in cmd.files:
+                instructions.files.add(filename=filename, data=data)
     return pb.SchedulerToWorker(instructions=instructions)

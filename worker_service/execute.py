@@ -67,6 +67,23 @@ def _call(
         )
 
 
+def run_function(payload: bytes) -> bytes | ErrorInfo:
+    """``client.run``: call a function here, outside the task slots (no lease,
+    no task context); its pickled result, or what went wrong."""
+    try:
+        fn, args, kwargs = serialize.loads(payload)
+    except BaseException as exc:  # a garbage payload must not kill the worker
+        return _wrapped(exc, "cannot unpickle the function to run")
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:  # the function's own error, reported with its type
+        return serialize.error_info(exc)
+    try:
+        return serialize.dumps(result)
+    except BaseException as exc:
+        return _wrapped(exc, f"the result (a {type(result).__qualname__}) cannot be pickled")
+
+
 def _wrapped(exc: BaseException, message: str) -> ErrorInfo:
     wrapper = SerializationError(f"{message}: {type(exc).__name__}: {exc}")
     wrapper.__cause__ = exc

@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 from apportion_common import shm
 
+from .retiring import RESTART_EXIT_CODE
+
 log = logging.getLogger("worker_service")
 
 #: A child that exits with one of these would fail the same way again (2:
@@ -95,6 +97,10 @@ class Nanny:
                     del children[index]
                     if not children:
                         return 0
+                    continue
+                if code == RESTART_EXIT_CODE:
+                    log.info("worker process %d restarting, as the scheduler asked", index)
+                    children[index] = self._spawn(index)
                     continue
                 if code in FATAL_EXIT_CODES:
                     log.error("worker process %d exited with %d; stopping", index, code)

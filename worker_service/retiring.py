@@ -24,6 +24,9 @@ log = logging.getLogger("worker_service")
 
 #: How long SIGTERM lets a worker drain before it stops anyway (--drain-timeout).
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+#: The status a worker told to restart exits with: its nanny starts it again
+#: at once (a retired one exits with 0 and is not started again).
+RESTART_EXIT_CODE = 3
 
 
 class Link(Protocol):
@@ -44,6 +47,8 @@ class Retiring:
         self.link = link
         #: set when the scheduler says this worker is drained: it exits
         self.retired = asyncio.Event()
+        #: the status to exit with then (RESTART_EXIT_CODE: start me again)
+        self.exit_code = 0
         #: this worker asked to retire (it says so again on a new stream)
         self.asked = False
         self._copies: set[asyncio.Task[None]] = set()

@@ -25,9 +25,13 @@ from apportion_common.transfer import (
     NOTHING_TO_MAP,
     chunks,
 )
+from apportion_common.uploads import UploadError
 from protos import apportion_pb2 as pb
 
+from .execute import run_function
 from .store import ResultStore
+from .uploads import Uploads
+from .wire import error_to_pb
 
 WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
 #: How long a shared segment's name waits for the peer to map it: a peer that
@@ -38,8 +42,27 @@ log = logging.getLogger("worker_service")
 
 
 class WorkerServicer:
-    def __init__(self, store: ResultStore) -> None:
+    def __init__(self, store: ResultStore, uploads: Uploads | None = None) -> None:
         self._store = store
+        self._uploads = uploads or Uploads()
+
+    async def RunFunction(
+        self, request: pb.RunFunctionRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.RunFunctionReply:
+        """``client.run``: in a thread of its own, beside the task threads."""
+        outcome = await asyncio.to_thread(run_function, request.payload)
+        if isinstance(outcome, bytes):
+            return pb.RunFunctionReply(result=outcome)
+        return pb.RunFunctionReply(error=error_to_pb(outcome))
+
+    async def UploadFile(
+        self, request: pb.UploadFileRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.UploadFileReply:
+        try:
+            await asyncio.to_thread(self._uploads.add, request.filename, bytes(request.data))
+        except UploadError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return pb.UploadFileReply()
 
     async def _stored(
         self, key: str, what: str, context: grpc.aio.ServicerContext[object, object]

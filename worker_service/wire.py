@@ -71,6 +71,10 @@ class Instructions:
     replicate: list[InputLocation] = field(default_factory=list)
     #: drained: close and exit
     retire: bool = False
+    #: (filename, contents) of files for tasks to import
+    files: list[tuple[str, bytes]] = field(default_factory=list)
+    #: exit for the nanny to start this process afresh
+    restart: bool = False
 
 
 def instructions_from_pb(batch: pb.WorkerInstructions) -> Instructions:
@@ -98,6 +102,8 @@ def instructions_from_pb(batch: pb.WorkerInstructions) -> Instructions:
         batch.host_peers if batch.HasField("host_peers") else None,
         _replications(batch),
         batch.retire,
+        [(f.filename, f.data) for f in batch.files],
+        batch.restart,
     )
 
 
@@ -181,12 +187,7 @@ def reports_to_pb(reports: Reports) -> pb.WorkerToScheduler:
             pb.TaskFailed(
                 key=f.key,
                 run_id=f.run_id,
-                error=pb.TaskError(
-                    type_name=f.error.type_name,
-                    message=f.error.message,
-                    traceback=f.error.traceback,
-                    exception=f.error.exception,
-                ),
+                error=error_to_pb(f.error),
             )
             for f in reports.failed
         ]
@@ -225,6 +226,15 @@ def _finished_pb(f: Finished) -> pb.TaskFinished:
         nbytes=f.nbytes,
         inline_result=f.inline_result,
         duration_s=f.duration,
+    )
+
+
+def error_to_pb(error: ErrorInfo) -> pb.TaskError:
+    return pb.TaskError(
+        type_name=error.type_name,
+        message=error.message,
+        traceback=error.traceback,
+        exception=error.exception,
     )
 
 

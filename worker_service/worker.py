@@ -59,12 +59,13 @@ from .assignment import Assignment
 from .execute import Outcome, execute
 from .inputs import SHARE_MIN_BYTES, InputFetcher, Inputs, local_inputs
 from .ledger import OverCommitted
-from .retiring import DEFAULT_DRAIN_TIMEOUT_S, Retiring, drain
+from .retiring import DEFAULT_DRAIN_TIMEOUT_S, RESTART_EXIT_CODE, Retiring, drain
 from .servicer import WORKER_SERVICE, WorkerServicer, add_worker_service
 from .state import InvariantError, Refused, WorkerState
 from .store import ResultStore
 from .stream import SchedulerLink, WorkerRefused
 from .threads import TaskThreads
+from .uploads import Uploads
 
 log = logging.getLogger("worker_service")
 
@@ -155,7 +156,9 @@ class Worker:
         self._authorizer = None if token is None else Authorizer({Role.WORKER: token_digest(token)})
         self._security = ServerSecurity(self._authorizer, tls)
         self._server = make_server(self._security.interceptors())
-        add_worker_service(WorkerServicer(self.store), self._server)
+        #: files clients uploaded for tasks to import
+        self.uploads = Uploads()
+        add_worker_service(WorkerServicer(self.store, self.uploads), self._server)
         self._health = ServingHealth(self._server, [WORKER_SERVICE])
         self._peers = ChannelPool(credentials)
         #: registered: peers with the same id take large results through
@@ -226,6 +229,7 @@ class Worker:
         await self._peers.close()
         self._threads.shutdown()
         self.store.clear()  # its shared-memory segments with it
+        self.uploads.close()
 
     async def __aenter__(self) -> Worker:
         await self.start()
@@ -271,10 +275,16 @@ class Worker:
             )
         if instructions.host_peers is not None and self.host_id:
             self.host_peers = instructions.host_peers
+        # Here, before the batch's assignments: their tasks may import them.
+        self.uploads.add_from_scheduler(instructions.files)
         for item in instructions.replicate:
             self.retiring.replicate(item)
         if instructions.retire:
             log.info("drained: retiring")
+            self.retiring.retired.set()
+        if instructions.restart:
+            log.info("restarting, as the scheduler asks")
+            self.retiring.exit_code = RESTART_EXIT_CODE
             self.retiring.retired.set()
         declared = instructions.declared
         if declared is not None:
@@ -536,9 +546,10 @@ async def run_worker(
     shared_memory: bool = True,
     death_timeout: float | None = None,
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
-) -> None:
-    """Run one worker until it is retired, or SIGINT (stop now), or SIGTERM
-    (drain for at most ``drain_timeout`` seconds, then stop). With
+) -> int:
+    """Run one worker until it is retired or restarted (returns the status to
+    exit with), or SIGINT (stop now), or SIGTERM (drain for at most
+    ``drain_timeout`` seconds, then stop). With
     ``validate``, a broken invariant ends the process with status
     :data:`INVARIANT_EXIT_CODE`."""
     worker = Worker(
@@ -582,3 +593,4 @@ async def run_worker(
             # Only now, with everything closed: the log line said why, no traceback.
             raise SystemExit(refused.exit_code)
         worker._main.result()  # re-raise why the worker gave up
+    return worker.retiring.exit_code

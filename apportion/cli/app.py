@@ -18,7 +18,7 @@ import typer
 from typer.core import TyperCommand
 
 from .local import local
-from .operator import explain, retire, set_resources, status
+from .operator import explain, restart, retire, set_resources, shutdown, status
 from .scheduler import scheduler
 from .worker import worker
 
@@ -73,6 +73,8 @@ for command, name in (
     (status, None),
     (set_resources, "set-resources"),
     (retire, None),
+    (restart, None),
+    (shutdown, None),
     (explain, None),
 ):
     app.command(name, cls=_Command)(command)

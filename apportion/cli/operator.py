@@ -1,5 +1,5 @@
 """Commands that ask the running scheduler: ``status``, ``set-resources``,
-``explain``, ``retire``."""
+``explain``, ``retire``, ``restart``, ``shutdown``."""
 
 from __future__ import annotations
 
@@ -129,6 +129,50 @@ def retire(
     if reply.draining:
         still = ", ".join(f"{w.name} ({w.address})" for w in reply.draining)
         fail(f"still draining after {timeout:g}s: {still}")
+
+
+def restart(
+    scheduler_address: AddressArgument,
+    timeout: Annotated[
+        float,
+        typer.Option(help="Wait this long for the workers to be back.", metavar="SECONDS"),
+    ] = 60.0,
+    token: TokenOption = None,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+) -> None:
+    """Cancel every task and restart every worker process through its nanny."""
+    scheduler_address = check_address(scheduler_address)
+    security = caller_security(token, tls_ca, tls_cert, tls_key)
+    if not (timeout >= 0 and timeout != float("inf")):
+        fail(f"--timeout must be a number of seconds >= 0, not {timeout}")
+    reply = _call(
+        scheduler_address,
+        security,
+        lambda scheduler: scheduler.restart(
+            pb.RestartRequest(timeout_s=timeout), timeout + CALL_TIMEOUT_S
+        ),
+    )
+    typer.echo(f"restarted: {len(reply.workers)} worker(s) registered")
+
+
+def shutdown(
+    scheduler_address: AddressArgument,
+    token: TokenOption = None,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+) -> None:
+    """Stop every worker (and its nanny), then the scheduler."""
+    scheduler_address = check_address(scheduler_address)
+    security = caller_security(token, tls_ca, tls_cert, tls_key)
+    _call(
+        scheduler_address,
+        security,
+        lambda scheduler: scheduler.shutdown(pb.ShutdownRequest(), CALL_TIMEOUT_S),
+    )
+    typer.echo(f"the scheduler at {scheduler_address} and its workers are stopping")
 
 
 def explain(

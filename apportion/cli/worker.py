@@ -126,7 +126,7 @@ def worker(
         raise typer.Exit(supervisor.run())
     from worker_service import run_worker  # see app.py
 
-    asyncio.run(
+    status = asyncio.run(
         run_worker(
             scheduler_address,
             resources=settings.resources,
@@ -145,7 +145,9 @@ def worker(
     if threading.active_count() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(status)
+    if status:
+        raise typer.Exit(status)
 
 
 def _child_command(scheduler_address: str, settings: WorkerSettings, index: int) -> list[str]:

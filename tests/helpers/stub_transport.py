@@ -144,6 +144,36 @@ class StubTransport:
         worker = pb.WorkerInfo(name=request.worker, address=WORKER, resources=request.resources)
         return pb.SetWorkerResourcesReply(worker=worker)
 
+    async def upload_file(self, request: pb.UploadFileRequest, timeout: float) -> None:
+        self.requests.append(request)
+
+    async def restart(self, request: pb.RestartRequest, timeout: float) -> pb.RestartReply:
+        self.requests.append(request)
+        return pb.RestartReply(workers=list(self.cluster_state.workers))
+
+    async def shutdown(self, request: pb.ShutdownRequest, timeout: float) -> None:
+        self.requests.append(request)
+
+    async def run_function(
+        self, address: str, request: pb.RunFunctionRequest, timeout: float
+    ) -> pb.RunFunctionReply:
+        """Runs the function here, as a worker would (no thread, no process)."""
+        self.requests.append(request)
+        fn, args, kwargs = serialize.loads(request.payload)
+        try:
+            return pb.RunFunctionReply(result=serialize.dumps(fn(*args, **kwargs)))
+        except Exception as exc:
+            info = serialize.error_info(exc)
+            error = pb.TaskError(
+                type_name=info.type_name, message=info.message, exception=info.exception
+            )
+            return pb.RunFunctionReply(error=error)
+
+    async def upload_to_worker(
+        self, address: str, request: pb.UploadFileRequest, timeout: float
+    ) -> None:
+        self.requests.append(request)
+
     async def retire_workers(
         self, request: pb.RetireWorkersRequest, timeout: float
     ) -> pb.RetireWorkersReply:
