@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint protos check-protos venv clean bench bench-quick bench-load bench-faults
+.PHONY: demo test lint protos check-protos venv clean bench bench-quick bench-load bench-faults bench-chaos
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ bench-load: $(STAMP)
 ## killed scheduler restarted from its state dir, killed client).
 bench-faults: $(STAMP)
 	$(BIN)/python -m bench.faults
+
+## 20,000 tasks from 4 clients while workers are killed, frozen, retired and
+## added and the scheduler is killed and restarted; checks every result, the
+## books and that no worker ran beyond what it declared (BENCH_CHAOS_ARGS=...).
+bench-chaos: $(STAMP)
+	$(BIN)/python -m bench.chaos $(BENCH_CHAOS_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -52,6 +52,10 @@ MAX_RECONNECT_BACKOFF_S = 2.0
 RESUBMIT_BATCH = 5_000
 #: While fetching a result, how often to check that its holder still has it.
 FETCH_RECHECK_S = 0.2
+#: When every holder of a result failed and the scheduler says nothing new,
+#: the fetch is tried again after this long, doubling up to FETCH_RETRY_MAX_S.
+FETCH_RETRY_S = 0.2
+FETCH_RETRY_MAX_S = 5.0
 #: The same reason for waiting is logged at most once in this many seconds.
 WAITING_WARNING_INTERVAL_S = 10.0
 #: How long closing waits for the scheduler to acknowledge the goodbye.
@@ -71,6 +75,8 @@ class KeyState:
     error: serialize.ErrorInfo | None = None
     waiting_reason: str = ""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: how many updates the scheduler sent: news, even when it repeats a state
+    updates: int = 0
     #: a small result sent along with "finished": no fetch needed
     inline_result: bytes = b""
     #: kept until the task finishes, to submit again should the scheduler
@@ -327,6 +333,7 @@ class ClientCore:
             self._settle(update.key, state)
             return
         state.status = status
+        state.updates += 1
         if status == "pending":
             state.changed.clear()
             state.inline_result = b""  # lost, being made again: wait for it
@@ -424,28 +431,35 @@ class ClientCore:
         return state
 
     async def result(self, key: str) -> Any:
+        retry_after = FETCH_RETRY_S
         while True:
             state = await self.wait(key)
             _raise_if_failed(key, state)
             if state.inline_result:
                 return serialize.loads(state.inline_result)
-            tried = state.addresses
-            for address in tried:
+            seen = state.updates
+            for address in state.addresses:
                 try:
-                    data = await self._fetch_while_current(state, address, key)
+                    data = await self._fetch_while_current(state, address, key, seen)
                 except ResultUnavailable as exc:
                     log.debug("result of %s: %s", key, exc)
                     continue
                 if data is None:
                     break  # the scheduler moved the result on: follow it
                 return serialize.loads(data)
-            # Every holder failed: the scheduler will notice the lost worker
-            # and recompute; wait for the next state change. If that change
-            # already came while we were fetching (new holders), do not clear
-            # it, or we would wait for one that never comes.
-            if state.changed.is_set() and state.status == "finished" and state.addresses == tried:
-                state.changed.clear()
-                await asyncio.sleep(0.05)
+            if state.updates != seen:
+                continue  # news came while fetching (even the same holders again)
+            # Every holder failed and the scheduler said nothing new: one it
+            # still counts on may be briefly unreachable (frozen, restarting).
+            # Try again after a pause, or at the next news (a lost holder's
+            # result is made again: pending, then finished elsewhere).
+            state.changed.clear()
+            try:
+                await asyncio.wait_for(state.changed.wait(), retry_after)
+            except TimeoutError:
+                if state.updates == seen:
+                    state.changed.set()
+            retry_after = min(retry_after * 2, FETCH_RETRY_MAX_S)
 
     def result_at_hand(self, key: str) -> Any:
         """The result of ``key`` if it needs neither waiting nor fetching (or
@@ -459,20 +473,19 @@ class ClientCore:
         return NOT_AT_HAND
 
     async def _fetch_while_current(
-        self, state: KeyState, address: str, key: str
+        self, state: KeyState, address: str, key: str, seen: int
     ) -> serialize.Frames | None:
         """Fetch ``key`` from ``address``, unless the scheduler says meanwhile
         that the result lives elsewhere now (its holder was declared lost):
         then None. A silent holder would otherwise keep us waiting until the
         connection's keepalive gives up, long after the recompute."""
-        holders = state.addresses
         fetch = asyncio.ensure_future(self.transport.fetch(address, key))
         try:
             while True:
                 done, _ = await asyncio.wait({fetch}, timeout=FETCH_RECHECK_S)
                 if done:
                     return fetch.result()
-                if state.status != "finished" or state.addresses != holders:
+                if state.status != "finished" or state.updates != seen:
                     return None
         finally:
             fetch.cancel()

@@ -128,7 +128,8 @@ class Clients:
         unknown = sorted(name for name in task.resources if name not in seen)
         if unknown:
             names = ", ".join(unknown)
-            reason = f"task {task.key!r} needs {names}, which no worker seen so far declares"
+            # "task 'k': " first, as every reason: clients log one per reason, not per task.
+            reason = f"task {task.key!r}: needs {names}, which no worker seen so far declares"
             cmds.append(NotifyClient(client, task.key, TaskStatus.PENDING, waiting_reason=reason))
 
     def cancelled(self, event: TasksCancelled, cmds: list[Command]) -> None:

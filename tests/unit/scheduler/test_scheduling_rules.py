@@ -199,7 +199,7 @@ def test_undeclared_resource_name_is_reported_at_submit_even_while_waiting_for_i
     cmds = sim.submit("t", deps=("input",), TPUU=1)
     (update,) = updates(cmds, "t")
     assert update.status == "pending"
-    assert "TPUU" in update.waiting_reason and "no worker seen so far" in update.waiting_reason
+    assert update.waiting_reason == "task 't': needs TPUU, which no worker seen so far declares"
     cmds = sim.submit("u", deps=("input",), GPU=1)
     assert updates(cmds, "u") == []
 
