@@ -50,6 +50,8 @@ RECONNECT_TIMEOUT_S = 30.0
 MAX_RECONNECT_BACKOFF_S = 2.0
 #: Tasks per message when a reconnecting client submits its pending ones again.
 RESUBMIT_BATCH = 5_000
+#: Released specs kept beyond twice the keys held before they are pruned.
+RELEASED_SPECS_SLACK = 1_000
 #: While fetching a result, how often to check that its holder still has it.
 FETCH_RECHECK_S = 0.2
 #: When every holder of a result failed and the scheduler says nothing new,
@@ -97,6 +99,10 @@ class ClientCore:
         self.reconnect_timeout = reconnect_timeout
         self.client_id = f"client-{uuid.uuid4().hex}"
         self.keys: dict[str, KeyState] = {}
+        #: specs of tasks released here before they finished: a pending task
+        #: may still need one submitted again (the scheduler restarted before
+        #: its journal held it); pruned to those (see _still_needed_specs)
+        self._released_specs: dict[str, pb.TaskSpec] = {}
         self._outgoing: list[pb.ClientToScheduler] = []
         self._wake = asyncio.Event()
         self._stream: SchedulerStream | None = None
@@ -129,10 +135,47 @@ class ClientCore:
         await stream.write(
             pb.ClientToScheduler(hello=pb.ClientHello(client_id=self.client_id, resume_keys=resume))
         )
-        again = [st.spec for st in self.keys.values() if st.spec is not None]
+        pending = [st.spec for st in self.keys.values() if st.spec is not None]
+        # Inputs this client released first (each before what needs it); it
+        # does not want them, so it releases them again at once: the
+        # scheduler keeps them while a pending task needs them.
+        inputs = self._still_needed_specs(pending)
+        again = [*inputs, *pending]
         for start in range(0, len(again), RESUBMIT_BATCH):
             batch = again[start : start + RESUBMIT_BATCH]
             await stream.write(pb.ClientToScheduler(submit=pb.SubmitTasks(tasks=batch)))
+        if inputs:
+            keys = [spec.key for spec in inputs]
+            await stream.write(pb.ClientToScheduler(release=pb.KeyList(keys=keys)))
+
+    def _still_needed_specs(self, pending: list[pb.TaskSpec]) -> list[pb.TaskSpec]:
+        """The released specs ``pending`` tasks need, transitively, inputs
+        before their dependents; the others are forgotten."""
+        released = self._released_specs
+        needed: dict[str, pb.TaskSpec] = {}
+        stack: list[str] = [dep for spec in pending for dep in spec.dependencies]
+        while stack:
+            key = stack.pop()
+            spec = released.get(key)
+            if spec is not None and key not in needed:
+                needed[key] = spec
+                stack.extend(spec.dependencies)
+        self._released_specs = needed
+        ordered: list[pb.TaskSpec] = []
+        placed: set[str] = set()
+        for root in needed:
+            todo: list[tuple[str, bool]] = [(root, False)]
+            while todo:  # post-order: each input before what needs it
+                key, inputs_placed = todo.pop()
+                if key in placed or key not in needed:
+                    continue
+                if inputs_placed:
+                    placed.add(key)
+                    ordered.append(needed[key])
+                else:
+                    todo.append((key, True))
+                    todo.extend((dep, False) for dep in needed[key].dependencies)
+        return ordered
 
     async def _reconnect(self) -> bool:
         """Reach the scheduler again, with backoff, for RECONNECT_TIMEOUT_S."""
@@ -246,7 +289,12 @@ class ClientCore:
 
     def release(self, keys: list[str]) -> None:
         for key in keys:
-            self.keys.pop(key, None)
+            state = self.keys.pop(key, None)
+            if state is not None and state.spec is not None:
+                self._released_specs[key] = state.spec
+        if len(self._released_specs) > 2 * len(self.keys) + RELEASED_SPECS_SLACK:
+            pending = [st.spec for st in self.keys.values() if st.spec is not None]
+            self._still_needed_specs(pending)  # prunes; amortized over the releases
         if not self.closed and self.lost is None:
             self._send(pb.ClientToScheduler(release=pb.KeyList(keys=keys)))
 

@@ -89,6 +89,33 @@ async def test_a_broken_stream_is_reopened_and_the_pending_tasks_submitted_again
     assert later.status == "pending"
 
 
+async def test_inputs_released_before_a_restart_are_submitted_again_for_what_needs_them(
+    h: Harness,
+) -> None:
+    # bench-chaos: the scheduler was killed before its journal held a graph
+    # whose inputs the client had already dropped (`del loads`): submitting
+    # only the pending tasks again met MissingDependencyError.
+    load = await resolve(h.client.submit(never_run, 1, key="load"))
+    step = await resolve(h.client.submit(never_run, load, key="step"))
+    total = await resolve(h.client.submit(never_run, step, key="total"))
+    unrelated = await resolve(h.client.submit(never_run, 2, key="unrelated"))
+    first = h.stub.stream
+    await h.stub.until(lambda: len(first.submitted()) == 4, "the submits")
+    del load, step, unrelated
+    await h.stub.until(lambda: first.of_kind("release"), "the releases")
+
+    h.stub.break_stream()
+    await h.stub.until(lambda: wrote_again(first, h.stub, {"total"}), "a new stream")
+    second = h.stub.stream
+    # The released inputs the pending task needs, each before what needs it;
+    # not the unrelated one; and released again: this client does not want them.
+    assert second.submitted_keys() == ["load", "step", "total"]
+    (release,) = second.of_kind("release")
+    assert sorted(release.release.keys) == ["load", "step"]
+    h.stub.answer(finished("total", 3))
+    assert await resolve(total.result()) == 3
+
+
 async def test_what_was_sent_while_the_scheduler_was_away_arrives_after_the_reconnect(
     h: Harness,
 ) -> None:
