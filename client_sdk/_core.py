@@ -37,6 +37,7 @@ from protos import apportion_pb2 as pb
 
 from ._errors import rebuild_exception
 from ._grpc_errors import StreamBroken
+from ._released import ReleasedSpecs
 from ._transport import SchedulerStream, Transport
 from .exceptions import FutureCancelledError
 from .future import Future
@@ -50,8 +51,6 @@ RECONNECT_TIMEOUT_S = 30.0
 MAX_RECONNECT_BACKOFF_S = 2.0
 #: Tasks per message when a reconnecting client submits its pending ones again.
 RESUBMIT_BATCH = 5_000
-#: Released specs kept beyond twice the keys held before they are pruned.
-RELEASED_SPECS_SLACK = 1_000
 #: While fetching a result, how often to check that its holder still has it.
 FETCH_RECHECK_S = 0.2
 #: When every holder of a result failed and the scheduler says nothing new,
@@ -99,10 +98,8 @@ class ClientCore:
         self.reconnect_timeout = reconnect_timeout
         self.client_id = f"client-{uuid.uuid4().hex}"
         self.keys: dict[str, KeyState] = {}
-        #: specs of tasks released here before they finished: a pending task
-        #: may still need one submitted again (the scheduler restarted before
-        #: its journal held it); pruned to those (see _still_needed_specs)
-        self._released_specs: dict[str, pb.TaskSpec] = {}
+        #: specs of tasks released here before they finished (see _released)
+        self._released = ReleasedSpecs()
         self._outgoing: list[pb.ClientToScheduler] = []
         self._wake = asyncio.Event()
         self._stream: SchedulerStream | None = None
@@ -139,7 +136,7 @@ class ClientCore:
         # Inputs this client released first (each before what needs it); it
         # does not want them, so it releases them again at once: the
         # scheduler keeps them while a pending task needs them.
-        inputs = self._still_needed_specs(pending)
+        inputs = self._released.needed_by(pending)
         again = [*inputs, *pending]
         for start in range(0, len(again), RESUBMIT_BATCH):
             batch = again[start : start + RESUBMIT_BATCH]
@@ -147,35 +144,6 @@ class ClientCore:
         if inputs:
             keys = [spec.key for spec in inputs]
             await stream.write(pb.ClientToScheduler(release=pb.KeyList(keys=keys)))
-
-    def _still_needed_specs(self, pending: list[pb.TaskSpec]) -> list[pb.TaskSpec]:
-        """The released specs ``pending`` tasks need, transitively, inputs
-        before their dependents; the others are forgotten."""
-        released = self._released_specs
-        needed: dict[str, pb.TaskSpec] = {}
-        stack: list[str] = [dep for spec in pending for dep in spec.dependencies]
-        while stack:
-            key = stack.pop()
-            spec = released.get(key)
-            if spec is not None and key not in needed:
-                needed[key] = spec
-                stack.extend(spec.dependencies)
-        self._released_specs = needed
-        ordered: list[pb.TaskSpec] = []
-        placed: set[str] = set()
-        for root in needed:
-            todo: list[tuple[str, bool]] = [(root, False)]
-            while todo:  # post-order: each input before what needs it
-                key, inputs_placed = todo.pop()
-                if key in placed or key not in needed:
-                    continue
-                if inputs_placed:
-                    placed.add(key)
-                    ordered.append(needed[key])
-                else:
-                    todo.append((key, True))
-                    todo.extend((dep, False) for dep in needed[key].dependencies)
-        return ordered
 
     async def _reconnect(self) -> bool:
         """Reach the scheduler again, with backoff, for RECONNECT_TIMEOUT_S."""
@@ -291,10 +259,9 @@ class ClientCore:
         for key in keys:
             state = self.keys.pop(key, None)
             if state is not None and state.spec is not None:
-                self._released_specs[key] = state.spec
-        if len(self._released_specs) > 2 * len(self.keys) + RELEASED_SPECS_SLACK:
-            pending = [st.spec for st in self.keys.values() if st.spec is not None]
-            self._still_needed_specs(pending)  # prunes; amortized over the releases
+                self._released.keep(state.spec)
+        if self._released.piling_up(len(self.keys)):  # prune to what pending tasks need
+            self._released.needed_by([st.spec for st in self.keys.values() if st.spec is not None])
         if not self.closed and self.lost is None:
             self._send(pb.ClientToScheduler(release=pb.KeyList(keys=keys)))
 
