@@ -408,6 +408,10 @@ class Graph:
                 task.who_has.discard(worker.worker_id)
                 if not task.who_has and task.state == MEMORY:
                     lost.append(task)
+                elif task.wanted_by:
+                    # Held elsewhere too: its clients hear where, or one that
+                    # knew only this holder would ask it in vain, told nothing.
+                    self.tell_holders(key, cmds)
         for task in lost:
             self.lost_data(task, cmds)
 
@@ -423,6 +427,8 @@ class Graph:
                 holder.has.discard(key)
         if not dep.who_has:
             self.lost_data(dep, cmds)
+        else:
+            self.tell_holders(key, cmds)  # its clients stop asking the holder without it
 
     def lost_data(self, task: TaskRecord, cmds: list[Command]) -> None:
         """The last copy of a result is gone: recompute it if anyone still needs it."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from scheduler_service.commands import Command, TellHostPeers
 from scheduler_service.events import WorkerLeft
-from tests.helpers.scheduler_sim import Sim, addr
+from tests.helpers.scheduler_sim import Sim, addr, assigns, updates
 
 
 def held_twice(sim: Sim) -> None:
@@ -66,3 +66,16 @@ def test_workers_hear_how_many_others_share_their_host_as_they_come_and_go() -> 
     assert peers_told(sim(WorkerLeft(1))) == {3: 0}
     assert peers_told(sim(WorkerLeft(4))) == {}
     assert sim.state.books.on_host("h1") == {3}
+
+
+def test_clients_hear_the_remaining_holders_when_one_goes() -> None:
+    # bench-chaos: a client that knew only the holder that died asked it in
+    # vain forever; the scheduler had the copy elsewhere and said nothing.
+    sim = Sim()
+    sim.join(1, host_id="h1", A=1)
+    sim.join(2, host_id="h1", B=1)
+    held_twice(sim)
+    cmds = sim(WorkerLeft(1))
+    (told,) = [u for u in updates(cmds, "x")]
+    assert told.status == "finished" and told.addresses == (addr(2),)
+    assert assigns(cmds) == []  # nothing made again

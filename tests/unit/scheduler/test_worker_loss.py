@@ -68,7 +68,11 @@ def test_lost_result_with_another_copy_is_not_recomputed() -> None:
     sim.submit("x", deps=("a",), H=1)
     sim.finish("x", fetched=(("a", 100),))
     cmds = sim(WorkerLeft(1))
-    assert cmds == []
+    # Not made again; its client hears where it lives now.
+    assert assigns(cmds) == []
+    assert [(u.key, u.status, u.addresses) for u in updates(cmds)] == [
+        ("a", "finished", (addr(2),))
+    ]
     assert sim.status("a") == MEMORY
     assert sim.state.tasks["a"].who_has == {2}
     (assign,) = assigns(sim.submit("y", deps=("a",)))
