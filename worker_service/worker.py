@@ -427,9 +427,10 @@ class Worker:
         while True:
             context = TaskContext(a.key, address, name, a.resources)
             outcome = execute(a.key, a.payload, values, context)
-            if self.host_peers and isinstance(outcome.result, Frames):
+            result = outcome.result
+            if self.host_peers and isinstance(result, Frames) and result.buffers:
                 # Here, in the task's thread: the copy must not stall the loop.
-                published = shm.publish(outcome.result, SHARE_MIN_BYTES)
+                published = shm.publish(result, SHARE_MIN_BYTES)
                 if published is not None:
                     outcome.result, outcome.segment = published
             taken: tuple[Assignment, dict[str, Frames], list[tuple[str, int]]] | None = None

@@ -116,8 +116,7 @@ def retire(
     """
     scheduler_address = check_address(scheduler_address)
     security = caller_security(token, tls_ca, tls_cert, tls_key)
-    if not (timeout >= 0 and timeout != float("inf")):
-        fail(f"--timeout must be a number of seconds >= 0, not {timeout}")
+    _check_wait(timeout)
     request = pb.RetireWorkersRequest(workers=workers, timeout_s=timeout)
     reply = _call(
         scheduler_address,
@@ -145,8 +144,7 @@ def restart(
     """Cancel every task and restart every worker process through its nanny."""
     scheduler_address = check_address(scheduler_address)
     security = caller_security(token, tls_ca, tls_cert, tls_key)
-    if not (timeout >= 0 and timeout != float("inf")):
-        fail(f"--timeout must be a number of seconds >= 0, not {timeout}")
+    _check_wait(timeout)
     reply = _call(
         scheduler_address,
         security,
@@ -192,6 +190,12 @@ def explain(
         lambda scheduler: scheduler.explain_task(pb.ExplainTaskRequest(key=key), CALL_TIMEOUT_S),
     )
     typer.echo(reply.explanation)
+
+
+def _check_wait(timeout: float) -> None:
+    """A --timeout to wait for: finite and >= 0, else one line and status 2."""
+    if not (timeout >= 0 and timeout != float("inf")):
+        fail(f"--timeout must be a number of seconds >= 0, not {timeout}")
 
 
 def _call(
