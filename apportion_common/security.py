@@ -346,7 +346,9 @@ class ClientSecurity:
         """For calls made without the channel's interceptors (streams, sync stubs)."""
         return bearer_metadata(self.token)
 
-    def aio_channel(self, address: str) -> grpc.aio.Channel:
+    def aio_channel(
+        self, address: str, extra_options: Sequence[tuple[str, Any]] = ()
+    ) -> grpc.aio.Channel:
         """An asyncio channel; unary calls on it carry the token by themselves.
 
         Streams are opened with ``metadata=self.metadata`` instead: a stream
@@ -360,12 +362,12 @@ class ClientSecurity:
         )
         if self.tls is None:
             return grpc.aio.insecure_channel(
-                address, options=CHANNEL_OPTIONS, interceptors=interceptors
+                address, options=[*CHANNEL_OPTIONS, *extra_options], interceptors=interceptors
             )
         return grpc.aio.secure_channel(
             address,
             self.tls.channel_credentials(),
-            options=CHANNEL_OPTIONS,
+            options=[*CHANNEL_OPTIONS, *extra_options],
             interceptors=interceptors,
         )
 

@@ -12,7 +12,8 @@ takes the value through shared memory instead (:meth:`ChannelPool.share`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any
 
 import grpc
 
@@ -31,6 +32,16 @@ BATCH_FETCH_MAX_KEYS = 10_000
 BATCH_FETCH_REPLY_BYTES = 4 * 1024 * 1024
 
 
+#: Values at least this large come over STRIPES connections at once: one
+#: HTTP/2 connection carries a bulk stream well below what the link and the
+#: two processes can (its flow-control window and one socket's wakeups).
+STRIPE_MIN_BYTES = 8 * 1024 * 1024
+STRIPES = 2
+#: A stripe's channel gets subchannels of its own, so its own TCP connection
+#: (channels with equal arguments would share one).
+_OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
+
+
 #: ShareResult's answer for a value with nothing a peer could map: stream it.
 NOTHING_TO_MAP = "nothing in this value to map: fetch it with FetchResult"
 
@@ -43,35 +54,49 @@ class NotShared(ResultUnavailable):
     """The holder streams this value rather than share it (nothing to map)."""
 
 
-def chunks(data: Frames | bytes | bytearray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+def chunks(
+    data: Frames | bytes | bytearray,
+    chunk_bytes: int = CHUNK_BYTES,
+    stripe: int = 0,
+    stripes: int = 1,
+) -> Iterator[bytes]:
     """``data``'s wire form as serialized ResultChunk messages of ``chunk_bytes`` each.
 
     The messages are encoded here, not by protobuf: building a ResultChunk
     copies its ``data`` in, and serializing copies it again. Here each chunk
     is cut from the stored buffers with memoryview slices and copied once,
     next to its few header bytes, into the ``bytes`` gRPC sends.
+
+    With ``stripes`` > 1 only chunks ``stripe``, ``stripe + stripes``, ...
+    come, each carrying its offset (the other streams carry the rest).
     """
     segments = data.segments() if isinstance(data, Frames) else [data]
     views = [memoryview(s).cast("B") for s in segments]
     total = sum(v.nbytes for v in views)
     if total == 0:
-        yield b""  # an empty ResultChunk: total_size 0, no data
+        if stripe == 0:
+            yield b""  # an empty ResultChunk: total_size 0, no data
         return
-    head = b"\x08" + _encode_varint(total) + b"\x12"
-    pieces: list[memoryview] = []
-    size = 0
+    striped = stripes > 1
+    total_field = b"\x08" + _encode_varint(total)
+    starts = [0]
     for view in views:
-        start = 0
-        while start < view.nbytes:
-            piece = view[start : start + chunk_bytes - size]
-            pieces.append(piece)
-            size += piece.nbytes
-            start += piece.nbytes
-            if size == chunk_bytes:
-                yield b"".join([head, _encode_varint(size), *pieces])
-                pieces, size = [], 0
-    if pieces:
-        yield b"".join([head, _encode_varint(size), *pieces])
+        starts.append(starts[-1] + view.nbytes)
+    first = 0  # the first view a chunk may start in: chunks come in order
+    for start in range(stripe * chunk_bytes, total, max(stripes, 1) * chunk_bytes):
+        end = min(start + chunk_bytes, total)
+        while starts[first + 1] <= start:
+            first += 1
+        pieces: list[memoryview] = []
+        i = first
+        while i < len(views) and starts[i] < end:
+            lo, hi = max(start, starts[i]) - starts[i], min(end, starts[i + 1]) - starts[i]
+            if hi > lo:
+                pieces.append(views[i][lo:hi])
+            i += 1
+        offset_field = b"\x18" + _encode_varint(start) if striped else b""
+        head = total_field + offset_field + b"\x12" + _encode_varint(end - start)
+        yield b"".join([head, *pieces])
 
 
 def _encode_varint(value: int) -> bytes:
@@ -96,8 +121,9 @@ def _varint(raw: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def chunk_view(raw: bytes) -> tuple[int, memoryview]:
-    """``(total_size, data)`` of a serialized ResultChunk, ``data`` as a view into ``raw``.
+def chunk_view(raw: bytes) -> tuple[int, int, memoryview]:
+    """``(total_size, offset, data)`` of a serialized ResultChunk, ``data`` as
+    a view into ``raw``.
 
     protobuf's parser copies ``data`` (a MiB per chunk) into the message, and
     reading it copies again; this reads the same wire format
@@ -105,7 +131,7 @@ def chunk_view(raw: bytes) -> tuple[int, memoryview]:
     Unknown fields are skipped, as protobuf would.
     """
     view = memoryview(raw)
-    total, data, pos, end = 0, view[0:0], 0, len(raw)
+    total, offset, data, pos, end = 0, 0, view[0:0], 0, len(raw)
     while pos < end:
         tag, pos = _varint(raw, pos)
         number, wire_type = tag >> 3, tag & 7
@@ -113,6 +139,8 @@ def chunk_view(raw: bytes) -> tuple[int, memoryview]:
             value, pos = _varint(raw, pos)
             if number == 1:
                 total = value
+            elif number == 3:
+                offset = value
         elif wire_type == 2:
             length, pos = _varint(raw, pos)
             if pos + length > end:
@@ -126,11 +154,42 @@ def chunk_view(raw: bytes) -> tuple[int, memoryview]:
             raise ValueError(f"a ResultChunk with wire type {wire_type}")
     if pos > end:
         raise ValueError("a ResultChunk cut short")
-    return total, data
+    return total, offset, data
+
+
+class _InOrder:
+    """Chunks from striped streams fed to an :class:`Assembler` in offset
+    order; one that comes early waits, as gRPC's own buffer (uncopied)."""
+
+    def __init__(self) -> None:
+        self.assembler: Assembler | None = None
+        self.next = 0
+        self._early: dict[int, memoryview] = {}
+
+    def take(self, total: int, offset: int, data: memoryview) -> None:
+        if self.assembler is None:
+            self.assembler = Assembler(total)
+        elif total != self.assembler.total:
+            raise ValueError("chunks that disagree on the value's size")
+        if offset + data.nbytes > total:
+            raise ValueError(f"a chunk at {offset} past the {total} bytes announced")
+        if offset != self.next:
+            if offset < self.next or offset in self._early:
+                raise ValueError(f"the chunk at {offset} twice")
+            self._early[offset] = data
+            return
+        self._feed(data)
+        while (early := self._early.pop(self.next, None)) is not None:
+            self._feed(early)
+
+    def _feed(self, data: memoryview) -> None:
+        assert self.assembler is not None
+        self.assembler.feed(data)
+        self.next += data.nbytes
 
 
 class ChannelPool:
-    """One channel per peer address, reused for every fetch.
+    """One channel per peer address (and per extra stripe), reused for every fetch.
 
     ``security``: the token (a worker's, or a client's) and TLS each fetch presents.
     """
@@ -140,10 +199,15 @@ class ChannelPool:
         self._security = security or ClientSecurity()
 
     def stub(self, address: str) -> pb_grpc.WorkerStub:
-        channel = self._channels.get(address)
+        return pb_grpc.WorkerStub(self._channel(address))
+
+    def _channel(self, address: str, stripe: int = 0) -> grpc.aio.Channel:
+        name = address if stripe == 0 else f"{address}#{stripe}"
+        channel = self._channels.get(name)
         if channel is None:
-            channel = self._channels[address] = self._security.aio_channel(address)
-        return pb_grpc.WorkerStub(channel)
+            extra = _OWN_CONNECTION if stripe else ()
+            channel = self._channels[name] = self._security.aio_channel(address, extra)
+        return channel
 
     async def close(self) -> None:
         channels, self._channels = self._channels, {}
@@ -209,36 +273,64 @@ class ChannelPool:
             raise
         return frames
 
-    async def fetch(self, address: str, key: str, timeout: float | None = None) -> Frames:
-        """The pickled result of ``key`` from the worker at ``address``.
+    async def fetch(
+        self, address: str, key: str, timeout: float | None = None, nbytes: int = 0
+    ) -> Frames:
+        """The pickled result of ``key`` from the worker at ``address``;
+        ``nbytes``: its size where known (a large value comes striped over
+        :data:`STRIPES` connections).
 
         Each chunk is copied as it arrives (a view into gRPC's own buffer)
         into the value's buffers (:class:`~apportion_common.frames.Assembler`):
         one copy of each byte after gRPC's.
         """
-        assembler: Assembler | None = None
-        try:
-            self.stub(address)  # makes the channel on first use
-            fetch_result = self._channels[address].unary_stream(
+        stripes = STRIPES if nbytes >= STRIPE_MIN_BYTES else 1
+        order = _InOrder()
+        calls = [
+            self._channel(address, i).unary_stream(
                 FETCH_RESULT,
                 request_serializer=pb.FetchResultRequest.SerializeToString,
                 response_deserializer=chunk_view,
-            )
-            call = fetch_result(pb.FetchResultRequest(key=key), timeout=timeout)
-            async for total_size, data in call:
-                if assembler is None:
-                    assembler = Assembler(total_size)
-                assembler.feed(data)
+            )(pb.FetchResultRequest(key=key, stripe=i, stripes=stripes), timeout=timeout)
+            for i in range(stripes)
+        ]
+
+        async def drain(call: grpc.aio.UnaryStreamCall[Any, Any]) -> None:
+            async for total, offset, data in call:
+                order.take(total, offset if stripes > 1 else order.next, data)
+
+        try:
+            if stripes == 1:
+                await drain(calls[0])
+            else:
+                await _all_or_none([drain(call) for call in calls])
         except grpc.aio.AioRpcError as exc:
             raise ResultUnavailable(
                 f"{key!r} from {address}: {exc.code().name}: {exc.details()}"
             ) from None
         except ValueError as exc:
-            call.cancel()
             raise ResultUnavailable(f"{key!r} from {address}: {exc}") from None
+        finally:
+            for call in calls:
+                call.cancel()  # a no-op on a finished call; stops the others on a failure
+        assembler = order.assembler
         if assembler is None or assembler.received != assembler.total:
             raise ResultUnavailable(f"{key!r} from {address}: the stream ended early")
         try:
             return assembler.frames()
         except ValueError as exc:
             raise ResultUnavailable(f"{key!r} from {address}: {exc}") from None
+
+
+async def _all_or_none(steps: list[Coroutine[Any, Any, None]]) -> None:
+    """Run ``steps`` side by side; the first failure cancels the rest and is raised."""
+    tasks = [asyncio.ensure_future(step) for step in steps]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        if (exc := task.exception()) is not None:
+            raise exc

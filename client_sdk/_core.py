@@ -73,6 +73,8 @@ class KeyState:
     #: its result was lost and is being made again)
     status: str = "pending"
     addresses: tuple[str, ...] = ()
+    #: the result's size as its holder reported it (a large one is fetched striped)
+    nbytes: int = 0
     error: serialize.ErrorInfo | None = None
     waiting_reason: str = ""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -358,6 +360,7 @@ class ClientCore:
             return
         state.spec = None  # finished or failed for good: never submitted again
         state.addresses = tuple(update.addresses)
+        state.nbytes = update.nbytes
         state.inline_result = update.inline_result
         if status == "error":
             state.error = serialize.ErrorInfo(
@@ -494,7 +497,7 @@ class ClientCore:
         that the result lives elsewhere now (its holder was declared lost):
         then None. A silent holder would otherwise keep us waiting until the
         connection's keepalive gives up, long after the recompute."""
-        fetch = asyncio.ensure_future(self.transport.fetch(address, key))
+        fetch = asyncio.ensure_future(self.transport.fetch(address, key, state.nbytes))
         try:
             while True:
                 done, _ = await asyncio.wait({fetch}, timeout=FETCH_RECHECK_S)

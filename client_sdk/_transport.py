@@ -118,8 +118,9 @@ class Transport(Protocol):
         worker if the file does not import there."""
         ...
 
-    async def fetch(self, address: str, key: str) -> Frames:
-        """The result of ``key`` from the worker at ``address``; raise
+    async def fetch(self, address: str, key: str, nbytes: int = 0) -> Frames:
+        """The result of ``key`` (``nbytes`` large, 0 if unknown) from the
+        worker at ``address``; raise
         :class:`~apportion_common.transfer.ResultUnavailable` if it has none."""
         ...
 
@@ -295,8 +296,8 @@ class GrpcTransport:
             method, self._address, self.security.token is not None, self._caller
         )
 
-    async def fetch(self, address: str, key: str) -> Frames:
-        return await self._peers.fetch(address, key)
+    async def fetch(self, address: str, key: str, nbytes: int = 0) -> Frames:
+        return await self._peers.fetch(address, key, nbytes=nbytes)
 
     async def close(self) -> None:
         if self._channel is not None:

@@ -1561,15 +1561,25 @@ class FetchResultRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_FIELD_NUMBER: _builtins.int
+    STRIPE_FIELD_NUMBER: _builtins.int
+    STRIPES_FIELD_NUMBER: _builtins.int
     key: _builtins.str
+    stripe: _builtins.int
+    """A large value comes over several connections at once: stream `stripe`
+    of `stripes` carries the value's chunks stripe, stripe + stripes, ...,
+    each with its offset. 0 or 1 stripes: one stream carries every chunk.
+    """
+    stripes: _builtins.int
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
+        stripe: _builtins.int = ...,
+        stripes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "stripe", b"stripe", "stripes", b"stripes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1581,18 +1591,22 @@ class ResultChunk(_message.Message):
 
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
     total_size: _builtins.int
     """Set on the first chunk: the size of the whole value in bytes."""
     data: _builtins.bytes
+    offset: _builtins.int
+    """Where data starts in the value's wire form (set on striped streams)."""
     def __init__(
         self,
         *,
         total_size: _builtins.int = ...,
         data: _builtins.bytes = ...,
+        offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "total_size", b"total_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -105,7 +105,7 @@ class InputFetcher:
                     except ResultUnavailable as exc:
                         log.info("%s: input %s; streaming it instead", why, exc)
                 try:
-                    return await self._peers.fetch(address, item.key), tried
+                    return await self._peers.fetch(address, item.key, nbytes=item.nbytes), tried
                 except ResultUnavailable as exc:
                     log.warning("%s: input %s", why, exc)
             tried.append(address)

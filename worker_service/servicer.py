@@ -83,7 +83,7 @@ class WorkerServicer:
     ) -> AsyncIterator[bytes]:
         """Serialized ``ResultChunk`` messages (see :func:`add_worker_service`)."""
         data = await self._stored(request.key, "FetchResultRequest.key", context)
-        for chunk in chunks(data):
+        for chunk in chunks(data, stripe=request.stripe, stripes=request.stripes):
             yield chunk
 
     async def ShareResult(

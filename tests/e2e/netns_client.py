@@ -29,13 +29,15 @@ from typing import Any
 import cloudpickle
 
 import tests
+from apportion_common.transfer import STRIPE_MIN_BYTES
 from client_sdk import Client, Future, get_task_context
 
 # Workers cannot import the test modules: send their functions by value.
 cloudpickle.register_pickle_by_value(tests)
 
-#: Several 1 MiB transfer chunks, far above the size that travels inline.
-BLOB_BYTES = 3 * 1024 * 1024 + 123
+#: Large enough to come striped over several connections, in many 1 MiB
+#: chunks (far above the size that travels inline).
+BLOB_BYTES = STRIPE_MIN_BYTES + 3 * 1024 * 1024 + 123
 #: Every wait here is bounded; the test's own bounds are a little longer.
 RESULT_TIMEOUT_S = 40.0
 

@@ -219,12 +219,12 @@ class HoldingBackFetches(GrpcTransport):
         if self.held and addresses != (self.held,):
             self.moved.set()
 
-    async def fetch(self, address: str, key: str) -> Frames:
+    async def fetch(self, address: str, key: str, nbytes: int = 0) -> Frames:
         if address == self.held:
             self.fetching.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.moved.wait(), 10)
-        return await super().fetch(address, key)
+        return await super().fetch(address, key, nbytes)
 
 
 class _NotingHolders:

@@ -34,6 +34,7 @@ from typing import IO, Any
 
 import pytest
 
+from apportion_common.transfer import STRIPE_MIN_BYTES
 from tests.helpers.processes import APPORTION, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -331,7 +332,7 @@ def test_a_result_made_on_one_host_is_consumed_on_the_other(hosts: Hosts) -> Non
     # Both ways: made on w1 and used on w2, then made on w2 and used on w1.
     assert [(r["maker"], r["consumer"]) for r in done["runs"]] == [("w1", "w2"), ("w2", "w1")]
     for run in done["runs"]:
-        assert run["nbytes"] > 3 * 1024 * 1024
+        assert run["nbytes"] > STRIPE_MIN_BYTES  # striped over two connections
         assert run["sha256"] == run["expected_sha256"]
         assert run["fetched_ok"], run
     assert client.wait(STOP_TIMEOUT_S * 2) == 0

@@ -98,6 +98,8 @@ class StubTransport:
         self.results: dict[tuple[str, str], Any] = {}
         #: each fetch the client made: (worker address, key)
         self.fetches: list[tuple[str, str]] = []
+        #: the size each fetch was told (a large result comes striped)
+        self.fetch_sizes: list[int] = []
         #: what wait_ready() says (the scheduler reachable again)
         self.reachable = True
         #: raised by connect(), if set (a refused or unreachable scheduler)
@@ -189,8 +191,9 @@ class StubTransport:
         self.requests.append(request)
         return pb.ExplainTaskReply(explanation=f"task {request.key!r} is waiting for the test")
 
-    async def fetch(self, address: str, key: str) -> Frames:
+    async def fetch(self, address: str, key: str, nbytes: int = 0) -> Frames:
         self.fetches.append((address, key))
+        self.fetch_sizes.append(nbytes)
         try:
             value = self.results[(address, key)]
         except KeyError:
@@ -250,13 +253,19 @@ class StubTransport:
 
 
 def finished(
-    key: str, value: Any = None, *, inline: bool = True, addresses: tuple[str, ...] = (WORKER,)
+    key: str,
+    value: Any = None,
+    *,
+    inline: bool = True,
+    addresses: tuple[str, ...] = (WORKER,),
+    nbytes: int = 0,
 ) -> pb.TaskUpdate:
     """``key`` finished: its result ``value`` sent inline, else held at ``addresses``."""
     return pb.TaskUpdate(
         key=key,
         status=pb.TASK_STATUS_FINISHED,
         addresses=addresses,
+        nbytes=nbytes,
         inline_result=serialize.dumps(value) if inline else b"",
     )
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 import pytest
 
 from apportion_common import serialize
-from apportion_common.grpc_server import insecure_channel
-from apportion_common.transfer import ChannelPool, ResultUnavailable
+from apportion_common.grpc_server import insecure_channel, make_server
+from apportion_common.transfer import STRIPE_MIN_BYTES, STRIPES, ChannelPool, ResultUnavailable
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
+from worker_service.servicer import WorkerServicer, add_worker_service
 from worker_service.store import ResultStore
 
 
@@ -33,6 +36,25 @@ async def test_a_large_result_arrives_whole_and_its_buffers_uncopied(
         assert serialize.loads(await pool.fetch(address, "small", timeout=10)) == value
         with pytest.raises(ResultUnavailable, match="NOT_FOUND"):
             await pool.fetch(address, "nope", timeout=10)
+    finally:
+        await pool.close()
+
+
+async def test_a_value_of_known_large_size_comes_striped_over_two_connections(
+    served: tuple[ResultStore, str],
+) -> None:
+    store, address = served
+    value = (b"x" * (STRIPE_MIN_BYTES + 5), {"info": 1}, bytearray(b"y" * (3 * 1024 * 1024 + 1)))
+    frames = serialize.dumps_result(value)
+    store.put("big", 1, frames)
+    pool = ChannelPool()
+    try:
+        got = await pool.fetch(address, "big", timeout=10, nbytes=frames.nbytes)
+        assert serialize.loads(got) == value
+        assert len(got.buffers) == 2  # each buffer its own, not copied into the pickle
+        assert len(pool._channels) == STRIPES  # one channel (connection) per stripe
+        with pytest.raises(ResultUnavailable, match="NOT_FOUND"):
+            await pool.fetch(address, "gone", timeout=10, nbytes=frames.nbytes)
     finally:
         await pool.close()
 
@@ -96,3 +118,38 @@ async def test_a_reply_stops_at_its_size_limit_and_bad_keys_are_refused(
                 await stub.FetchResults(pb.FetchResultsRequest(keys=keys, max_bytes=10))
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert detail in (info.value.details() or "")
+
+
+class _OneStripeFails(WorkerServicer):
+    """A holder whose second stripe breaks off after its first chunk."""
+
+    async def FetchResult(
+        self, request: pb.FetchResultRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[bytes]:
+        sent = 0
+        async for chunk in super().FetchResult(request, context):
+            if request.stripe == 1 and sent == 1:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the holder went away")
+            sent += 1
+            yield chunk
+
+
+async def test_a_stripe_that_breaks_off_fails_the_fetch_and_stops_the_others() -> None:
+    store = ResultStore()
+    server = make_server()
+    add_worker_service(_OneStripeFails(store), server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    pool = ChannelPool()
+    try:
+        frames = serialize.dumps_result(b"q" * (2 * STRIPE_MIN_BYTES))
+        store.put("big", 1, frames)
+        with pytest.raises(ResultUnavailable, match="UNAVAILABLE: the holder went away"):
+            await pool.fetch(address, "big", timeout=10, nbytes=frames.nbytes)
+        # Unstriped, the same holder still serves it whole.
+        assert serialize.loads(await pool.fetch(address, "big", timeout=10)) == b"q" * (
+            2 * STRIPE_MIN_BYTES
+        )
+    finally:
+        await pool.close()
+        await server.stop(0)

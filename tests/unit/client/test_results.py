@@ -51,10 +51,11 @@ async def submitted(h: Harness, *keys: str) -> list[Any]:
 async def test_a_small_result_comes_inline_and_a_large_one_is_fetched(h: Harness) -> None:
     small, large = await submitted(h, "small", "large")
     h.stub.results[(WORKER, "large")] = b"x" * 100
-    h.stub.answer(finished("small", {"n": 1}), finished("large", inline=False))
+    h.stub.answer(finished("small", {"n": 1}), finished("large", inline=False, nbytes=123))
     assert await resolve(small.result()) == {"n": 1}
     assert await resolve(large.result()) == b"x" * 100
     assert h.stub.fetches == [(WORKER, "large")]
+    assert h.stub.fetch_sizes == [123]  # the size the scheduler told, so a large one comes striped
     assert small.status == large.status == "finished"
     assert small.done() and large.done()
     assert await resolve(small.exception()) is None
@@ -91,9 +92,9 @@ async def test_news_of_the_same_holder_again_during_a_fetch_is_not_missed(
     (future,) = await submitted(h, "k")
     fetch = h.stub.fetch
 
-    async def slow_fetch(address: str, key: str) -> Any:
+    async def slow_fetch(address: str, key: str, nbytes: int = 0) -> Any:
         await asyncio.sleep(0.3)
-        return await fetch(address, key)
+        return await fetch(address, key, nbytes)
 
     monkeypatch.setattr(h.stub, "fetch", slow_fetch)
 

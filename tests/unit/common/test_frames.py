@@ -11,7 +11,7 @@ import pytest
 
 from apportion_common import serialize
 from apportion_common.serialize import OUT_OF_BAND_MIN_BYTES, Frames
-from apportion_common.transfer import chunk_view, chunks
+from apportion_common.transfer import _InOrder, chunk_view, chunks
 from protos import apportion_pb2 as pb
 
 BIG = OUT_OF_BAND_MIN_BYTES * 3 + 5
@@ -123,13 +123,50 @@ def test_chunk_view_reads_what_protobuf_writes() -> None:
         data = rng.randbytes(size)
         for total in (0, 1, 300, 2**40):
             raw = pb.ResultChunk(total_size=total, data=data).SerializeToString()
-            got_total, view = chunk_view(raw)
-            assert (got_total, bytes(view)) == (total, data)
+            got_total, offset, view = chunk_view(raw)
+            assert (got_total, offset, bytes(view)) == (total, 0, data)
             assert view.obj is raw  # a view, not a copy
     # Unknown fields (a newer sender) are skipped, as protobuf skips them.
-    extra = b"\x18\x05" + b"\x22\x02hi" + b"\x2d\x00\x00\x00\x00" + b"\x31" + b"\x00" * 8
+    extra = b"\x20\x05" + b"\x2a\x02hi" + b"\x2d\x00\x00\x00\x00" + b"\x31" + b"\x00" * 8
     raw = pb.ResultChunk(total_size=9, data=b"abc").SerializeToString() + extra
-    assert chunk_view(raw)[0] == 9 and bytes(chunk_view(raw)[1]) == b"abc"
+    assert chunk_view(raw)[0] == 9 and bytes(chunk_view(raw)[2]) == b"abc"
+    raw = pb.ResultChunk(total_size=9, offset=2**33, data=b"abc").SerializeToString()
+    assert chunk_view(raw)[:2] == (9, 2**33)
+
+
+@pytest.mark.parametrize("stripes", [2, 3])
+def test_striped_chunks_carry_their_offsets_and_make_the_value_together(stripes: int) -> None:
+    # Several buffers, so that chunks straddle where one buffer ends and the next begins.
+    value = (b"a" * 130_001, bytearray(b"b" * 70_000), b"c" * 99_999)
+    frames = serialize.dumps_result(value)
+    whole = wire(frames)
+    streams = [
+        list(chunks(frames, chunk_bytes=50_000, stripe=i, stripes=stripes)) for i in range(stripes)
+    ]
+    messages = [[pb.ResultChunk.FromString(c) for c in stream] for stream in streams]
+    for i, stream in enumerate(messages):
+        assert [m.offset for m in stream] == list(range(i * 50_000, len(whole), stripes * 50_000))
+        assert all(m.data == whole[m.offset : m.offset + 50_000] for m in stream)
+        assert all(m.total_size == len(whole) for m in stream)
+    # Fed in an order the streams could arrive in: one stream first, then the others.
+    order = _InOrder()
+    for stream in reversed(streams):
+        for raw in stream:
+            total, offset, data = chunk_view(raw)
+            order.take(total, offset, data)
+    assert order.assembler is not None and order.assembler.received == len(whole)
+    assert serialize.loads(order.assembler.frames()) == value
+
+
+def test_in_order_refuses_a_chunk_twice_or_past_the_end() -> None:
+    order = _InOrder()
+    order.take(10, 4, memoryview(b"4567"))
+    with pytest.raises(ValueError, match="twice"):
+        order.take(10, 4, memoryview(b"4567"))
+    with pytest.raises(ValueError, match="past the 10 bytes"):
+        order.take(10, 8, memoryview(b"890"))
+    with pytest.raises(ValueError, match="disagree"):
+        order.take(11, 0, memoryview(b"0123"))
 
 
 @pytest.mark.parametrize(
