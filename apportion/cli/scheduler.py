@@ -97,6 +97,21 @@ def scheduler(
             show_default="measured",
         ),
     ] = None,
+    dashboard_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Where the web dashboard and /metrics listen (a taken port: a free one).",
+            metavar="HOST:PORT",
+            show_default="127.0.0.1:8787",
+        ),
+    ] = None,
+    no_dashboard: Annotated[
+        bool,
+        typer.Option(
+            "--no-dashboard",
+            help="Serve no dashboard, /metrics or /health (APPORTION_SCHEDULER__DASHBOARD=0).",
+        ),
+    ] = False,
     token: TokenOption = None,
     worker_token: Annotated[
         str | None,
@@ -132,6 +147,8 @@ def scheduler(
             "client_grace": client_grace,
             "state_dir": state_dir,
             "worker_queue": worker_queue,
+            "dashboard_address": dashboard_address,
+            "dashboard": False if no_dashboard else None,
         }.items()
         if v is not None
     }
@@ -176,6 +193,7 @@ def scheduler(
                 worker_ttl=settings.worker_ttl,
                 state_dir=settings.state_dir,
                 security=security,
+                dashboard_address=settings.dashboard_address if settings.dashboard else None,
             )
         )
     except OSError as exc:
