@@ -148,10 +148,13 @@ def scheduler(
             "state_dir": state_dir,
             "worker_queue": worker_queue,
             "dashboard_address": dashboard_address,
-            "dashboard": False if no_dashboard else None,
+            # A flag wins over APPORTION_SCHEDULER__DASHBOARD: an address asks for one.
+            "dashboard": False if no_dashboard else (True if dashboard_address else None),
         }.items()
         if v is not None
     }
+    if no_dashboard and dashboard_address is not None:
+        fail("--dashboard-address and --no-dashboard: give one or the other")
     try:
         settings = SchedulerSettings(**overrides)
     except ValidationError as exc:

@@ -230,6 +230,6 @@ class RunActivity:
                 lanes = [float("-inf")] * (worker.nthreads if worker is not None else 1)
             free = next((i for i, end in enumerate(lanes) if end <= start), None)
             lane = free if free is not None else min(range(len(lanes)), key=lanes.__getitem__)
-            lanes[lane] = now if stop is None else stop
+            lanes[lane] = float("inf") if stop is None else stop
             out.append(StreamRun(worker_id, lane, prefix, start, stop, status))
         return out

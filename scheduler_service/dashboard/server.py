@@ -52,6 +52,8 @@ log = logging.getLogger("scheduler_service")
 #: The gRPC method whose token the dashboard asks for: the client role's.
 AS_METHOD = "/apportion.v1.Scheduler/GetClusterState"
 COOKIE = "apportion_session"
+#: Seconds open requests (a page's event stream) get to end when the scheduler stops.
+SHUTDOWN_S = 1.0
 OPEN_PATHS = frozenset({"/health"})
 STATIC = {
     "dashboard.js": "application/javascript",
@@ -75,6 +77,17 @@ def split_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"dashboard address {address!r}: expected HOST:PORT (port 0-65535)")
     return host, int(port)
+
+
+def exposure_warning(host: str, is_open: bool) -> str | None:
+    """What to warn of when an open dashboard is reachable beyond this machine
+    (TLS alone keeps no one out: it asks for no client certificate)."""
+    if not is_open or is_loopback(host):
+        return None
+    return (
+        f"the dashboard listens on {host}, beyond loopback, without a token: anyone who "
+        "can reach it sees the cluster's state (set --token or --client-token)"
+    )
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -148,16 +161,15 @@ class Dashboard:
         app.router.add_get("/api/v1/state", self._state_json)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/health", self._health)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_S
+        )
         await self._runner.setup()
-        await web.SockSite(self._runner, sock, ssl_context=ssl_context, shutdown_timeout=1).start()
+        await web.SockSite(self._runner, sock, ssl_context=ssl_context).start()
         self._lag_task = asyncio.create_task(self.lag.run())
-        if self._open and not is_loopback(self.host):
-            log.warning(
-                "the dashboard listens on %s, beyond loopback, without a token: anyone who "
-                "can reach it sees the cluster's state (set --token or --client-token)",
-                self.host,
-            )
+        exposed = exposure_warning(self.host, self._open)
+        if exposed is not None:
+            log.warning("%s", exposed)
         log.info("dashboard at %s", self.url)
 
     async def stop(self) -> None:
@@ -200,7 +212,7 @@ class Dashboard:
             if not self._token_ok(token):
                 return _refused("the token was not accepted")
             # Logged in: the cookie from now on, and the token off the address bar.
-            found = web.HTTPFound("/")
+            found = web.Response(status=302, headers={"Location": "/"})
             found.set_cookie(
                 COOKIE,
                 self._session,
