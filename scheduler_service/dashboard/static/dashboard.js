@@ -3,7 +3,10 @@
 // dependencies; every text from the cluster goes in through textContent.
 "use strict";
 
+// The stream spans the last minute at most, and at least MIN_WINDOW_S: a
+// shorter history is drawn over the whole width.
 const WINDOW_S = 60;
+const MIN_WINDOW_S = 10;
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -19,7 +22,10 @@ function el(tag, attrs, ...children) {
 }
 
 function num(x) {
-  if (x >= 1e9) return (x / 2 ** 30).toFixed(x >= 1e11 ? 0 : 1) + "Gi";
+  // Decimal units, as amounts are usually declared (MEMORY=100e9 is 100G).
+  for (const [size, unit] of [[1e12, "T"], [1e9, "G"], [1e6, "M"]]) {
+    if (x >= size) return num(Math.round((x / size) * 10) / 10) + unit;
+  }
   return Number.isInteger(x) ? String(x) : x.toFixed(2).replace(/\.?0+$/, "");
 }
 
@@ -131,7 +137,9 @@ function drawStream(snapshot) {
   const ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, canvas.width, canvas.height);
   const span = cssWidth - left - 6;
-  const x = (ago) => left + span * (1 - Math.min(ago, WINDOW_S) / WINDOW_S);
+  const oldest = Math.max(0, ...snapshot.stream.map((run) => run[3]));
+  const windowS = Math.min(WINDOW_S, Math.max(MIN_WINDOW_S, Math.ceil((oldest + 1) / 5) * 5));
+  const x = (ago) => left + span * (1 - Math.min(ago, windowS) / windowS);
   ctx.font = "11px system-ui, sans-serif";
   ctx.fillStyle = "#555";
   let previous = null;
@@ -155,7 +163,12 @@ function drawStream(snapshot) {
   }
   ctx.fillStyle = "#8a93a3";
   const bottom = lanes.length * laneHeight + 14;
-  for (const ago of [60, 45, 30, 15, 0]) ctx.fillText(ago ? `-${ago}s` : "now", x(ago) - 10, bottom);
+  for (let i = 4; i >= 0; i--) {
+    const ago = (windowS * i) / 4;
+    ctx.textAlign = i === 0 ? "right" : "center";
+    ctx.fillText(ago ? `-${num(Math.round(ago * 10) / 10)}s` : "now", x(ago), bottom);
+  }
+  ctx.textAlign = "left";
   canvas.dataset.runs = String(snapshot.stream.length);
   canvas.dataset.running = String(running);
   document.getElementById("legend").replaceChildren(
