@@ -2,7 +2,7 @@
 wait, the pending demand per resource (what an autoscaler scales on), and
 progress per key prefix. Pure reads of a :class:`~..state.ClusterState`.
 
-One pass over the tasks and one over the ready queues per call: callers ask
+One pass over the tasks per call: callers ask
 at most once a second (the dashboard's feed, a Prometheus scrape).
 """
 
@@ -14,7 +14,17 @@ from typing import TYPE_CHECKING
 
 from apportion_common.resources import Quanta, from_quanta
 
-from ..records import ERRED, MEMORY, PROCESSING, RELEASED, WAITING, Shape, TaskState
+from ..records import (
+    ERRED,
+    MEMORY,
+    PROCESSING,
+    READY,
+    RELEASED,
+    WAITING,
+    Shape,
+    TaskRecord,
+    TaskState,
+)
 
 if TYPE_CHECKING:
     from ..state import ClusterState
@@ -72,41 +82,52 @@ def _add(total: Quanta, need: Quanta, times: int) -> None:
 
 def waiting(state: ClusterState) -> Waiting:
     out = Waiting(demand={UNPLACEABLE: {}, BUSY: {}})
+    tasks = state.tasks
+    # One pass, counted in C: (prefix, state, shape) takes few distinct values.
+    counts = Counter((task.prefix, task.state, task.shape) for task in tasks.values())
     by_state: Counter[TaskState] = Counter()
-    by_prefix_state: Counter[tuple[str, TaskState]] = Counter()
-    for_inputs: Counter[Shape] = Counter()
-    needs: dict[Shape, Quanta] = {}
-    for task in state.tasks.values():
-        st = task.state
-        by_state[st] += 1
-        by_prefix_state[task.prefix, st] += 1
-        if st is WAITING:
-            for_inputs[task.shape] += 1
-            needs[task.shape] = task.resources
+    unplaced: Counter[tuple[Shape, TaskState]] = Counter()
     progress = out.progress
-    for (prefix, state_of), count in by_prefix_state.items():
-        column = PROGRESS_OF.get(state_of, "waiting")
-        row = progress.setdefault(prefix, {"done": 0, "erred": 0, "running": 0, "waiting": 0})
-        row[column] += count
+    for (prefix, state_of, shape), count in counts.items():
+        by_state[state_of] += count
+        row = progress.get(prefix)
+        if row is None:
+            row = progress[prefix] = {"done": 0, "erred": 0, "running": 0, "waiting": 0}
+        row[PROGRESS_OF.get(state_of, "waiting")] += count
+        if state_of is READY or state_of is WAITING:
+            unplaced[shape, state_of] += count
     out.task_counts = {st.value: n for st, n in by_state.items()}
 
-    reserved = state.reservations
-    for ready in state.queues.by_shape():
-        if not ready:
+    kept_for: Counter[Shape] = Counter(
+        task.shape
+        for key in state.reservations
+        if (task := tasks.get(key)) is not None and task.state is READY
+    )
+    for (shape, state_of), count in unplaced.items():
+        need = dict(shape[0])
+        if state_of is WAITING:
+            out.groups.append(WaitingGroup(from_quanta(need), INPUTS, count))
             continue
-        need = ready[0].resources
-        never = state.placer.why_never(ready[0])
+        some = _ready_task_of(state, shape)
+        never = None if some is None else state.placer.why_never(some)
         if never is not None:
-            out.groups.append(WaitingGroup(from_quanta(need), UNPLACEABLE, len(ready), never))
-            _add(out.demand[UNPLACEABLE], need, len(ready))
+            out.groups.append(WaitingGroup(from_quanta(need), UNPLACEABLE, count, never))
+            _add(out.demand[UNPLACEABLE], need, count)
             continue
-        kept = sum(1 for task in ready if task.key in reserved)
+        kept = kept_for[shape]
         if kept:
             out.groups.append(WaitingGroup(from_quanta(need), RESERVED, kept))
-        if len(ready) > kept:
-            out.groups.append(WaitingGroup(from_quanta(need), BUSY, len(ready) - kept))
-        _add(out.demand[BUSY], need, len(ready))
-    for shape, count in for_inputs.items():
-        out.groups.append(WaitingGroup(from_quanta(needs[shape]), INPUTS, count))
+        if count > kept:
+            out.groups.append(WaitingGroup(from_quanta(need), BUSY, count - kept))
+        _add(out.demand[BUSY], need, count)
     out.groups.sort(key=lambda g: (-g.count, g.reason, sorted(g.resources.items())))
     return out
+
+
+def _ready_task_of(state: ClusterState, shape: Shape) -> TaskRecord | None:
+    """A ready task of ``shape`` (why_never's answer is the same for each)."""
+    for _, _, gen, key in state.queues.heaps.get(shape, ()):
+        task = state.tasks.get(key)
+        if task is not None and task.state is READY and task.ready_gen == gen:
+            return task
+    return None

@@ -18,8 +18,9 @@ from scheduler_service.dashboard.activity import (
     RunActivity,
 )
 from scheduler_service.dashboard.demand import BUSY, INPUTS, UNPLACEABLE, waiting
+from scheduler_service.dashboard.feed import GONE_SHOWN_S, Feed
 from scheduler_service.dashboard.metrics import exposition, make_registry
-from scheduler_service.events import Event, TaskFinished, TaskStarted, WorkerLeft
+from scheduler_service.events import Event, RetirementAsked, TaskFinished, TaskStarted, WorkerLeft
 from tests.helpers.scheduler_sim import Sim
 
 
@@ -161,3 +162,27 @@ def test_pending_demand_says_why_tasks_wait_and_leaves_out_queued_ones() -> None
     assert seen[("apportion_task_duration_seconds_count", prefix)] == 1.0
     assert seen[("apportion_task_duration_seconds_bucket", prefix | {("le", "0.05")})] == 1.0
     assert seen[("apportion_task_duration_seconds_bucket", prefix | {("le", "0.01")})] == 0.0
+
+
+def test_the_page_shows_workers_that_left_as_lost_or_retired() -> None:
+    sim = Watched()
+    sim.join(1, nthreads=2, GPU=2)
+    sim.join(2, nthreads=1)
+    sim.submit("gpu-1", GPU=1)
+    feed = Feed(sim.state, sim.activity, clock=lambda: sim.now)
+    page = feed.build()
+    rows = {row["name"]: row for row in page["workers"]}
+    assert rows["w1"]["busy"] == 1 and rows["w1"]["threads"] == 2
+    assert rows["w1"]["resources"] == {"GPU": {"declared": 2.0, "held": 1.0, "queued": 0.0}}
+    assert {row["state"] for row in page["workers"]} == {"running"}
+    assert page["stream"] == [[1, 0, page["prefixes"].index("gpu"), 0.0, None, "running"]]
+
+    sim(RetirementAsked((2,)))
+    assert {row["name"]: row["state"] for row in feed.build()["workers"]}["w2"] == "draining"
+    sim(WorkerLeft(2))
+    sim(WorkerLeft(1))
+    sim.now += 1
+    gone = {row["name"]: row["state"] for row in feed.build()["workers"]}
+    assert gone == {"w1": "lost", "w2": "retired"}
+    sim.now += GONE_SHOWN_S + 1
+    assert feed.build()["workers"] == []
