@@ -110,6 +110,7 @@ def scheduler(
         typer.Option(
             "--no-dashboard",
             help="Serve no dashboard, /metrics or /health (APPORTION_SCHEDULER__DASHBOARD=0).",
+            show_default="served",
         ),
     ] = False,
     token: TokenOption = None,
