@@ -44,6 +44,7 @@ class Feed:
         self._interval = interval
         self._clock = clock
         self.listeners = 0
+        self._closed = False
         self._latest = b""
         self._version = 0
         self._built = asyncio.Event()
@@ -75,7 +76,7 @@ class Feed:
             self._ticker = asyncio.create_task(self._tick())
         seen = 0
         try:
-            while True:
+            while not self._closed:
                 built = self._built
                 if self._version > seen:
                     seen = self._version
@@ -94,6 +95,9 @@ class Feed:
             await asyncio.sleep(self._interval)
 
     async def close(self) -> None:
+        """End every listener's updates (open pages reconnect to the next scheduler)."""
+        self._closed = True
+        self._built.set()
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)

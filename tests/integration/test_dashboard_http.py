@@ -182,3 +182,23 @@ def test_an_open_dashboard_beyond_loopback_is_warned_of() -> None:
     assert exposure_warning("0.0.0.0", is_open=False) is None
     warning = exposure_warning("0.0.0.0", is_open=True)
     assert warning is not None and "without a token" in warning
+
+
+async def test_an_open_page_does_not_hold_up_the_scheduler_s_stop() -> None:
+    server = SchedulerServer("127.0.0.1", 0, dashboard_address="127.0.0.1:0")
+    await server.start()
+    stopped = False
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(_url(server, "/api/v1/stream")) as reply,
+        ):
+            await asyncio.wait_for(reply.content.readline(), 5)
+            started = asyncio.get_running_loop().time()
+            await server.stop(0)
+            stopped = True
+            assert asyncio.get_running_loop().time() - started < 0.9  # not the 1 s grace
+            await asyncio.wait_for(reply.content.read(), 5)  # the stream ended
+    finally:
+        if not stopped:
+            await server.stop(0)
