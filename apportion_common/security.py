@@ -33,6 +33,8 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
+import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,6 +304,29 @@ class TLS:
             root_certificates=self._read(self.ca, "CA"),
             require_client_auth=True,
         )
+
+    def https_context(self) -> ssl.SSLContext:
+        """A server context for HTTPS (the dashboard) with the same certificate.
+
+        It asks for no client certificate: a browser has none to give, so on
+        that port the token is what keeps others out."""
+        if self.cert is None or self.key is None:
+            raise SecurityConfigError("a server needs a TLS cert and key (--tls-cert, --tls-key)")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        cert, key = self._read(self.cert, "cert"), self._read(self.key, "key")
+        # load_cert_chain reads files only: PEM given as bytes goes through a
+        # private temporary directory that is removed at once.
+        with tempfile.TemporaryDirectory() as tmp:
+            cert_path, key_path = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+            cert_path.write_bytes(cert)
+            key_path.touch(mode=0o600)
+            key_path.write_bytes(key)
+            try:
+                context.load_cert_chain(cert_path, key_path)
+            except ssl.SSLError as exc:
+                raise SecurityConfigError(f"TLS cert and key: cannot use them: {exc}") from None
+        return context
 
     def env(self) -> dict[str, str]:
         """As APPORTION_TLS_* variables, for a child process (paths only)."""

@@ -86,6 +86,19 @@ class SchedulerSettings(BaseSettings):
     worker_queue: int | None = Field(None, ge=0, le=10_000)
     #: Check the scheduler's books after every event (for tests; costs time).
     check_invariants: bool = False
+    #: Where the web dashboard, /metrics, /api/v1/state and /health listen
+    #: (HOST:PORT); a taken port: a free one instead, named in the log.
+    dashboard_address: str = "127.0.0.1:8787"
+    #: Serve them at all (--no-dashboard: false).
+    dashboard: bool = True
+
+    @field_validator("dashboard_address")
+    @classmethod
+    def _check_dashboard_address(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"{value!r}: expected HOST:PORT (port 0-65535; 0 picks one)")
+        return value
 
 
 class WorkerSettings(BaseSettings):

@@ -28,6 +28,8 @@ class WorkerInfo(TypedDict):
 
 class ClusterInfo(TypedDict):
     address: str
+    #: where the scheduler's web dashboard and /metrics listen ("" when off)
+    dashboard_address: str
     #: by worker address
     workers: dict[str, WorkerInfo]
     #: how many tasks are in each state
@@ -50,6 +52,7 @@ def cluster_info(state: pb.ClusterState) -> ClusterInfo:
     """``GetClusterState`` as the dict that ``Client.scheduler_info()`` returns."""
     return {
         "address": state.address,
+        "dashboard_address": state.dashboard_address,
         "workers": {w.address: worker_info(w) for w in state.workers},
         "tasks": dict(state.task_counts),
     }

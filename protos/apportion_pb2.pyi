@@ -1248,7 +1248,12 @@ class ClusterState(_message.Message):
     ADDRESS_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
     TASK_COUNTS_FIELD_NUMBER: _builtins.int
+    DASHBOARD_ADDRESS_FIELD_NUMBER: _builtins.int
     address: _builtins.str
+    dashboard_address: _builtins.str
+    """Where the scheduler's web dashboard and /metrics listen, host:port
+    (empty: not served).
+    """
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerInfo]: ...
     @_builtins.property
@@ -1259,10 +1264,11 @@ class ClusterState(_message.Message):
         address: _builtins.str = ...,
         workers: _abc.Iterable[Global___WorkerInfo] | None = ...,
         task_counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        dashboard_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "task_counts", b"task_counts", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "dashboard_address", b"dashboard_address", "task_counts", b"task_counts", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -41,6 +41,8 @@ class OperatorCalls:
     state: ClusterState
     _address: Callable[[], str]
     _worker_handlers: dict[WorkerId, asyncio.Task[object]]
+    #: where the dashboard listens, host:port ("" when it does not)
+    dashboard_address: str
     #: files uploaded (name -> contents, in upload order), sent to each worker that joins
     uploads: dict[str, bytes]
     #: set by Shutdown: the scheduler's process stops once it is
@@ -119,7 +121,9 @@ class OperatorCalls:
     async def GetClusterState(
         self, request: pb.GetClusterStateRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ClusterState:
-        return wire.cluster_state_to_pb(self._address(), self.state.snapshot())
+        return wire.cluster_state_to_pb(
+            self._address(), self.state.snapshot(), self.dashboard_address
+        )
 
     async def UploadFile(
         self, request: pb.UploadFileRequest, context: grpc.aio.ServicerContext[object, object]

@@ -12,15 +12,20 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from apportion_common.grpc_server import ServingHealth, bind, install_stop_signals, make_server
 from apportion_common.security import Role, ServerSecurity
 from apportion_common.services import add_service
 from protos import apportion_pb2 as pb
 
+from .dashboard.activity import RunActivity
 from .journal import Journal
 from .policy import SchedulingPolicy
 from .servicer import SchedulerServicer
+
+if TYPE_CHECKING:
+    from .dashboard.server import Dashboard
 
 log = logging.getLogger("scheduler_service")
 
@@ -46,6 +51,7 @@ class SchedulerServer:
         security: ServerSecurity | None = None,
         worker_ttl: float = 5.0,
         state_dir: Path | None = None,
+        dashboard_address: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -64,6 +70,9 @@ class SchedulerServer:
         if self.security.authorizer is not None:
             self.servicer.client_token_sha256 = self.security.authorizer.digest(Role.CLIENT) or b""
         self._clock: asyncio.Task[None] | None = None
+        #: HOST:PORT for the dashboard and /metrics (None: not served)
+        self.dashboard_address = dashboard_address
+        self.dashboard: Dashboard | None = None
         add_service(self._server, self.servicer, pb, "Scheduler")
         self._health = ServingHealth(self._server, [SCHEDULER_SERVICE])
 
@@ -72,6 +81,9 @@ class SchedulerServer:
         return f"{self.host}:{self.port}"
 
     async def start(self) -> None:
+        if self.dashboard_address is not None:
+            # Before anything runs: its counters see every run from the start.
+            self.servicer.activity = RunActivity(self.servicer.state)
         recovered = self.servicer.recover()
         if recovered:
             assert self._journal is not None
@@ -79,12 +91,32 @@ class SchedulerServer:
         self.port = bind(self._server, self.host, self.port, self.security.credentials())
         self.security.warn_if_exposed(self.host, "the scheduler", log)
         await self._server.start()
+        if self.servicer.activity is not None:
+            await self._start_dashboard(self.servicer.activity)
         self._clock = asyncio.create_task(self.servicer.keep_time())
         await self._health.set(True)
         log.info("scheduler listening on %s", self.address)
 
+    async def _start_dashboard(self, activity: RunActivity) -> None:
+        # Imported here: aiohttp costs a scheduler started without a dashboard nothing.
+        from .dashboard.server import Dashboard, split_address
+
+        assert self.dashboard_address is not None
+        host, port = split_address(self.dashboard_address)
+        self.dashboard = Dashboard(
+            self.servicer.state, activity, lambda: self.address, host, port, self.security
+        )
+        try:
+            await self.dashboard.start()
+        except BaseException:
+            await self._server.stop(0)
+            raise
+        self.servicer.dashboard_address = self.dashboard.address
+
     async def stop(self, grace: float = 1.0) -> None:
         await self._health.set(False)
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         await self._server.stop(grace)
         if self._clock is not None:
             self._clock.cancel()
@@ -122,6 +154,7 @@ async def run_scheduler(
     security: ServerSecurity | None = None,
     worker_ttl: float = 5.0,
     state_dir: Path | None = None,
+    dashboard_address: str | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM. Prints the bound address on stdout first.
 
@@ -138,6 +171,7 @@ async def run_scheduler(
         security=security,
         worker_ttl=worker_ttl,
         state_dir=state_dir,
+        dashboard_address=dashboard_address,
     )
     await server.start()
     # The scheduler's own process: collect young objects every

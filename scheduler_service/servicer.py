@@ -31,6 +31,7 @@ from .commands import (
     RetireWorker,
     UploadFiles,
 )
+from .dashboard.activity import RunActivity
 from .events import (
     ClientDisconnected,
     ClientId,
@@ -129,6 +130,10 @@ class SchedulerServicer(OperatorCalls, pb_grpc.SchedulerServicer):
         self.uploads: dict[str, bytes] = {}
         self.shutdown_asked = asyncio.Event()
         self.worker_joined = asyncio.Event()
+        self.dashboard_address = ""
+        #: told of every batch of events and the commands they made, when set
+        #: (the dashboard's counters and task stream)
+        self.activity: RunActivity | None = None
 
     def recover(self) -> int:
         """Rebuild the journal's tasks (at startup); returns how many."""
@@ -153,7 +158,10 @@ class SchedulerServicer(OperatorCalls, pb_grpc.SchedulerServicer):
     def dispatch_all(self, events: tuple[Event, ...]) -> None:
         """Hand ``events`` to the state machine together (one placement pass)
         and route the commands that come back."""
-        for cmd in self.state.handle_all(events):
+        cmds = self.state.handle_all(events)
+        if self.activity is not None:
+            self.activity.observe(events, cmds, time.monotonic())
+        for cmd in cmds:
             if isinstance(cmd, NotifyClient):
                 client_box = self._client_outboxes.get(cmd.client_id)
                 if client_box is not None:

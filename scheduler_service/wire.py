@@ -445,11 +445,14 @@ def worker_info_to_pb(w: WorkerSnapshot) -> pb.WorkerInfo:
     )
 
 
-def cluster_state_to_pb(address: str, snapshot: ClusterSnapshot) -> pb.ClusterState:
+def cluster_state_to_pb(
+    address: str, snapshot: ClusterSnapshot, dashboard_address: str = ""
+) -> pb.ClusterState:
     return pb.ClusterState(
         address=address,
         workers=[worker_info_to_pb(w) for w in snapshot.workers],
         task_counts=snapshot.task_counts,
+        dashboard_address=dashboard_address,
     )
 
 

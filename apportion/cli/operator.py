@@ -248,3 +248,5 @@ def _print_status(info: ClusterInfo) -> None:
     console.print(table)
     tasks = ", ".join(f"{state} {n}" for state, n in sorted(info["tasks"].items())) or "none"
     console.print(f"tasks: {tasks}")
+    if info["dashboard_address"]:
+        console.print(f"dashboard: {info['dashboard_address']}")

@@ -97,6 +97,22 @@ def scheduler(
             show_default="measured",
         ),
     ] = None,
+    dashboard_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Where the web dashboard and /metrics listen (a taken port: a free one).",
+            metavar="HOST:PORT",
+            show_default="127.0.0.1:8787",
+        ),
+    ] = None,
+    no_dashboard: Annotated[
+        bool,
+        typer.Option(
+            "--no-dashboard",
+            help="Serve no dashboard, /metrics or /health (APPORTION_SCHEDULER__DASHBOARD=0).",
+            show_default="served",
+        ),
+    ] = False,
     token: TokenOption = None,
     worker_token: Annotated[
         str | None,
@@ -132,9 +148,14 @@ def scheduler(
             "client_grace": client_grace,
             "state_dir": state_dir,
             "worker_queue": worker_queue,
+            "dashboard_address": dashboard_address,
+            # A flag wins over APPORTION_SCHEDULER__DASHBOARD: an address asks for one.
+            "dashboard": False if no_dashboard else (True if dashboard_address else None),
         }.items()
         if v is not None
     }
+    if no_dashboard and dashboard_address is not None:
+        fail("--dashboard-address and --no-dashboard: give one or the other")
     try:
         settings = SchedulerSettings(**overrides)
     except ValidationError as exc:
@@ -176,6 +197,7 @@ def scheduler(
                 worker_ttl=settings.worker_ttl,
                 state_dir=settings.state_dir,
                 security=security,
+                dashboard_address=settings.dashboard_address if settings.dashboard else None,
             )
         )
     except OSError as exc:

@@ -76,6 +76,10 @@ class Processes:
             PYTHONUNBUFFERED="1",
             APPORTION_SCHEDULER__CHECK_INVARIANTS="1",
             APPORTION_WORKER__CHECK_INVARIANTS="1",
+            # No dashboard unless a test asks for one (--dashboard-address): aiohttp's
+            # start-up costs each of the suite's many schedulers a fifth of a second
+            # of CPU.
+            APPORTION_SCHEDULER__DASHBOARD="0",
         )
         if env:
             full_env.update(env)

@@ -133,6 +133,7 @@ async def test_the_scheduler_s_unary_calls_go_through_the_transport(h: Harness) 
     h.stub.cluster_state.task_counts["running"] = 1
     assert await resolve(h.client.scheduler_info()) == {
         "address": "stub:1",
+        "dashboard_address": "",
         "workers": {
             "10.0.0.9:7000": {
                 "name": "w",
