@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint protos check-protos venv clean bench bench-quick bench-load bench-faults bench-chaos
+.PHONY: demo test lint protos check-protos venv clean bench bench-quick bench-load bench-faults bench-chaos bench-dashboard
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run --rounds 3
 	$(BIN)/python -m bench.placement
+	$(BIN)/python -m bench.dashboard --rounds 3
+
+## The throughput workload with the dashboard off, on, its stream read, and
+## open in headless Chromium (3 interleaved rounds): what the page costs.
+bench-dashboard: $(STAMP)
+	$(BIN)/python -m bench.dashboard --rounds 3
 
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run --rounds 1 --quick
