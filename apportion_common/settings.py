@@ -21,6 +21,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from .logring import DEFAULT_LOG_LINES
 from .resources import check_resources
 from .security import check_token
 
@@ -86,6 +87,9 @@ class SchedulerSettings(BaseSettings):
     worker_queue: int | None = Field(None, ge=0, le=10_000)
     #: Check the scheduler's books after every event (for tests; costs time).
     check_invariants: bool = False
+    #: Log lines the scheduler keeps for client.get_scheduler_logs() and
+    #: ``apportion logs`` (the newest; 0: none).
+    log_lines: int = Field(DEFAULT_LOG_LINES, ge=0, le=10_000_000)
 
 
 class WorkerSettings(BaseSettings):
@@ -111,6 +115,9 @@ class WorkerSettings(BaseSettings):
     #: Hand large results to and from worker processes on the same host
     #: through shared memory (/dev/shm); false: always over gRPC.
     shared_memory: bool = True
+    #: Log lines each worker process keeps, its tasks' own included, for
+    #: client.get_worker_logs() and ``apportion logs`` (the newest; 0: none).
+    log_lines: int = Field(DEFAULT_LOG_LINES, ge=0, le=10_000_000)
 
     @field_validator("resources", mode="before")
     @classmethod

@@ -18,6 +18,7 @@ from typing import Generic, TypeVar
 
 import grpc
 
+from apportion_common.logring import LogRing
 from apportion_common.serialize import ErrorInfo
 from apportion_common.status import ErrorKind, TaskStatus
 from protos import apportion_pb2 as pb
@@ -129,6 +130,9 @@ class SchedulerServicer(OperatorCalls, pb_grpc.SchedulerServicer):
         self.uploads: dict[str, bytes] = {}
         self.shutdown_asked = asyncio.Event()
         self.worker_joined = asyncio.Event()
+        #: Whose lines GetLogs answers (None: the process's ring, which
+        #: ``apportion scheduler`` installs; no lines without one).
+        self.log_ring: LogRing | None = None
 
     def recover(self) -> int:
         """Rebuild the journal's tasks (at startup); returns how many."""
