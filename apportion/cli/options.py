@@ -11,6 +11,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from pydantic import ValidationError
 
+from apportion_common.logring import LINE_FORMAT, install_log_ring
 from apportion_common.security import TLS, ClientSecurity, SecurityConfigError, tls_from_paths
 from apportion_common.settings import SecuritySettings
 
@@ -20,12 +21,16 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def setup_logging() -> None:
+def setup_logging(keep_lines: int | None = None) -> None:
+    """Log lines to stderr; with ``keep_lines``, also keep the newest that
+    many in memory for GetLogs (the scheduler's and each worker's process)."""
     logging.basicConfig(
         level=os.environ.get("APPORTION_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LINE_FORMAT,
         stream=sys.stderr,
     )
+    if keep_lines is not None:
+        install_log_ring(keep_lines)
 
 
 def cores() -> int:
