@@ -22,15 +22,23 @@ def fail(message: str) -> NoReturn:
 
 
 def setup_logging(keep_lines: int | None = None) -> None:
-    """Log lines to stderr; with ``keep_lines``, also keep the newest that
-    many in memory for GetLogs (the scheduler's and each worker's process)."""
+    """Log lines to stderr from APPORTION_LOG_LEVEL up (INFO by default); with
+    ``keep_lines``, also keep the newest that many in memory for GetLogs (the
+    scheduler's and each worker's process), from INFO up whatever stderr
+    shows: a LocalCluster quiets stderr to WARNING, as Dask's log deque
+    keeps what silence_logs hides."""
     logging.basicConfig(
         level=os.environ.get("APPORTION_LOG_LEVEL", "INFO").upper(),
         format=LINE_FORMAT,
         stream=sys.stderr,
     )
-    if keep_lines is not None:
-        install_log_ring(keep_lines)
+    if keep_lines is None:
+        return
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.setLevel(root.level)
+    root.setLevel(min(root.level, logging.INFO))
+    install_log_ring(keep_lines)
 
 
 def cores() -> int:

@@ -78,13 +78,16 @@ def test_a_tasks_own_log_lines_reach_its_workers_logs(
     ]
 
 
-def test_a_worker_keeps_as_many_lines_as_it_is_told(
+def test_a_worker_keeps_as_many_lines_as_it_is_told_from_info_up(
     processes: Processes, scheduler_address: str
 ) -> None:
-    env = {"APPORTION_WORKER__LOG_LINES": "5"}
+    # stderr quieted to WARNING, as a LocalCluster does: the ring still keeps INFO.
+    env = {"APPORTION_WORKER__LOG_LINES": "5", "APPORTION_LOG_LEVEL": "WARNING"}
     processes.worker(scheduler_address, "--name", "small", env=env)
     marker = f"marker-{uuid.uuid4().hex}"
     with Client(scheduler_address) as client:
+        (before,) = client.get_worker_logs().values()
+        assert [level for level, line in before if "registered with" in line] == ["INFO"]
         where = client.submit(log_through_own_logger, marker, 20).result(30)
         (lines,) = client.get_worker_logs(n=None).values()
         assert lines == client.get_worker_logs(n=None, workers=[where])[where]
