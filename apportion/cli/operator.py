@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 import typer
 
 from apportion_common.grpc_server import install_stop_signals
+from apportion_common.logs_pb import logs_request
 from apportion_common.resources import ResourceSpecError, format_resources, parse_resources
 from apportion_common.security import ClientSecurity
 from protos import apportion_pb2 as pb
@@ -283,7 +284,7 @@ def logs(
     security = caller_security(token, tls_ca, tls_cert, tls_key)
     if lines < 0:
         fail(f"-n must be a number of lines >= 0, not {lines}")
-    request = pb.GetLogsRequest(n=lines)
+    request = logs_request(lines)  # more than the ring holds: all it holds
 
     async def ask(scheduler: GrpcTransport) -> pb.GetLogsReply:
         if worker is None:
