@@ -131,3 +131,35 @@ def format_resources(resources: Mapping[str, float]) -> str:
             text = str(int(amount)) if float(amount).is_integer() else repr(float(amount))
         parts.append(f"{name}={text}")
     return " ".join(parts)
+
+
+#: Suffixes of the short form, powers of 1000 (SI) and, with an ``i``, of 1024.
+_SHORT_SUFFIXES = "kMGTPE"
+#: Below this an amount is shown in full (``1024``, not ``1.024k``).
+_SHORT_FROM = 10_000
+
+
+def short_amount(amount: float) -> str:
+    """An amount as a person reads it: ``2``, ``0.5``, ``100G`` (100e9),
+    ``64Gi`` (64GiB), ``1.5M``; never ``1e+11``.
+
+    Exact where a suffix makes it so (SI first, then binary); else four
+    significant digits (``68.72G``): this is for showing, not for reading back
+    (:func:`format_resources` is).
+    """
+    if not math.isfinite(amount) or abs(amount) < _SHORT_FROM:
+        return f"{amount:.6g}" if abs(amount) >= 1e-4 or amount == 0 else f"{amount:.3g}"
+    shown: str | None = None
+    for base, tail in ((1000, ""), (1024, "i")):
+        power = min(int(math.log(abs(amount), base)), len(_SHORT_SUFFIXES))
+        while power > 1 and abs(amount) < base**power:  # log()'s rounding
+            power -= 1
+        mantissa = amount / base**power
+        # Past the largest suffix the mantissa grows: whole, never 1e+04.
+        digits = f"{mantissa:.4g}" if mantissa < 1000 else f"{mantissa:.0f}"
+        text = f"{digits}{_SHORT_SUFFIXES[power - 1]}{tail}"
+        if round(mantissa, 3) == mantissa:
+            return text
+        shown = shown or text
+    assert shown is not None
+    return shown

@@ -82,6 +82,7 @@ METHOD_ROLES: Mapping[str, frozenset[Role]] = {
     "/apportion.v1.Scheduler/UploadFile": _CLIENT,
     "/apportion.v1.Scheduler/Restart": _CLIENT,
     "/apportion.v1.Scheduler/Shutdown": _CLIENT,
+    "/apportion.v1.Scheduler/GetLogs": _CLIENT,
     # Peers fetch inputs with the worker token, clients results with theirs.
     "/apportion.v1.Worker/FetchResult": _EITHER,
     "/apportion.v1.Worker/FetchResults": _EITHER,
@@ -90,6 +91,8 @@ METHOD_ROLES: Mapping[str, frozenset[Role]] = {
     # Code and files, as a task would bring: the clients' calls.
     "/apportion.v1.Worker/RunFunction": _CLIENT,
     "/apportion.v1.Worker/UploadFile": _CLIENT,
+    # What the worker and its tasks logged: the clients' to read, as their results.
+    "/apportion.v1.Worker/GetLogs": _CLIENT,
 }
 
 #: A method missing from METHOD_ROLES (one added later) is never open by

@@ -21,6 +21,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from .logring import DEFAULT_LOG_LINES
 from .resources import check_resources
 from .security import check_token
 
@@ -100,6 +101,10 @@ class SchedulerSettings(BaseSettings):
             raise ValueError(f"{value!r}: expected HOST:PORT (port 0-65535; 0 picks one)")
         return value
 
+    #: Log lines the scheduler keeps for client.get_scheduler_logs() and
+    #: ``apportion logs`` (the newest; 0: none).
+    log_lines: int = Field(DEFAULT_LOG_LINES, ge=0, le=10_000_000)
+
 
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -124,6 +129,9 @@ class WorkerSettings(BaseSettings):
     #: Hand large results to and from worker processes on the same host
     #: through shared memory (/dev/shm); false: always over gRPC.
     shared_memory: bool = True
+    #: Log lines each worker process keeps, its tasks' own included, for
+    #: client.get_worker_logs() and ``apportion logs`` (the newest; 0: none).
+    log_lines: int = Field(DEFAULT_LOG_LINES, ge=0, le=10_000_000)
 
     @field_validator("resources", mode="before")
     @classmethod

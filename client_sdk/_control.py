@@ -1,5 +1,6 @@
 """The cluster's controls on a Client, as Dask has them: ``retire_workers``,
-``run``, ``upload_file``, ``restart`` and ``shutdown``.
+``run``, ``upload_file``, ``restart``, ``shutdown``, ``get_scheduler_logs``
+and ``get_worker_logs``.
 
 A base of :class:`~client_sdk.client.Client`, kept apart so that the facade
 stays about tasks; each method is a coroutine on an asynchronous client.
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Literal, overload
 
 from apportion_common import serialize
+from apportion_common.logring import LogLine
+from apportion_common.logs_pb import lines_from_pb, logs_request
 from apportion_common.uploads import check_upload
 from protos import apportion_pb2 as pb
 
@@ -147,6 +150,55 @@ class ControlCalls(Generic[IsAsync]):
         self._bridge.run(run())
         self.close()
         return None
+
+    @overload
+    def get_scheduler_logs(
+        self: ControlCalls[Literal[False]], n: int | None = ...
+    ) -> list[LogLine]: ...
+    @overload
+    def get_scheduler_logs(
+        self: ControlCalls[Literal[True]], n: int | None = ...
+    ) -> Coroutine[Any, Any, list[LogLine]]: ...
+    def get_scheduler_logs(self, n: int | None = 100) -> Any:
+        """The scheduler's newest ``n`` log lines (None: all it keeps, 10,000
+        by default), oldest first, as Dask's: ``(level, line)`` pairs, each
+        line with its time, level and logger name."""
+        request = logs_request(n)
+
+        async def run() -> list[LogLine]:
+            return lines_from_pb(await self.core.transport.get_logs(request, CALL_TIMEOUT_S))
+
+        return self._bridge.run(run())
+
+    @overload
+    def get_worker_logs(
+        self: ControlCalls[Literal[False]],
+        n: int | None = ...,
+        workers: Iterable[str] | None = ...,
+    ) -> dict[str, list[LogLine]]: ...
+    @overload
+    def get_worker_logs(
+        self: ControlCalls[Literal[True]],
+        n: int | None = ...,
+        workers: Iterable[str] | None = ...,
+    ) -> Coroutine[Any, Any, dict[str, list[LogLine]]]: ...
+    def get_worker_logs(self, n: int | None = 100, workers: Iterable[str] | None = None) -> Any:
+        """Each worker's newest ``n`` log lines (None: all it keeps), by
+        address, as Dask's: ``{address: [(level, line), ...]}``, oldest
+        first. What tasks logged through their own loggers is there too.
+        ``workers``: addresses or names (all when None); an unknown one
+        raises ``KeyError`` naming it."""
+        request = logs_request(n)
+
+        async def run() -> dict[str, list[LogLine]]:
+            addresses = await self._worker_addresses(workers)
+            transport = self.core.transport
+            replies = await asyncio.gather(
+                *(transport.get_worker_logs(a, request, CALL_TIMEOUT_S) for a in addresses)
+            )
+            return {a: lines_from_pb(r) for a, r in zip(addresses, replies, strict=True)}
+
+        return self._bridge.run(run())
 
     async def _worker_addresses(self, workers: Iterable[str] | None) -> list[str]:
         state = await self.core.transport.get_cluster_state(

@@ -105,6 +105,16 @@ class Transport(Protocol):
 
     async def shutdown(self, request: pb.ShutdownRequest, timeout: float) -> None: ...
 
+    async def get_logs(self, request: pb.GetLogsRequest, timeout: float) -> pb.GetLogsReply:
+        """The scheduler's newest log lines."""
+        ...
+
+    async def get_worker_logs(
+        self, address: str, request: pb.GetLogsRequest, timeout: float
+    ) -> pb.GetLogsReply:
+        """The newest log lines of the worker at ``address``."""
+        ...
+
     async def run_function(
         self, address: str, request: pb.RunFunctionRequest, timeout: float
     ) -> pb.RunFunctionReply:
@@ -259,6 +269,20 @@ class GrpcTransport:
     async def shutdown(self, request: pb.ShutdownRequest, timeout: float) -> None:
         with self._mapped("Shutdown"):
             await self._scheduler.Shutdown(request, timeout=timeout)
+
+    async def get_logs(self, request: pb.GetLogsRequest, timeout: float) -> pb.GetLogsReply:
+        with self._mapped("GetLogs"):
+            reply: pb.GetLogsReply = await self._scheduler.GetLogs(request, timeout=timeout)
+        return reply
+
+    async def get_worker_logs(
+        self, address: str, request: pb.GetLogsRequest, timeout: float
+    ) -> pb.GetLogsReply:
+        with self._mapped_at(address, "GetLogs"):
+            reply: pb.GetLogsReply = await self._peers.stub(address).GetLogs(
+                request, timeout=timeout
+            )
+        return reply
 
     async def run_function(
         self, address: str, request: pb.RunFunctionRequest, timeout: float

@@ -81,6 +81,11 @@ class SchedulerStub:
                 request_serializer=protos_dot_apportion__pb2.ShutdownRequest.SerializeToString,
                 response_deserializer=protos_dot_apportion__pb2.ShutdownReply.FromString,
                 _registered_method=True)
+        self.GetLogs = channel.unary_unary(
+                '/apportion.v1.Scheduler/GetLogs',
+                request_serializer=protos_dot_apportion__pb2.GetLogsRequest.SerializeToString,
+                response_deserializer=protos_dot_apportion__pb2.GetLogsReply.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -162,6 +167,13 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLogs(self, request, context):
+        """The scheduler's newest log lines (client.get_scheduler_logs, apportion logs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -209,6 +221,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Shutdown,
                     request_deserializer=protos_dot_apportion__pb2.ShutdownRequest.FromString,
                     response_serializer=protos_dot_apportion__pb2.ShutdownReply.SerializeToString,
+            ),
+            'GetLogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLogs,
+                    request_deserializer=protos_dot_apportion__pb2.GetLogsRequest.FromString,
+                    response_serializer=protos_dot_apportion__pb2.GetLogsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -466,6 +483,33 @@ class Scheduler:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def GetLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apportion.v1.Scheduler/GetLogs',
+            protos_dot_apportion__pb2.GetLogsRequest.SerializeToString,
+            protos_dot_apportion__pb2.GetLogsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class WorkerStub:
     """------------------------------------------------------------------- worker
@@ -502,6 +546,11 @@ class WorkerStub:
                 '/apportion.v1.Worker/UploadFile',
                 request_serializer=protos_dot_apportion__pb2.UploadFileRequest.SerializeToString,
                 response_deserializer=protos_dot_apportion__pb2.UploadFileReply.FromString,
+                _registered_method=True)
+        self.GetLogs = channel.unary_unary(
+                '/apportion.v1.Worker/GetLogs',
+                request_serializer=protos_dot_apportion__pb2.GetLogsRequest.SerializeToString,
+                response_deserializer=protos_dot_apportion__pb2.GetLogsReply.FromString,
                 _registered_method=True)
 
 
@@ -554,6 +603,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLogs(self, request, context):
+        """This worker process's newest log lines, its tasks' own loggers included
+        (client.get_worker_logs, apportion logs ADDRESS WORKER).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -581,6 +638,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.UploadFile,
                     request_deserializer=protos_dot_apportion__pb2.UploadFileRequest.FromString,
                     response_serializer=protos_dot_apportion__pb2.UploadFileReply.SerializeToString,
+            ),
+            'GetLogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLogs,
+                    request_deserializer=protos_dot_apportion__pb2.GetLogsRequest.FromString,
+                    response_serializer=protos_dot_apportion__pb2.GetLogsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -720,6 +782,33 @@ class Worker:
             '/apportion.v1.Worker/UploadFile',
             protos_dot_apportion__pb2.UploadFileRequest.SerializeToString,
             protos_dot_apportion__pb2.UploadFileReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apportion.v1.Worker/GetLogs',
+            protos_dot_apportion__pb2.GetLogsRequest.SerializeToString,
+            protos_dot_apportion__pb2.GetLogsReply.FromString,
             options,
             channel_credentials,
             insecure,

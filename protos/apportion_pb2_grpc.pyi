@@ -72,6 +72,8 @@ class SchedulerStub:
     """
     Shutdown: _grpc.UnaryUnaryMultiCallable[_apportion_pb2.ShutdownRequest, _apportion_pb2.ShutdownReply]
     """Stop every worker (their nannies too), then the scheduler itself."""
+    GetLogs: _grpc.UnaryUnaryMultiCallable[_apportion_pb2.GetLogsRequest, _apportion_pb2.GetLogsReply]
+    """The scheduler's newest log lines (client.get_scheduler_logs, apportion logs)."""
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
@@ -113,6 +115,8 @@ class SchedulerAsyncStub(SchedulerStub):
     """
     Shutdown: _aio.UnaryUnaryMultiCallable[_apportion_pb2.ShutdownRequest, _apportion_pb2.ShutdownReply]  # type: ignore[assignment]
     """Stop every worker (their nannies too), then the scheduler itself."""
+    GetLogs: _aio.UnaryUnaryMultiCallable[_apportion_pb2.GetLogsRequest, _apportion_pb2.GetLogsReply]  # type: ignore[assignment]
+    """The scheduler's newest log lines (client.get_scheduler_logs, apportion logs)."""
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------- scheduler"""
@@ -206,6 +210,14 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_apportion_pb2.ShutdownReply, _abc.Awaitable[_apportion_pb2.ShutdownReply]]:
         """Stop every worker (their nannies too), then the scheduler itself."""
 
+    @_abc_1.abstractmethod
+    def GetLogs(
+        self,
+        request: _apportion_pb2.GetLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_apportion_pb2.GetLogsReply, _abc.Awaitable[_apportion_pb2.GetLogsReply]]:
+        """The scheduler's newest log lines (client.get_scheduler_logs, apportion logs)."""
+
 def add_SchedulerServicer_to_server(servicer: SchedulerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class WorkerStub:
@@ -238,6 +250,10 @@ class WorkerStub:
     """
     UploadFile: _grpc.UnaryUnaryMultiCallable[_apportion_pb2.UploadFileRequest, _apportion_pb2.UploadFileReply]
     """Keep a file (.py, .zip, .egg) where tasks import from, and import it."""
+    GetLogs: _grpc.UnaryUnaryMultiCallable[_apportion_pb2.GetLogsRequest, _apportion_pb2.GetLogsReply]
+    """This worker process's newest log lines, its tasks' own loggers included
+    (client.get_worker_logs, apportion logs ADDRESS WORKER).
+    """
 
 @_typing.type_check_only
 class WorkerAsyncStub(WorkerStub):
@@ -267,6 +283,10 @@ class WorkerAsyncStub(WorkerStub):
     """
     UploadFile: _aio.UnaryUnaryMultiCallable[_apportion_pb2.UploadFileRequest, _apportion_pb2.UploadFileReply]  # type: ignore[assignment]
     """Keep a file (.py, .zip, .egg) where tasks import from, and import it."""
+    GetLogs: _aio.UnaryUnaryMultiCallable[_apportion_pb2.GetLogsRequest, _apportion_pb2.GetLogsReply]  # type: ignore[assignment]
+    """This worker process's newest log lines, its tasks' own loggers included
+    (client.get_worker_logs, apportion logs ADDRESS WORKER).
+    """
 
 class WorkerServicer(metaclass=_abc_1.ABCMeta):
     """------------------------------------------------------------------- worker"""
@@ -323,5 +343,15 @@ class WorkerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_apportion_pb2.UploadFileReply, _abc.Awaitable[_apportion_pb2.UploadFileReply]]:
         """Keep a file (.py, .zip, .egg) where tasks import from, and import it."""
+
+    @_abc_1.abstractmethod
+    def GetLogs(
+        self,
+        request: _apportion_pb2.GetLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_apportion_pb2.GetLogsReply, _abc.Awaitable[_apportion_pb2.GetLogsReply]]:
+        """This worker process's newest log lines, its tasks' own loggers included
+        (client.get_worker_logs, apportion logs ADDRESS WORKER).
+        """
 
 def add_WorkerServicer_to_server(servicer: WorkerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

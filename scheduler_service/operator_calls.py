@@ -1,5 +1,5 @@
 """The scheduler's unary calls for operators and clients: cluster state,
-set-resources, explain, retire, uploaded files, restart and shutdown.
+set-resources, explain, retire, uploaded files, restart, shutdown and logs.
 
 A mixin of :class:`~.servicer.SchedulerServicer`: it reads the state and
 dispatches events as the streams do, and holds no state of its own beyond
@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import grpc
 
+from apportion_common.logring import LogRing, kept_lines
+from apportion_common.logs_pb import lines_wanted, logs_reply
 from apportion_common.uploads import UploadError, check_upload
 from protos import apportion_pb2 as pb
 
@@ -49,6 +51,8 @@ class OperatorCalls:
     shutdown_asked: asyncio.Event
     #: set each time a worker registers (Restart waits for them)
     worker_joined: asyncio.Event
+    #: whose lines GetLogs answers (None: the process's ring)
+    log_ring: LogRing | None
 
     def dispatch(self, event: Event) -> None:
         raise NotImplementedError  # the servicer's
@@ -172,3 +176,8 @@ class OperatorCalls:
         self.send_to_workers(RetireWorker)
         self.shutdown_asked.set()
         return pb.ShutdownReply()
+
+    async def GetLogs(
+        self, request: pb.GetLogsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.GetLogsReply:
+        return logs_reply(kept_lines(self.log_ring, lines_wanted(request)))

@@ -18,6 +18,7 @@ from typing import Generic, TypeVar
 
 import grpc
 
+from apportion_common.logring import LogRing
 from apportion_common.serialize import ErrorInfo
 from apportion_common.status import ErrorKind, TaskStatus
 from protos import apportion_pb2 as pb
@@ -134,6 +135,9 @@ class SchedulerServicer(OperatorCalls, pb_grpc.SchedulerServicer):
         #: told of every batch of events and the commands they made, when set
         #: (the dashboard's counters and task stream)
         self.activity: RunActivity | None = None
+        #: Whose lines GetLogs answers (None: the process's ring, which
+        #: ``apportion scheduler`` installs; no lines without one).
+        self.log_ring: LogRing | None = None
 
     def recover(self) -> int:
         """Rebuild the journal's tasks (at startup); returns how many."""

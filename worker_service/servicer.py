@@ -18,6 +18,8 @@ import grpc
 from apportion_common import shm
 from apportion_common.boundary import WireError, check_count, check_key
 from apportion_common.frames import Frames
+from apportion_common.logring import LogRing, kept_lines
+from apportion_common.logs_pb import lines_wanted, logs_reply
 from apportion_common.services import add_service
 from apportion_common.transfer import (
     BATCH_FETCH_MAX_KEYS,
@@ -42,9 +44,14 @@ log = logging.getLogger("worker_service")
 
 
 class WorkerServicer:
-    def __init__(self, store: ResultStore, uploads: Uploads | None = None) -> None:
+    def __init__(
+        self, store: ResultStore, uploads: Uploads | None = None, log_ring: LogRing | None = None
+    ) -> None:
         self._store = store
         self._uploads = uploads or Uploads()
+        #: whose lines GetLogs answers (None: the process's ring, which
+        #: ``apportion worker`` installs; no lines without one)
+        self._log_ring = log_ring
 
     async def RunFunction(
         self, request: pb.RunFunctionRequest, context: grpc.aio.ServicerContext[object, object]
@@ -63,6 +70,11 @@ class WorkerServicer:
         except UploadError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return pb.UploadFileReply()
+
+    async def GetLogs(
+        self, request: pb.GetLogsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.GetLogsReply:
+        return logs_reply(kept_lines(self._log_ring, lines_wanted(request)))
 
     async def _stored(
         self, key: str, what: str, context: grpc.aio.ServicerContext[object, object]

@@ -18,7 +18,7 @@ import typer
 from typer.core import TyperCommand
 
 from .local import local
-from .operator import explain, restart, retire, set_resources, shutdown, status
+from .operator import explain, logs, restart, retire, set_resources, shutdown, status
 from .scheduler import scheduler
 from .worker import worker
 
@@ -76,6 +76,7 @@ for command, name in (
     (restart, None),
     (shutdown, None),
     (explain, None),
+    (logs, None),
 ):
     app.command(name, cls=_Command)(command)
 

@@ -1,15 +1,18 @@
 """Commands that ask the running scheduler: ``status``, ``set-resources``,
-``explain``, ``retire``, ``restart``, ``shutdown``."""
+``explain``, ``retire``, ``restart``, ``shutdown``, ``logs``."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
+from apportion_common.grpc_server import install_stop_signals
+from apportion_common.logs_pb import logs_request
 from apportion_common.resources import ResourceSpecError, format_resources, parse_resources
 from apportion_common.security import ClientSecurity
 from protos import apportion_pb2 as pb
@@ -26,11 +29,14 @@ from .options import (
 )
 
 if TYPE_CHECKING:  # the client SDK itself loads when a command runs (see app.py)
+    from rich.console import RenderableType
+
     from client_sdk._transport import GrpcTransport
-    from client_sdk.info import ClusterInfo
 
 #: Seconds a command waits for the scheduler's answer.
 CALL_TIMEOUT_S = 10.0
+#: Seconds between two views of ``status --watch``.
+WATCH_EVERY_S = 1.0
 
 R = TypeVar("R")
 
@@ -40,6 +46,12 @@ def status(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object.", show_default="a table")
     ] = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch", help="Redraw the table every second until Ctrl-C.", show_default="once"
+        ),
+    ] = False,
     token: TokenOption = None,
     tls_ca: TlsCaOption = None,
     tls_cert: TlsCertOption = None,
@@ -48,6 +60,11 @@ def status(
     """Show workers, their resources and what is in use."""
     scheduler_address = check_address(scheduler_address)
     security = caller_security(token, tls_ca, tls_cert, tls_key)
+    if watch:
+        if as_json:
+            fail("--watch redraws a table: it does not go with --json")
+        _call(scheduler_address, security, _watch)
+        return
     state = _call(
         scheduler_address,
         security,
@@ -59,7 +76,60 @@ def status(
     if as_json:
         typer.echo(json.dumps(info, sort_keys=True))
         return
-    _print_status(info)
+    from rich.console import Console
+
+    from .status_view import status_view  # rich loads only for the commands that draw
+
+    Console().print(status_view(info))
+
+
+async def _watch(scheduler: GrpcTransport) -> None:
+    """Redraw until SIGINT or SIGTERM; a scheduler that cannot be reached at
+    first fails the command, later it is said in place of the table."""
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    drawing = asyncio.create_task(_redraw(scheduler))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({drawing, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (drawing, stopped):
+        task.cancel()
+    await asyncio.gather(stopped, return_exceptions=True)
+    with contextlib.suppress(asyncio.CancelledError):
+        await drawing  # its error, if it failed, goes to _call
+
+
+async def _redraw(scheduler: GrpcTransport) -> None:
+    from rich.console import Console, Group
+    from rich.live import Live
+    from rich.text import Text
+
+    from client_sdk import SchedulerConnectionError
+    from client_sdk.info import cluster_info
+
+    from .status_view import status_view
+
+    async def view() -> RenderableType:
+        state = await scheduler.get_cluster_state(pb.GetClusterStateRequest(), CALL_TIMEOUT_S)
+        return status_view(cluster_info(state))
+
+    console = Console()
+    table = shown = await view()
+    # No screen to redraw (a pipe, a file): each view is printed after the last.
+    live = Live(shown, console=console, auto_refresh=False) if console.is_terminal else None
+    with live or contextlib.nullcontext():
+        while True:
+            if live is None:
+                console.print(shown)
+                console.print()
+            else:
+                live.update(shown, refresh=True)
+            await asyncio.sleep(WATCH_EVERY_S)
+            try:
+                table = shown = await view()
+            except SchedulerConnectionError as exc:
+                why = Text(f"{exc} (trying again every {WATCH_EVERY_S:g}s)", "red")
+                # On a screen the last table stays, the reason under it.
+                shown = Group(table, why) if live is not None else why
 
 
 def set_resources(
@@ -192,6 +262,44 @@ def explain(
     typer.echo(reply.explanation)
 
 
+def logs(
+    scheduler_address: AddressArgument,
+    worker: Annotated[
+        str | None,
+        typer.Argument(
+            help="A worker's address or name.", metavar="WORKER", show_default="the scheduler"
+        ),
+    ] = None,
+    lines: Annotated[
+        int, typer.Option("-n", "--lines", help="How many of the newest lines.", metavar="N")
+    ] = 100,
+    token: TokenOption = None,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+) -> None:
+    """Print the newest log lines of the scheduler, or of one worker (its
+    tasks' own loggers included)."""
+    scheduler_address = check_address(scheduler_address)
+    security = caller_security(token, tls_ca, tls_cert, tls_key)
+    if lines < 0:
+        fail(f"-n must be a number of lines >= 0, not {lines}")
+    request = logs_request(lines)  # more than the ring holds: all it holds
+
+    async def ask(scheduler: GrpcTransport) -> pb.GetLogsReply:
+        if worker is None:
+            return await scheduler.get_logs(request, CALL_TIMEOUT_S)
+        state = await scheduler.get_cluster_state(pb.GetClusterStateRequest(), CALL_TIMEOUT_S)
+        found = [w.address for w in state.workers if worker in (w.name, w.address)]
+        if not found:
+            raise KeyError(f"no worker {worker!r} at {scheduler_address}")
+        return await scheduler.get_worker_logs(found[0], request, CALL_TIMEOUT_S)
+
+    reply = _call(scheduler_address, security, ask)
+    for line in reply.lines:
+        typer.echo(line.text)
+
+
 def _check_wait(timeout: float) -> None:
     """A --timeout to wait for: finite and >= 0, else one line and status 2."""
     if not (timeout >= 0 and timeout != float("inf")):
@@ -223,30 +331,3 @@ def _call(
         fail(str(exc.args[0]))
     except SchedulerConnectionError as exc:
         fail(str(exc))
-
-
-def _print_status(info: ClusterInfo) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"apportion scheduler {info['address']}")
-    columns = ("worker", "address", "threads", "running", "queued", "resources (used / declared)")
-    for column in columns:
-        table.add_column(column)
-    for address, w in sorted(info["workers"].items(), key=lambda kv: kv[1]["name"]):
-        used = w["used_resources"]
-        res = ", ".join(f"{n} {used.get(n, 0):g}/{v:g}" for n, v in sorted(w["resources"].items()))
-        table.add_row(
-            w["name"] + (" (draining)" if w["draining"] else ""),
-            address,
-            str(w["nthreads"]),
-            str(w["running"]),
-            str(w["queued"]),
-            res or "-",
-        )
-    console = Console()
-    console.print(table)
-    tasks = ", ".join(f"{state} {n}" for state, n in sorted(info["tasks"].items())) or "none"
-    console.print(f"tasks: {tasks}")
-    if info["dashboard_address"]:
-        console.print(f"dashboard: {info['dashboard_address']}")

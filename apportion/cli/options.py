@@ -11,6 +11,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from pydantic import ValidationError
 
+from apportion_common.logring import LINE_FORMAT, install_log_ring
 from apportion_common.security import TLS, ClientSecurity, SecurityConfigError, tls_from_paths
 from apportion_common.settings import SecuritySettings
 
@@ -20,12 +21,24 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def setup_logging() -> None:
+def setup_logging(keep_lines: int | None = None) -> None:
+    """Log lines to stderr from APPORTION_LOG_LEVEL up (INFO by default); with
+    ``keep_lines``, also keep the newest that many in memory for GetLogs (the
+    scheduler's and each worker's process), from INFO up whatever stderr
+    shows: a LocalCluster quiets stderr to WARNING, as Dask's log deque
+    keeps what silence_logs hides."""
     logging.basicConfig(
         level=os.environ.get("APPORTION_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LINE_FORMAT,
         stream=sys.stderr,
     )
+    if keep_lines is None:
+        return
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.setLevel(root.level)
+    root.setLevel(min(root.level, logging.INFO))
+    install_log_ring(keep_lines)
 
 
 def cores() -> int:

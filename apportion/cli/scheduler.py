@@ -175,7 +175,7 @@ def scheduler(
         else Authorizer.for_tokens(worker=worker_secret, client=client_secret),
         read_tls(secure, serving=True),
     )
-    setup_logging()
+    setup_logging(keep_lines=settings.log_lines)
     from scheduler_service import SchedulingPolicy, run_scheduler  # see app.py
 
     try:

@@ -113,8 +113,10 @@ def worker(
         os.environ["APPORTION_WORKER_TOKEN"] = worker_secret
     if tls is not None:
         os.environ.update(tls.env())
-    setup_logging()
-    if nanny or settings.nworkers > 1:
+    supervising = nanny or settings.nworkers > 1
+    # The worker process keeps its last lines (GetLogs); a nanny has no server to tell them.
+    setup_logging(keep_lines=None if supervising else settings.log_lines)
+    if supervising:
         from worker_service.nanny import Nanny  # see app.py
 
         supervisor = Nanny(

@@ -218,8 +218,24 @@ def test_worker_and_client_tokens_are_refused_in_each_others_role(
     wrong = grpcurl("-H", "authorization: Bearer wrong", *fetch)
     assert "Unauthenticated" in wrong.stderr
 
+    # A worker's log lines are the clients' to read, not its peers'.
+    w2_logs = ["-d", "{}", w2, "apportion.v1.Worker/GetLogs"]
+    as_peer = grpcurl("-H", f"authorization: Bearer {WORKER_TOKEN}", *w2_logs)
+    assert as_peer.returncode != 0 and "Unauthenticated" in as_peer.stderr
+    as_client = grpcurl("-H", f"authorization: Bearer {CLIENT_TOKEN}", *w2_logs)
+    assert as_client.returncode == 0 and "registered with" in as_client.stdout, as_client.stderr
+    logs = [APPORTION, "logs", address, "w2"]
+    refused = subprocess.run(logs, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "UNAUTHENTICATED" in refused.stderr
+    shown = subprocess.run(
+        [*logs, "--token", CLIENT_TOKEN], capture_output=True, text=True, timeout=60
+    )
+    assert shown.returncode == 0 and "registered with" in shown.stdout, shown.stderr
+
     with Client(address, token=CLIENT_TOKEN) as client:
         run_workload(client)  # the large result is fetched from w1 with the client token
+        assert any("registered with" in line for _, line in client.get_worker_logs()[w2])
+        assert client.get_scheduler_logs()
     assert_all_released(processes, address, operator)
 
 

@@ -30,7 +30,9 @@ def test_bare_apportion_prints_help_and_no_error() -> None:
     assert "error" not in done.stderr and done.stderr.strip() == ""
 
 
-@pytest.mark.parametrize("command", ["scheduler", "worker", "local", "status", "set-resources"])
+@pytest.mark.parametrize(
+    "command", ["scheduler", "worker", "local", "status", "set-resources", "logs"]
+)
 def test_help_names_every_flag_in_plain_words_with_its_default(command: str) -> None:
     done = run(command, "--help")
     assert done.returncode == 0, done

@@ -80,6 +80,7 @@ def test_metrics_show_the_pending_demand_for_a_busy_gpu(
         assert dashboard.startswith("127.0.0.1:")
         status = run_apportion("status", address, "--json")
         assert json.loads(status.stdout)["dashboard_address"] == dashboard
+        assert f"dashboard: {dashboard}" in run_apportion("status", address).stdout
         before = scrape(dashboard)
         assert before[PENDING_GPU_BUSY] == 0.0 and before[HELD_GPU] == 0.0
 

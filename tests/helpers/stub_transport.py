@@ -105,6 +105,8 @@ class StubTransport:
         #: raised by connect(), if set (a refused or unreachable scheduler)
         self.refusal: Exception | None = None
         self.cluster_state = pb.ClusterState(address=address)
+        #: log lines the scheduler ("") and each worker (by address) answer, oldest first
+        self.logs: dict[str, list[pb.LogLine]] = {}
         self.requests: list[Any] = []
         self.closed = False
 
@@ -155,6 +157,21 @@ class StubTransport:
 
     async def shutdown(self, request: pb.ShutdownRequest, timeout: float) -> None:
         self.requests.append(request)
+
+    async def get_logs(self, request: pb.GetLogsRequest, timeout: float) -> pb.GetLogsReply:
+        return self._logs("", request)
+
+    async def get_worker_logs(
+        self, address: str, request: pb.GetLogsRequest, timeout: float
+    ) -> pb.GetLogsReply:
+        return self._logs(address, request)
+
+    def _logs(self, address: str, request: pb.GetLogsRequest) -> pb.GetLogsReply:
+        self.requests.append(request)
+        lines = self.logs.get(address, [])
+        if request.HasField("n"):
+            lines = lines[len(lines) - request.n :] if request.n else []
+        return pb.GetLogsReply(lines=lines)
 
     async def run_function(
         self, address: str, request: pb.RunFunctionRequest, timeout: float

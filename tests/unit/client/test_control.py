@@ -1,5 +1,6 @@
 """The client's cluster controls over a stub transport: what each sends, and
-what it makes of the answers (run, upload_file, restart, retire_workers)."""
+what it makes of the answers (run, upload_file, restart, retire_workers,
+get_scheduler_logs, get_worker_logs)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,42 @@ async def test_retire_workers_returns_them_by_address(h: Harness) -> None:
             "draining": False,
         }
     }
+
+
+def log_lines(*texts: str) -> list[pb.LogLine]:
+    return [pb.LogLine(level="INFO", text=t) for t in texts]
+
+
+async def test_get_scheduler_logs_returns_level_and_line_pairs_oldest_first(h: Harness) -> None:
+    h.stub.logs[""] = log_lines("one", "two", "three")
+    assert await resolve(h.client.get_scheduler_logs()) == [
+        ("INFO", "one"),
+        ("INFO", "two"),
+        ("INFO", "three"),
+    ]
+    assert await resolve(h.client.get_scheduler_logs(n=2)) == [("INFO", "two"), ("INFO", "three")]
+    assert await resolve(h.client.get_scheduler_logs(n=None)) == [
+        ("INFO", t) for t in ("one", "two", "three")
+    ]
+    asked = [r for r in h.stub.requests if isinstance(r, pb.GetLogsRequest)]
+    assert [r.n if r.HasField("n") else None for r in asked] == [100, 2, None]
+    with pytest.raises(ValueError, match="n must be"):
+        await resolve(h.client.get_scheduler_logs(n=-1))
+
+
+async def test_get_worker_logs_asks_each_worker_or_those_named(h: Harness) -> None:
+    add_workers(h, "a", "b")
+    h.stub.logs["10.0.0.1:7000"] = log_lines("a1", "a2")
+    h.stub.logs["10.0.0.2:7000"] = log_lines("b1")
+    assert await resolve(h.client.get_worker_logs()) == {
+        "10.0.0.1:7000": [("INFO", "a1"), ("INFO", "a2")],
+        "10.0.0.2:7000": [("INFO", "b1")],
+    }
+    assert await resolve(h.client.get_worker_logs(n=1, workers=["b"])) == {
+        "10.0.0.2:7000": [("INFO", "b1")]
+    }
+    assert await resolve(h.client.get_worker_logs(n=1, workers="10.0.0.1:7000")) == {
+        "10.0.0.1:7000": [("INFO", "a2")]
+    }
+    with pytest.raises(KeyError, match="'c'"):
+        await resolve(h.client.get_worker_logs(workers=["a", "c"]))

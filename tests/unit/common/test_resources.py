@@ -18,6 +18,7 @@ from apportion_common.resources import (
     format_resources,
     from_quanta,
     parse_resources,
+    short_amount,
     to_quanta,
 )
 
@@ -300,3 +301,33 @@ def test_format_resources() -> None:
         "GPU": 0.5,
         "MEMORY": 1e11,
     }
+
+
+@pytest.mark.parametrize(
+    ("amount", "shown"),
+    [
+        (0, "0"),
+        (2, "2"),
+        (0.5, "0.5"),
+        (0.1 + 0.2, "0.3"),
+        (1024, "1024"),
+        (9999, "9999"),
+        (100e9, "100G"),
+        (1.5e9, "1.5G"),
+        (64 * 1024**3, "64Gi"),
+        (1024**2, "1Mi"),
+        (123_456_789, "123.5M"),
+        (1e18, "1E"),
+    ],
+)
+def test_short_amount_reads_like_the_input(amount: float, shown: str) -> None:
+    assert short_amount(amount) == shown
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(min_value=0, max_value=1e24, allow_nan=False, allow_infinity=False))
+def test_short_amount_is_short_and_never_an_exponent(amount: float) -> None:
+    shown = short_amount(amount)
+    assert len(shown) <= (8 if amount >= 1 else 11), shown
+    if amount >= 1e-4:
+        assert "e" not in shown, shown

@@ -1,0 +1,62 @@
+"""What ``apportion status`` shows: the workers as a table that fits the
+terminal, and the tasks by state.
+
+Each worker's name and address stay whole on one line (an operator copies
+them into ``apportion logs``, ``retire``...); the other columns wrap instead,
+and each resource takes a line of its own in its cell. Amounts read as a
+person writes them (``100G``, ``64Gi``, ``0.5``), never ``1e+11``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from apportion_common.resources import short_amount
+
+if TYPE_CHECKING:
+    from client_sdk.info import ClusterInfo, WorkerInfo
+
+NO_WORKERS = "no workers connected"
+
+
+def status_view(info: ClusterInfo) -> RenderableType:
+    """The table (or a sentence, when no worker is connected), then the tasks."""
+    tasks = ", ".join(f"{state} {n}" for state, n in sorted(info["tasks"].items())) or "none"
+    tasks_line = Text(f"tasks: {tasks}")
+    if info.get("dashboard_address"):
+        tasks_line.append(f"\ndashboard: {info['dashboard_address']}")
+    if not info["workers"]:
+        return Group(Text(f"apportion scheduler {info['address']}: {NO_WORKERS}"), tasks_line)
+    table = Table(
+        title=f"apportion scheduler {info['address']}", box=box.SIMPLE_HEAD, show_lines=True
+    )
+    table.add_column("worker", no_wrap=True)
+    table.add_column("address", no_wrap=True)
+    # Few narrow columns, a line per figure: the width goes to the names.
+    table.add_column("tasks", overflow="fold")
+    table.add_column("resources used/declared", overflow="fold")
+    for address, w in sorted(info["workers"].items(), key=lambda kv: (kv[1]["name"], kv[0])):
+        worker = Text(w["name"])
+        worker.append(f"\n{w['nthreads']} thread{'s' if w['nthreads'] != 1 else ''}", "dim")
+        if w["draining"]:
+            worker.append("\ndraining", "yellow")
+        tasks = f"{w['running']} running\n{w['queued']} queued"
+        table.add_row(worker, address, tasks, resources_cell(w))
+    return Group(table, tasks_line)
+
+
+def resources_cell(w: WorkerInfo) -> str:
+    """``GPU 1/2`` per resource, a line each (``-`` for none)."""
+    used = w["used_resources"]
+    return (
+        "\n".join(
+            f"{name} {short_amount(used.get(name, 0))}/{short_amount(amount)}"
+            for name, amount in sorted(w["resources"].items())
+        )
+        or "-"
+    )

@@ -1,0 +1,75 @@
+"""What ``apportion status`` draws, rendered as an 80-column terminal would
+show it: names and addresses whole on one line, amounts as people write them,
+an empty cluster said in words."""
+
+from __future__ import annotations
+
+import pytest
+from rich.console import Console
+
+from apportion.cli.status_view import NO_WORKERS, status_view
+from client_sdk.info import ClusterInfo, WorkerInfo
+
+SCHEDULER = "127.0.0.1:8786"
+
+
+def worker(
+    name: str,
+    resources: dict[str, float],
+    used: dict[str, float] | None = None,
+    draining: bool = False,
+) -> WorkerInfo:
+    return {
+        "name": name,
+        "nthreads": 16,
+        "resources": resources,
+        "used_resources": used or {},
+        "running": 12,
+        "queued": 130,
+        "draining": draining,
+    }
+
+
+def render(info: ClusterInfo, width: int = 80) -> list[str]:
+    console = Console(width=width, record=True, color_system=None)
+    console.print(status_view(info))
+    return console.export_text().splitlines()
+
+
+WORKERS = {
+    "192.168.100.200:45678": worker(
+        "gpu-worker-on-a-long-host-name-0",
+        {"GPU": 2, "MEMORY": 100e9, "tpu_v4_accelerator_cores": 0.5, "SCRATCH": 64 * 1024**3},
+        {"GPU": 1, "MEMORY": 70e9},
+    ),
+    "10.0.0.7:40001": worker("10.0.0.7:40001", {}, draining=True),
+    "10.0.0.8:40002": worker("b", {"GPU": 1}),
+}
+
+
+@pytest.mark.parametrize("width", [80, 100, 160])
+def test_each_name_and_address_stay_whole_on_one_line(width: int) -> None:
+    lines = render({"address": SCHEDULER, "workers": WORKERS, "tasks": {}}, width)
+    assert all(len(line) <= width for line in lines)  # the other columns wrapped
+    for address, w in WORKERS.items():
+        (row,) = [line for line in lines if address in line and w["name"] in line.split()]
+        assert row.split()[:2] == [w["name"], address], row
+
+
+def test_amounts_read_like_the_input() -> None:
+    lines = render({"address": SCHEDULER, "workers": WORKERS, "tasks": {"processing": 3}}, 120)
+    text = "\n".join(lines)
+    assert "e+" not in text  # no 1e+11
+    assert "GPU 1/2" in text
+    assert "70G/100G" in text  # MEMORY=100e9, 70e9 of it held
+    assert "0/64Gi" in text  # SCRATCH=64GiB
+    assert "0/0.5" in text
+    assert "draining" in text and "16 threads" in text
+    assert "12 running" in text and "130 queued" in text
+    assert lines[-1] == "tasks: processing 3"
+    assert lines[0].strip() == f"apportion scheduler {SCHEDULER}"
+
+
+def test_an_empty_cluster_says_so_in_words() -> None:
+    lines = render({"address": SCHEDULER, "workers": {}, "tasks": {}})
+    assert lines == [f"apportion scheduler {SCHEDULER}: {NO_WORKERS}", "tasks: none"]
