@@ -32,6 +32,8 @@ from typing import Annotated, Any, TypeVar
 from pydantic import AfterValidator, Field, StringConstraints, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
+from .resources import MAX_SPELLING_LENGTH
+
 #: Task keys, dependency keys, result keys.
 MAX_KEY_LENGTH = 1024
 #: Worker names and client ids.
@@ -113,6 +115,10 @@ def _resource_name(name: str) -> str:
 ResourceName = Annotated[str, AfterValidator(_resource_name)]
 Amount = Annotated[float, Field(strict=True, ge=0, le=MAX_AMOUNT, allow_inf_nan=False)]
 Resources = Annotated[dict[ResourceName, Amount], Field(max_length=MAX_RESOURCES)]
+AmountText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_SPELLING_LENGTH)]
+#: Amounts as written, by resource name; each must read as its amount (the
+#: caller checks that, against the Resources beside it).
+AmountTexts = Annotated[dict[ResourceName, AmountText], Field(max_length=MAX_RESOURCES)]
 RunId = Annotated[int, Field(ge=1)]
 
 T = TypeVar("T")

@@ -5,6 +5,9 @@ same ``/dev/shm``: the same machine (boot), and the same mount and network
 namespaces (containers, and the network namespaces that stand for other
 hosts in tests, each get their own). An IP address says none of this: every
 container may be 127.0.0.1, and one machine may have many addresses.
+
+What a process tells its peers to dial is another matter:
+:func:`advertised_host`, the local address that routes to the scheduler.
 """
 
 from __future__ import annotations
@@ -14,6 +17,17 @@ import hashlib
 import os
 import socket
 from pathlib import Path
+
+
+def advertised_host(scheduler_address: str) -> str:
+    """The local address that routes to the scheduler (what peers should dial)."""
+    host = scheduler_address.rsplit(":", 1)[0].strip("[]")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))  # UDP connect sends nothing
+            return str(probe.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
 
 
 @functools.cache

@@ -7,6 +7,10 @@ are powers of 1000 and binary ones (KiB, MiB, GiB, TiB, PiB) powers of 1024;
 either way the amount becomes a plain number of bytes. Negative, NaN and
 infinite amounts are refused.
 
+What a user wrote is also kept as text (:func:`spelling`), so that
+``apportion status`` can show ``MEMORY=100GB`` as ``100GB`` and the amounts
+held of it as ``70GB`` (:func:`shown_declared`, :func:`shown_like`).
+
 The scheduler accounts amounts in fixed point, as integer multiples of one
 nano-unit, so that adding and removing leases returns to exactly zero:
 0.1 + 0.2 - 0.3 is 0 in fixed point and 5.6e-17 in floating point.
@@ -20,6 +24,9 @@ from collections.abc import Mapping
 
 #: Fixed-point units per resource unit. Amounts finer than 1e-9 are rounded.
 QUANTA_PER_UNIT = 1_000_000_000
+#: The longest amount kept as written ("100GB"; a float in full is 25
+#: characters): a longer one is kept as its number, and shows in short form.
+MAX_SPELLING_LENGTH = 64
 
 Quanta = dict[str, int]
 
@@ -86,7 +93,19 @@ def parse_resources(text: str) -> dict[str, float]:
 
     Raises :class:`ResourceSpecError` naming the first bad pair.
     """
-    resources: dict[str, float] = {}
+    return {name: amount for name, (amount, _) in _parse_pairs(text).items()}
+
+
+def parse_spellings(text: str) -> dict[str, str]:
+    """The amounts of ``"GPU=2 MEMORY=100GB"`` as written: ``{"GPU": "2",
+    "MEMORY": "100GB"}`` (see :func:`spelling`), checked as
+    :func:`parse_resources` checks them."""
+    pairs = _parse_pairs(text).items()
+    return {name: written for name, (_, written) in pairs if len(written) <= MAX_SPELLING_LENGTH}
+
+
+def _parse_pairs(text: str) -> dict[str, tuple[float, str]]:
+    pairs: dict[str, tuple[float, str]] = {}
     for pair in _SEPARATORS.split(text.strip()):
         if not pair:
             continue
@@ -96,11 +115,57 @@ def parse_resources(text: str) -> dict[str, float]:
         name = name.strip()
         if not name:
             raise ResourceSpecError(f"resource {pair!r}: the name is empty")
-        if name in resources:
+        if name in pairs:
             # "GPU=2 GPU=3" is a typo, not an update: which one was meant?
             raise ResourceSpecError(f"resource {name!r} is named twice")
-        resources[name] = check_amount(name, value.strip())
-    return resources
+        value = value.strip()
+        pairs[name] = (check_amount(name, value), _spelled(value))
+    return pairs
+
+
+def spelling(value: object) -> str | None:
+    """How a user wrote an amount, to show it back: a string's number and unit
+    with no space between (``"1.5 GiB"`` -> ``"1.5GiB"``, which reads back the
+    same and stays one word in a ``--resources`` list). None for an amount
+    given as a number (its source text is gone) or one over
+    :data:`MAX_SPELLING_LENGTH`: those show in short form."""
+    if not isinstance(value, str):
+        return None
+    text = _spelled(value)
+    return text if len(text) <= MAX_SPELLING_LENGTH else None
+
+
+def _spelled(value: str) -> str:
+    match = _AMOUNT.fullmatch(value)
+    return f"{match['number']}{match['unit']}" if match else value.strip()
+
+
+def spellings(resources: Mapping[str, object] | None) -> dict[str, str]:
+    """:func:`spelling` of each amount given as text (the others have none)."""
+    if not isinstance(resources, Mapping):
+        return {}
+    found = {name: spelling(value) for name, value in resources.items()}
+    return {name: text for name, text in found.items() if text is not None}
+
+
+def matching_spellings(amounts: Mapping[str, float], written: Mapping[str, str]) -> dict[str, str]:
+    """Those of ``written`` that read as exactly the amount declared now: a
+    spelling of an amount that has changed since is dropped (the new amount
+    shows in short form), as is one that does not read at all or is too long."""
+    return {
+        name: text
+        for name, text in written.items()
+        if name in amounts and len(text) <= MAX_SPELLING_LENGTH and _reads_as(text, amounts[name])
+    }
+
+
+def _reads_as(text: str, amount: float) -> bool:
+    """``text`` parses to ``amount``, as the scheduler accounts it (fixed point)."""
+    try:
+        read = check_amount("amount", text)
+    except ResourceSpecError:
+        return False
+    return round(read * QUANTA_PER_UNIT) == round(amount * QUANTA_PER_UNIT)
 
 
 def to_quanta(resources: Mapping[str, float]) -> Quanta:
@@ -117,17 +182,21 @@ def from_quanta(quanta: Mapping[str, int]) -> dict[str, float]:
     return {name: q / QUANTA_PER_UNIT for name, q in quanta.items()}
 
 
-def format_resources(resources: Mapping[str, float]) -> str:
+def format_resources(
+    resources: Mapping[str, float], written: Mapping[str, str] | None = None
+) -> str:
     """``{"GPU": 2.0, "MEMORY": 1e11}`` -> ``"GPU=2 MEMORY=1e+11"``.
 
-    Short where that reads back exactly, else the full value (``{:g}`` keeps 6
-    digits: 64GiB would come back as 68719500000), so the text can be handed
-    to a child process's ``--resources``.
+    Each amount as ``written`` where that still reads as it (``MEMORY=100GB``
+    stays so); else short where that reads back exactly, else the full value
+    (``{:g}`` keeps 6 digits: 64GiB would come back as 68719500000), so the
+    text can be handed to a child process's ``--resources``.
     """
+    as_written = matching_spellings(resources, written or {})
     parts = []
     for name, amount in sorted(resources.items()):
-        text = f"{amount:g}"
-        if float(text) != amount:
+        text = as_written.get(name) or f"{amount:g}"
+        if name not in as_written and float(text) != amount:
             text = str(int(amount)) if float(amount).is_integer() else repr(float(amount))
         parts.append(f"{name}={text}")
     return " ".join(parts)
@@ -163,3 +232,38 @@ def short_amount(amount: float) -> str:
         shown = shown or text
     assert shown is not None
     return shown
+
+
+#: Byte units by family, smallest first: each is the base times the one before.
+_DECIMAL_UNITS = ("B", "kB", "MB", "GB", "TB", "PB")
+_BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def shown_like(amount: float, written: str | None) -> str:
+    """``amount`` in the unit style of what the user wrote for that resource:
+    ``70GB`` beside ``100GB``, ``32GiB`` beside ``64GiB``, :func:`short_amount`
+    beside a plain number (``2``, ``100e9``) or nothing; never ``1e+11``."""
+    match = _AMOUNT.fullmatch(written) if written else None
+    unit = match["unit"].lower() if match else ""
+    if unit not in _UNITS or not math.isfinite(amount) or amount == 0:
+        return short_amount(amount)
+    base, names = (1024, _BINARY_UNITS) if unit.endswith("ib") else (1000, _DECIMAL_UNITS)
+    power = 0
+    while power + 1 < len(names) and abs(amount) >= base ** (power + 1):
+        power += 1
+    mantissa = amount / base**power
+    if power == 0:  # under a kB (or KiB): plain bytes, short_amount's digits
+        return f"{short_amount(amount)}B"
+    # Past the largest unit the mantissa grows: whole, never 1e+04.
+    digits = f"{mantissa:.4g}" if mantissa < 1000 else f"{mantissa:.0f}"
+    return f"{digits}{names[power]}"
+
+
+def shown_declared(amount: float, written: str | None) -> str:
+    """A declared amount as the user wrote it, where that has a unit and still
+    reads as the amount (``100GB``, ``64GiB``, ``1000MB``); else as
+    :func:`shown_like` shows it (``100e9`` -> ``100G``, ``2`` -> ``2``)."""
+    match = _AMOUNT.fullmatch(written) if written else None
+    if match and match["unit"] and _reads_as(match.string, amount):
+        return match.string
+    return shown_like(amount, written)

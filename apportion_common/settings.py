@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -22,7 +22,7 @@ from pydantic_settings import (
 )
 
 from .logring import DEFAULT_LOG_LINES
-from .resources import check_resources
+from .resources import check_resources, spellings
 from .security import check_token
 
 WORKER_ENV_PREFIX = "APPORTION_WORKER__"
@@ -54,6 +54,7 @@ class _EnvWithoutResources(EnvSettingsSource):
     def __call__(self) -> dict[str, Any]:
         data = super().__call__()
         data.pop("resources", None)
+        data.pop("resources_text", None)  # derived from resources, never set apart
         return data
 
 
@@ -112,6 +113,9 @@ class WorkerSettings(BaseSettings):
     )
 
     resources: dict[str, float] = Field(default_factory=dict)
+    #: each resource's amount as written (``{"MEMORY": "100GB"}``), for
+    #: ``apportion status`` to show it back; none for an amount given as a number
+    resources_text: dict[str, str] = Field(default_factory=dict)
     #: None: the cores divided by nworkers (as Dask does)
     nthreads: int | None = Field(None, ge=1, le=10_000)
     nworkers: int = Field(1, ge=1, le=1_000)
@@ -132,6 +136,13 @@ class WorkerSettings(BaseSettings):
     #: Log lines each worker process keeps, its tasks' own included, for
     #: client.get_worker_logs() and ``apportion logs`` (the newest; 0: none).
     log_lines: int = Field(DEFAULT_LOG_LINES, ge=0, le=10_000_000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_spellings(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = {**data, "resources_text": spellings(data.get("resources"))}
+        return data
 
     @field_validator("resources", mode="before")
     @classmethod

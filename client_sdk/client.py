@@ -22,7 +22,7 @@ from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping
 from typing import Any, Literal, Protocol, Self, TypeVar, overload
 
 from apportion_common import serialize
-from apportion_common.resources import check_resources
+from apportion_common.resources import check_resources, spellings
 from apportion_common.security import TLS
 from protos import apportion_pb2 as pb
 
@@ -468,7 +468,9 @@ class Client(ControlCalls[IsAsync]):
         hold lets them finish and starts nothing new that needs more than fits.
         Returns the worker's entry as in ``scheduler_info()["workers"]``.
         """
-        request = pb.SetWorkerResourcesRequest(worker=worker, resources=check_resources(resources))
+        request = pb.SetWorkerResourcesRequest(
+            worker=worker, resources=check_resources(resources), resources_text=spellings(resources)
+        )
 
         async def run() -> WorkerInfo:
             reply = await self.core.transport.set_worker_resources(request, CALL_TIMEOUT_S)

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from apportion_common.resources import check_resources, format_resources
+from apportion_common.resources import check_resources, format_resources, spellings
 from apportion_common.security import TLS
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
@@ -53,6 +53,8 @@ class LocalCluster:
             raise ValueError("n_workers must be >= 0 and nthreads >= 1")
         self.nthreads = nthreads
         self.resources = check_resources(resources)
+        #: the amounts given as text ("64GiB"), handed on as written
+        self._resources_text = spellings(resources)
         self.token = token
         self.tls = tls
         # What this object's own calls present: the same, or what the processes
@@ -84,8 +86,9 @@ class LocalCluster:
     ) -> subprocess.Popen[bytes]:
         """Start one more worker process (by default with the cluster's settings)."""
         res = self.resources if resources is None else check_resources(resources)
+        written = self._resources_text if resources is None else spellings(resources)
         args = ["worker", self.address, "--nthreads", str(nthreads or self.nthreads)]
-        args += ["--resources", format_resources(res)]
+        args += ["--resources", format_resources(res, written)]
         if name:
             args += ["--name", name]
         proc = _spawn(args, quiet=True, env=self._env)

@@ -24,6 +24,9 @@ class WorkerInfo(TypedDict):
     queued: int
     #: being retired: nothing new goes there, it exits once drained
     draining: bool
+    #: the amounts of ``resources`` as written where they were written as
+    #: text (``{"MEMORY": "100GB"}``); the others have none
+    resources_text: dict[str, str]
 
 
 class ClusterInfo(TypedDict):
@@ -45,6 +48,7 @@ def worker_info(w: pb.WorkerInfo) -> WorkerInfo:
         "running": w.running,
         "queued": w.queued,
         "draining": w.draining,
+        "resources_text": dict(w.resources_text),
     }
 
 

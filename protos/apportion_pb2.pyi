@@ -304,21 +304,49 @@ class SetWorkerResourcesRequest(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ResourcesTextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     WORKER_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
+    RESOURCES_TEXT_FIELD_NUMBER: _builtins.int
     worker: _builtins.str
     """The worker's address or name."""
     @_builtins.property
     def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    @_builtins.property
+    def resources_text(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Amounts as the user wrote them ("100GB"), for status to show back; each
+        must read as its amount in resources. Those left out show in short form.
+        """
+
     def __init__(
         self,
         *,
         worker: _builtins.str = ...,
         resources: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        resources_text: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources", "resources_text", b"resources_text", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -436,6 +464,26 @@ class RegisterWorker(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class DeclaredTextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     NTHREADS_FIELD_NUMBER: _builtins.int
@@ -443,6 +491,7 @@ class RegisterWorker(_message.Message):
     PID_FIELD_NUMBER: _builtins.int
     HELD_FIELD_NUMBER: _builtins.int
     HOST_ID_FIELD_NUMBER: _builtins.int
+    DECLARED_TEXT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     """Where peers and clients fetch results from, host:port."""
@@ -461,6 +510,12 @@ class RegisterWorker(_message.Message):
         still needs instead of computing them again.
         """
 
+    @_builtins.property
+    def declared_text(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Amounts as the user wrote them ("100GB", "64GiB", "2"), for status to
+        show back; each must read as its amount in resources.
+        """
+
     def __init__(
         self,
         *,
@@ -471,10 +526,11 @@ class RegisterWorker(_message.Message):
         pid: _builtins.int = ...,
         held: _abc.Iterable[Global___HeldResult] | None = ...,
         host_id: _builtins.str = ...,
+        declared_text: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "held", b"held", "host_id", b"host_id", "name", b"name", "nthreads", b"nthreads", "pid", b"pid", "resources", b"resources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "declared_text", b"declared_text", "held", b"held", "host_id", b"host_id", "name", b"name", "nthreads", b"nthreads", "pid", b"pid", "resources", b"resources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1386,6 +1442,26 @@ class WorkerInfo(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ResourcesTextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     WORKER_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
@@ -1396,6 +1472,7 @@ class WorkerInfo(_message.Message):
     PID_FIELD_NUMBER: _builtins.int
     QUEUED_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    RESOURCES_TEXT_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.int
     name: _builtins.str
     address: _builtins.str
@@ -1410,6 +1487,10 @@ class WorkerInfo(_message.Message):
     def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
     def used_resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    @_builtins.property
+    def resources_text(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The declared amounts as the user wrote them, where they were ("100GB")."""
+
     def __init__(
         self,
         *,
@@ -1423,10 +1504,11 @@ class WorkerInfo(_message.Message):
         pid: _builtins.int = ...,
         queued: _builtins.int = ...,
         draining: _builtins.bool = ...,
+        resources_text: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "draining", b"draining", "name", b"name", "nthreads", b"nthreads", "pid", b"pid", "queued", b"queued", "resources", b"resources", "running", b"running", "used_resources", b"used_resources", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "draining", b"draining", "name", b"name", "nthreads", b"nthreads", "pid", b"pid", "queued", b"queued", "resources", b"resources", "resources_text", b"resources_text", "running", b"running", "used_resources", b"used_resources", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

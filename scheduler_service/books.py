@@ -25,6 +25,7 @@ returns.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 
 from apportion_common.resources import Quanta
 
@@ -66,6 +67,7 @@ class Books:
             free=dict(event.resources),
             free_slots=event.nthreads,
             pid=event.pid,
+            declared_text=dict(event.resources_text),
             host_id=event.host_id,
             queue_limit=self._queue_limit(event.nthreads),
         )
@@ -115,12 +117,22 @@ class Books:
         """The connected workers that registered ``host_id``."""
         return frozenset(self._hosts.get(host_id, ()))
 
-    def redeclare(self, worker: WorkerRecord, resources: Quanta) -> Quanta:
-        """The worker now declares ``resources``. A resource withdrawn while
+    def redeclare(
+        self, worker: WorkerRecord, resources: Quanta, written: Mapping[str, str] | None = None
+    ) -> Quanta:
+        """The worker now declares ``resources`` (``written`` so, where the
+        operator spelled them out; an amount that did not change keeps its
+        old spelling). A resource withdrawn while
         running tasks hold some stays declared at 0 until they end, and free
         goes below 0 where held exceeds declared (``shrunk``). Returns what it
         declares now."""
         held = worker.held()
+        unchanged = {
+            name: text
+            for name, text in worker.declared_text.items()
+            if resources.get(name) == worker.declared.get(name)
+        }
+        worker.declared_text = {**unchanged, **(written or {})}
         declared = dict(resources)
         for name, amount in held.items():
             if amount:

@@ -9,7 +9,8 @@ fixed-point integers (see :mod:`apportion_common.resources`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from apportion_common.resources import Quanta
 from apportion_common.serialize import ErrorInfo
@@ -38,6 +39,8 @@ class WorkerResourcesChanged:
 
     worker_id: WorkerId
     resources: Quanta
+    #: those amounts as the operator wrote them ("100GB"), for status
+    resources_text: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +65,8 @@ class WorkerJoined:
     pid: int = 0
     #: equal for workers that may share memory segments ("" unknown)
     host_id: str = ""
+    #: its amounts as the user wrote them ("100GB"), for status
+    resources_text: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

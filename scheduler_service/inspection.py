@@ -35,6 +35,8 @@ class WorkerSnapshot:
     queued: int = 0
     #: retiring: nothing new goes there; it exits once drained
     draining: bool = False
+    #: the declared amounts as the user wrote them, where they were ("100GB")
+    resources_text: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -58,6 +60,7 @@ def snapshot(state: ClusterState) -> ClusterSnapshot:
                 pid=w.pid,
                 queued=len(w.queued),
                 draining=w.retiring,
+                resources_text=dict(w.declared_text),
             )
             for w in sorted(state.workers.values(), key=lambda w: w.worker_id)
         ],

@@ -66,7 +66,7 @@ class OperatorCalls:
         context: grpc.aio.ServicerContext[object, object],
     ) -> pb.SetWorkerResourcesReply:
         try:
-            name, resources = wire.set_resources_from_pb(request)
+            name, resources, written = wire.set_resources_from_pb(request)
         except wire.WireError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         worker = self.state.find_worker(name)
@@ -74,7 +74,7 @@ class OperatorCalls:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no worker {name!r}")
         assert worker is not None
         log.info("worker %s now declares %s", worker.name, dict(request.resources))
-        self.dispatch(WorkerResourcesChanged(worker.worker_id, resources))
+        self.dispatch(WorkerResourcesChanged(worker.worker_id, resources, written))
         snapshot = self.state.snapshot()
         info = next(w for w in snapshot.workers if w.worker_id == worker.worker_id)
         return pb.SetWorkerResourcesReply(worker=wire.worker_info_to_pb(info))

@@ -106,6 +106,8 @@ class WorkerRecord:
     #: a starving task this worker is kept for: nothing else starts here
     reserved_for: str | None = None
     pid: int = 0
+    #: its declared amounts as the user wrote them ("100GB"), for status only
+    declared_text: dict[str, str] = field(default_factory=dict)
     #: equal for workers that may share memory segments ("" unknown)
     host_id: str = ""
     #: being retired: nothing new is placed here (see retirement.py)

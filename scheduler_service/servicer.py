@@ -286,6 +286,7 @@ class SchedulerServicer(OperatorCalls, pb_grpc.SchedulerServicer):
                 held,
                 reg.pid,
                 registration.host_id,
+                registration.resources_text,
             )
         )
         self.worker_joined.set()

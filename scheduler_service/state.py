@@ -329,7 +329,7 @@ class ClusterState:
         worker = self.workers.get(event.worker_id)
         if worker is None:
             return
-        declared = self.books.redeclare(worker, event.resources)
+        declared = self.books.redeclare(worker, event.resources, event.resources_text)
         cmds.append(DeclareResources(worker.worker_id, dict(declared)))
         for run_id, run in list(worker.queued.items()):
             # Queued where it can no longer ever run: placed again.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from google.protobuf.message import DecodeError
@@ -30,6 +30,7 @@ from apportion_common.boundary import (
     MAX_WORKER_RESTRICTIONS,
     Address,
     AddressOrEmpty,
+    AmountTexts,
     Key,
     Name,
     Resources,
@@ -41,7 +42,7 @@ from apportion_common.boundary import (
     cut,
     shorten,
 )
-from apportion_common.resources import from_quanta, to_quanta
+from apportion_common.resources import from_quanta, matching_spellings, to_quanta
 from apportion_common.serialize import ErrorInfo
 from apportion_common.status_pb import ERROR_KIND_TO_PB, TASK_STATUS_TO_PB
 from protos import apportion_pb2 as pb
@@ -122,6 +123,7 @@ class _RegisterWorker(TypedDict):
     nthreads: Annotated[int, Field(ge=1, le=MAX_NTHREADS)]
     resources: Resources
     host_id: Name
+    declared_text: AmountTexts
 
 
 class _HeldResult(TypedDict):
@@ -141,6 +143,7 @@ class _MissingInput(TypedDict):
 class _SetWorkerResources(TypedDict):
     worker: Annotated[str, Field(min_length=1, max_length=MAX_KEY_LENGTH)]
     resources: Resources
+    resources_text: AmountTexts
 
 
 _TASK_SPEC = TypeAdapter(_TaskSpec)
@@ -162,6 +165,8 @@ class Registration:
     nthreads: int
     resources: dict[str, int]
     host_id: str = ""
+    #: the amounts as the user wrote them ("100GB"), for status
+    resources_text: dict[str, str] = field(default_factory=dict)
 
 
 def registration_from_pb(reg: pb.RegisterWorker) -> Registration:
@@ -174,6 +179,7 @@ def registration_from_pb(reg: pb.RegisterWorker) -> Registration:
             "nthreads": reg.nthreads,
             "resources": dict(reg.resources),
             "host_id": reg.host_id,
+            "declared_text": dict(reg.declared_text),
         },
         what,
     )
@@ -184,7 +190,27 @@ def registration_from_pb(reg: pb.RegisterWorker) -> Registration:
         nthreads=checked["nthreads"],
         resources=to_quanta(checked["resources"]),
         host_id=checked["host_id"],
+        resources_text=_texts(
+            checked["resources"], checked["declared_text"], f"{what}: declared_text"
+        ),
     )
+
+
+def _texts(amounts: dict[str, float], texts: dict[str, str], what: str) -> dict[str, str]:
+    """The amounts as written, each checked to read as its amount (a status
+    must not show 100GB for what is accounted as 7e10); zero amounts, which
+    are not declared, drop theirs."""
+    readable = matching_spellings(amounts, texts)
+    for name, text in texts.items():
+        if name not in readable:
+            where = f"{what}[{shorten(name, 40)!r}]"
+            if name not in amounts:
+                raise WireError(f"{where}: no amount of that resource is declared")
+            raise WireError(
+                f"{where}: {shorten(text, 40)!r} does not read as the amount "
+                f"declared ({amounts[name]!r})"
+            )
+    return {name: text for name, text in readable.items() if amounts[name]}
 
 
 def submission_from_pb(spec: pb.TaskSpec) -> TaskSubmission:
@@ -362,13 +388,24 @@ def retire_workers_from_pb(request: pb.RetireWorkersRequest) -> tuple[list[str],
 DEFAULT_RETIRE_TIMEOUT_S = 60.0
 
 
-def set_resources_from_pb(request: pb.SetWorkerResourcesRequest) -> tuple[str, dict[str, int]]:
+def set_resources_from_pb(
+    request: pb.SetWorkerResourcesRequest,
+) -> tuple[str, dict[str, int], dict[str, str]]:
+    """The worker's address or name, what it declares from now, and those
+    amounts as written."""
+    what = "SetWorkerResourcesRequest"
     checked = check(
         _SET_RESOURCES,
-        {"worker": request.worker, "resources": dict(request.resources)},
-        "SetWorkerResourcesRequest",
+        {
+            "worker": request.worker,
+            "resources": dict(request.resources),
+            "resources_text": dict(request.resources_text),
+        },
+        what,
     )
-    return checked["worker"], to_quanta(checked["resources"])
+    amounts = checked["resources"]
+    texts = _texts(amounts, checked["resources_text"], f"{what}.resources_text")
+    return checked["worker"], to_quanta(amounts), texts
 
 
 def error_from_pb(error: pb.TaskError) -> ErrorInfo:
@@ -442,6 +479,7 @@ def worker_info_to_pb(w: WorkerSnapshot) -> pb.WorkerInfo:
         pid=w.pid,
         queued=w.queued,
         draining=w.draining,
+        resources_text=w.resources_text,
     )
 
 

@@ -55,6 +55,8 @@ class LinkOwner(Protocol):
 
     nthreads: int
     resources: dict[str, float]
+    #: the amounts as written, where they were (MEMORY="100GB")
+    resources_text: dict[str, str]
     #: registered so the scheduler can tell which peers share memory ("": none)
     host_id: str
 
@@ -193,6 +195,7 @@ class SchedulerLink:
                     os.getpid(),
                     owner.registration_held(),
                     owner.host_id,
+                    owner.resources_text,
                 )
             )
             first = await call.read()

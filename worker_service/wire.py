@@ -253,6 +253,7 @@ def registration_to_pb(
     pid: int,
     held: list[tuple[str, int, int]],
     host_id: str = "",
+    resources_text: dict[str, str] | None = None,
 ) -> pb.WorkerToScheduler:
     return pb.WorkerToScheduler(
         register=pb.RegisterWorker(
@@ -266,5 +267,6 @@ def registration_to_pb(
                 for key, incarnation, nbytes in held
             ],
             host_id=host_id,
+            declared_text=resources_text,
         )
     )

@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -40,8 +39,8 @@ from typing import Any, TypeVar
 
 from apportion_common import boundary, serialize, shm
 from apportion_common.grpc_server import ServingHealth, bind, install_stop_signals, make_server
-from apportion_common.host import host_id
-from apportion_common.resources import to_quanta
+from apportion_common.host import advertised_host, host_id
+from apportion_common.resources import matching_spellings, to_quanta
 from apportion_common.security import (
     TLS,
     Authorizer,
@@ -99,17 +98,6 @@ class _Began:
     in_thread: bool
 
 
-def advertised_host(scheduler_address: str) -> str:
-    """The local address that routes to the scheduler (what peers should dial)."""
-    host = scheduler_address.rsplit(":", 1)[0].strip("[]")
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect((host, 9))  # UDP connect sends nothing
-            return str(probe.getsockname()[0])
-    except OSError:
-        return "127.0.0.1"
-
-
 def _cancelled_error() -> serialize.ErrorInfo:
     return serialize.error_info(asyncio.CancelledError("cancelled"))
 
@@ -120,6 +108,7 @@ class Worker:
         scheduler_address: str,
         *,
         resources: Mapping[str, float] | None = None,
+        resources_text: Mapping[str, str] | None = None,
         nthreads: int = 1,
         name: str | None = None,
         host: str | None = None,
@@ -132,6 +121,8 @@ class Worker:
     ) -> None:
         self.scheduler_address = scheduler_address
         self.resources = dict(resources or {})
+        #: the amounts as the user wrote them (MEMORY="100GB"), told the scheduler
+        self.resources_text = matching_spellings(self.resources, resources_text or {})
         self.nthreads = nthreads
         self.host = host or advertised_host(scheduler_address)
         self.port = port
@@ -289,6 +280,7 @@ class Worker:
         declared = instructions.declared
         if declared is not None:
             self.resources = declared
+            self.resources_text = matching_spellings(declared, self.resources_text)
             log.info("now declaring %s", self.resources)
             for started in self._stimulus(self.state.declare, to_quanta(declared)):
                 self._launch(started)
@@ -536,6 +528,7 @@ async def run_worker(
     scheduler_address: str,
     *,
     resources: Mapping[str, float],
+    resources_text: Mapping[str, str] | None = None,
     nthreads: int,
     name: str | None,
     host: str | None = None,
@@ -556,6 +549,7 @@ async def run_worker(
     worker = Worker(
         scheduler_address,
         resources=resources,
+        resources_text=resources_text,
         nthreads=nthreads,
         name=name,
         host=host,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from apportion_common.resources import ResourceSpecError, parse_resources
+from apportion_common.resources import ResourceSpecError, parse_spellings
 
 from .options import (
     TlsCaOption,
@@ -48,7 +48,8 @@ def local(
     secure = security_settings(token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
     tls = read_tls(secure, serving=True)
     try:
-        res = parse_resources(resources) if resources is not None else {}
+        # As written: each worker declares MEMORY=100GB so, and status shows it so.
+        res = parse_spellings(resources) if resources is not None else {}
     except ResourceSpecError as exc:
         fail(str(exc))
     from client_sdk import LocalCluster  # see app.py: services load when their command runs

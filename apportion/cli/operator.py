@@ -13,7 +13,12 @@ import typer
 
 from apportion_common.grpc_server import install_stop_signals
 from apportion_common.logs_pb import logs_request
-from apportion_common.resources import ResourceSpecError, format_resources, parse_resources
+from apportion_common.resources import (
+    ResourceSpecError,
+    format_resources,
+    parse_resources,
+    parse_spellings,
+)
 from apportion_common.security import ClientSecurity
 from protos import apportion_pb2 as pb
 
@@ -147,20 +152,20 @@ def set_resources(
     scheduler_address = check_address(scheduler_address)
     security = caller_security(token, tls_ca, tls_cert, tls_key)
     try:
-        amounts = parse_resources(resources)
+        amounts, written = parse_resources(resources), parse_spellings(resources)
     except ResourceSpecError as exc:
         fail(str(exc))
     if not amounts:
         # Most likely an unset shell variable: it would take away everything.
         fail(f"no resources in {resources!r}; to take one away say so, e.g. GPU=0")
-    request = pb.SetWorkerResourcesRequest(worker=worker, resources=amounts)
+    request = pb.SetWorkerResourcesRequest(worker=worker, resources=amounts, resources_text=written)
     reply = _call(
         scheduler_address,
         security,
         lambda scheduler: scheduler.set_worker_resources(request, CALL_TIMEOUT_S),
     )
     w = reply.worker
-    declared = format_resources(dict(w.resources)) or "nothing"
+    declared = format_resources(dict(w.resources), dict(w.resources_text)) or "nothing"
     typer.echo(f"{w.name} ({w.address}) now declares {declared}")
 
 

@@ -3,8 +3,10 @@ terminal, and the tasks by state.
 
 Each worker's name and address stay whole on one line (an operator copies
 them into ``apportion logs``, ``retire``...); the other columns wrap instead,
-and each resource takes a line of its own in its cell. Amounts read as a
-person writes them (``100G``, ``64Gi``, ``0.5``), never ``1e+11``.
+and each resource takes a line of its own in its cell. Amounts read like the
+input: a declared ``MEMORY=100GB`` shows as ``100GB`` and 70e9 held of it as
+``70GB`` (``64GiB``: binary units), a plain number in short form (``100e9``:
+``100G``; ``0.5``), never ``1e+11``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from apportion_common.resources import short_amount
+from apportion_common.resources import shown_declared, shown_like
 
 if TYPE_CHECKING:
     from client_sdk.info import ClusterInfo, WorkerInfo
@@ -51,12 +53,13 @@ def status_view(info: ClusterInfo) -> RenderableType:
 
 
 def resources_cell(w: WorkerInfo) -> str:
-    """``GPU 1/2`` per resource, a line each (``-`` for none)."""
+    """``GPU 1/2``, ``MEMORY 70GB/100GB`` per resource, a line each (``-`` for none)."""
     used = w["used_resources"]
-    return (
-        "\n".join(
-            f"{name} {short_amount(used.get(name, 0))}/{short_amount(amount)}"
-            for name, amount in sorted(w["resources"].items())
-        )
-        or "-"
-    )
+    # .get: an entry from a scheduler older than the spellings has none.
+    written = w.get("resources_text", {})
+    lines = []
+    for name, amount in sorted(w["resources"].items()):
+        spelling = written.get(name)
+        held = shown_like(used.get(name, 0), spelling)
+        lines.append(f"{name} {held}/{shown_declared(amount, spelling)}")
+    return "\n".join(lines) or "-"

@@ -11,7 +11,12 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from apportion_common.resources import ResourceSpecError, format_resources, parse_resources
+from apportion_common.resources import (
+    ResourceSpecError,
+    check_resources,
+    format_resources,
+    parse_spellings,
+)
 from apportion_common.settings import WorkerSettings
 
 from .options import (
@@ -132,6 +137,7 @@ def worker(
         run_worker(
             scheduler_address,
             resources=settings.resources,
+            resources_text=settings.resources_text,
             nthreads=settings.nthreads or 1,
             name=settings.name,
             host=settings.host,
@@ -166,7 +172,8 @@ def _child_command(scheduler_address: str, settings: WorkerSettings, index: int)
         "--nworkers",
         "1",
         "--resources",
-        format_resources(settings.resources),
+        # As written, so the scheduler hears MEMORY=100GB from each child too.
+        format_resources(settings.resources, settings.resources_text),
     ]
     if settings.name:
         several = settings.nworkers > 1
@@ -198,20 +205,21 @@ def _worker_settings(
     }
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     try:
-        parsed = parse_resources(resources) if resources is not None else None
-        if parsed is not None:
+        written = parse_spellings(resources) if resources is not None else None
+        if written is not None:
             # Passed in, the environment's resources are not even read (a bad
             # one there must not stop a worker whose flag overrides it): see
             # _ResourcesFromEnv.
-            overrides["resources"] = parsed
+            overrides["resources"] = written
         settings = WorkerSettings(**overrides)
     except ResourceSpecError as exc:
         fail(str(exc))
     except ValidationError as exc:
         fail(settings_error(exc))
-    if parsed is not None:
+    if written is not None:
         # The flag replaces resources from the environment as a whole.
-        settings = settings.model_copy(update={"resources": parsed})
+        update = {"resources": check_resources(written), "resources_text": written}
+        settings = settings.model_copy(update=update)
     if settings.nthreads is None:
         settings = settings.model_copy(update={"nthreads": default_nthreads(settings.nworkers)})
     return settings

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
+from pathlib import Path
 
 import pytest
 
@@ -171,6 +173,51 @@ def test_status_prints_a_table_naming_the_workers(
     assert "alpha" in result.stdout and "beta" in result.stdout
     assert "GPU" in result.stdout
     assert scheduler_address in result.stdout
+
+
+def hold_until(gate: str, timeout: float) -> None:
+    """A task that holds its resources until the file ``gate`` exists."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_status_shows_amounts_as_they_were_written(
+    processes: Processes, scheduler_address: str, tmp_path: Path
+) -> None:
+    processes.worker(scheduler_address, "--resources", "MEMORY=100GB GPU=2", "--name", "alpha")
+    env = {"APPORTION_WORKER__RESOURCES__MEMORY": "64GiB"}
+    processes.worker(scheduler_address, "--nworkers", "2", "--name", "gamma", env=env, wait=False)
+    wait_for_workers(scheduler_address, 3)
+    gate = tmp_path / "go"
+    with Client(scheduler_address) as client:
+        # 70e9 fits only alpha (64GiB is 68.7e9): status shows it held there.
+        held = client.submit(hold_until, str(gate), 30, resources={"MEMORY": 70e9, "GPU": 1})
+        try:
+            wait_for(
+                lambda: any(
+                    w.used_resources["MEMORY"] for w in cluster_state(scheduler_address).workers
+                ),
+                15,
+                "the task to hold its MEMORY",
+            )
+            table = run_apportion("status", scheduler_address)
+            as_json = run_apportion("status", scheduler_address, "--json")
+        finally:
+            gate.touch()
+        held.result(timeout=30)
+    assert table.returncode == 0, table
+    rows = {line.split()[0]: line for line in table.stdout.splitlines() if line.strip()}
+    assert set(rows) >= {"alpha", "gamma-0", "gamma-1"}, table.stdout
+    assert "MEMORY 70GB/100GB" in table.stdout, table.stdout
+    assert "GPU 1/2" in table.stdout, table.stdout
+    assert table.stdout.count("MEMORY 0/64GiB") == 2, table.stdout  # each child's
+    assert "e+" not in table.stdout
+    by_name = {w["name"]: w for w in json.loads(as_json.stdout)["workers"].values()}
+    assert by_name["alpha"]["resources_text"] == {"MEMORY": "100GB", "GPU": "2"}
+    assert by_name["alpha"]["resources"] == {"MEMORY": 100e9, "GPU": 2}  # as before
+    for child in ("gamma-0", "gamma-1"):
+        assert by_name[child]["resources_text"] == {"MEMORY": "64GiB"}
 
 
 def test_status_of_an_unreachable_scheduler_fails_in_one_line() -> None:

@@ -149,7 +149,7 @@ def test_status_watch_redraws_on_a_terminal_until_ctrl_c(
 def test_status_watch_into_a_pipe_prints_each_view_until_ctrl_c(
     processes: Processes, scheduler_address: str
 ) -> None:
-    processes.worker(scheduler_address, "--name", "alpha")
+    processes.worker(scheduler_address, "--name", "alpha", "--resources", "MEMORY=100GB")
     title = f"apportion scheduler {scheduler_address}"
     watch = subprocess.Popen(
         [APPORTION, "status", scheduler_address, "--watch"],
@@ -171,3 +171,4 @@ def test_status_watch_into_a_pipe_prints_each_view_until_ctrl_c(
     assert watch.returncode == 0, err
     assert err == b""
     assert "alpha" in views and "\x1b[" not in views
+    assert views.count("MEMORY 0/100GB") >= 2  # as written, in every view

@@ -52,9 +52,14 @@ def test_set_resources_changes_what_a_worker_declares(
         processes, "set-resources", scheduler_address, worker.address, "GPU=2,MEMORY=2GiB"
     )
     assert code == 0, err
-    assert out.strip().endswith("now declares GPU=2 MEMORY=2147483648")
+    assert out.strip().endswith("now declares GPU=2 MEMORY=2GiB")  # as written
     (worker,) = cluster_state(scheduler_address).workers
     assert dict(worker.resources) == {"GPU": 2, "MEMORY": 2 * 1024**3}
+    # The text follows the new input, into status.
+    assert dict(worker.resources_text) == {"GPU": "2", "MEMORY": "2GiB"}
+    code, out, err = _cli(processes, "status", scheduler_address)
+    assert code == 0, err
+    assert "MEMORY 0/2GiB" in out, out
 
 
 def test_set_resources_refuses_an_unknown_worker_and_a_bad_amount(

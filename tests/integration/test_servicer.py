@@ -208,3 +208,33 @@ async def test_retire_workers_refuses_what_it_cannot_do_by_name(
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await pb_grpc.SchedulerStub(channel).RetireWorkers(request_, timeout=10)
     assert info.value.code() == code and says in (info.value.details() or "")
+
+
+async def test_amounts_as_written_go_from_the_worker_to_status_and_follow_a_change(
+    scheduler_server: SchedulerServer,
+) -> None:
+    resources = {"MEMORY": 100e9, "GPU": 2.0}
+    written = {"MEMORY": "100GB", "GPU": "2"}
+    async with Worker(
+        scheduler_server.address, nthreads=1, resources=resources, resources_text=written
+    ) as worker:
+        await worker.wait_registered(10)
+        (seen,) = await workers_seen(scheduler_server.address)
+        assert dict(seen.resources_text) == written
+        async with insecure_channel(scheduler_server.address) as channel:
+            reply = await pb_grpc.SchedulerStub(channel).SetWorkerResources(
+                pb.SetWorkerResourcesRequest(
+                    worker=worker.name,
+                    resources={"MEMORY": 100e9, "GPU": 4},
+                    resources_text={"GPU": "4"},
+                )
+            )
+        # GPU as newly written; MEMORY unchanged keeps its text.
+        assert dict(reply.worker.resources_text) == {"MEMORY": "100GB", "GPU": "4"}
+        for _ in range(100):  # the worker hears the new amounts on its stream
+            if worker.resources.get("GPU") == 4:
+                break
+            await asyncio.sleep(0.05)
+        # It keeps only the text that still reads as what it declares: a
+        # registration after a broken stream says nothing stale.
+        assert worker.resources_text == {"MEMORY": "100GB"}

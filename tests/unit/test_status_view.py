@@ -18,6 +18,7 @@ def worker(
     resources: dict[str, float],
     used: dict[str, float] | None = None,
     draining: bool = False,
+    written: dict[str, str] | None = None,
 ) -> WorkerInfo:
     return {
         "name": name,
@@ -27,6 +28,7 @@ def worker(
         "running": 12,
         "queued": 130,
         "draining": draining,
+        "resources_text": written or {},
     }
 
 
@@ -68,6 +70,33 @@ def test_amounts_read_like_the_input() -> None:
     assert "12 running" in text and "130 queued" in text
     assert lines[-1] == "tasks: processing 3"
     assert lines[0].strip() == f"apportion scheduler {SCHEDULER}"
+
+
+def test_amounts_written_with_a_unit_show_as_written_and_held_in_that_style() -> None:
+    workers = {
+        "10.0.0.1:1": worker(
+            "decimal",
+            {"MEMORY": 100e9, "GPU": 2, "PLAIN": 100e9},
+            {"MEMORY": 70e9, "GPU": 1, "PLAIN": 70e9},
+            written={"MEMORY": "100GB", "GPU": "2", "PLAIN": "100e9"},
+        ),
+        "10.0.0.2:1": worker(
+            "binary",
+            {"MEMORY": 64 * 1024**3, "SCRATCH": 1e9},
+            {"MEMORY": 32 * 1024**3, "SCRATCH": 5e8},
+            # SCRATCH was written 1GB, then set to an amount given as a number.
+            written={"MEMORY": "64GiB"},
+        ),
+    }
+    lines = render({"address": SCHEDULER, "workers": workers, "tasks": {}})
+    text = "\n".join(lines)
+    assert all(len(line) <= 80 for line in lines)
+    assert "MEMORY 70GB/100GB" in text
+    assert "GPU 1/2" in text
+    assert "PLAIN 70G/100G" in text  # 100e9: the short form, not 1e+11
+    assert "MEMORY 32GiB/64GiB" in text
+    assert "SCRATCH 500M/1G" in text  # no spelling: the short form
+    assert "e+" not in text
 
 
 def test_an_empty_cluster_says_so_in_words() -> None:

@@ -70,6 +70,7 @@ async def test_retire_workers_returns_them_by_address(h: Harness) -> None:
             "running": 0,
             "queued": 0,
             "draining": False,
+            "resources_text": {},
         }
     }
 

@@ -10,6 +10,7 @@ import pytest
 from apportion_common import serialize
 from apportion_common.serialize import InputRef
 from client_sdk import SchedulerConnectionError, annotate
+from protos import apportion_pb2 as pb
 from tests.helpers.stub_transport import StubTransport, resolve
 
 from .conftest import Harness, connect
@@ -143,12 +144,16 @@ async def test_the_scheduler_s_unary_calls_go_through_the_transport(h: Harness) 
                 "running": 1,
                 "queued": 0,
                 "draining": False,
+                "resources_text": {},
             }
         },
         "tasks": {"running": 1},
     }
-    entry = await resolve(h.client.set_resources("w", {"GPU": "4"}))
-    assert (entry["name"], entry["resources"]) == ("w", {"GPU": 4.0})
+    entry = await resolve(h.client.set_resources("w", {"GPU": "4", "MEMORY": "64 GiB", "X": 2}))
+    assert (entry["name"], entry["resources"]) == ("w", {"GPU": 4.0, "MEMORY": 64 * 2**30, "X": 2})
+    (asked,) = [r for r in h.stub.requests if isinstance(r, pb.SetWorkerResourcesRequest)]
+    # What was written as text goes as written, for status to show back.
+    assert dict(asked.resources_text) == {"GPU": "4", "MEMORY": "64GiB"}
     future = await resolve(h.client.submit(inc, 1, key="k"))
     assert await resolve(h.client.explain(future)) == "task 'k' is waiting for the test"
     assert await resolve(h.client.explain("k")) == "task 'k' is waiting for the test"

@@ -17,8 +17,14 @@ from apportion_common.resources import (
     check_resources,
     format_resources,
     from_quanta,
+    matching_spellings,
     parse_resources,
+    parse_spellings,
     short_amount,
+    shown_declared,
+    shown_like,
+    spelling,
+    spellings,
     to_quanta,
 )
 
@@ -301,6 +307,117 @@ def test_format_resources() -> None:
         "GPU": 0.5,
         "MEMORY": 1e11,
     }
+
+
+def test_format_resources_keeps_what_was_written_where_it_still_reads_as_the_amount() -> None:
+    amounts = {"MEMORY": 64 * 1024**3, "GPU": 3.0, "DISK": 1e11}
+    written = {"MEMORY": "64GiB", "GPU": "2", "DISK": "100GB", "GONE": "1"}
+    text = format_resources(amounts, written)
+    assert text == "DISK=100GB GPU=3 MEMORY=64GiB"  # GPU was 2 when written: now 3
+    assert parse_resources(text) == amounts
+    assert parse_spellings(text) == {"DISK": "100GB", "GPU": "3", "MEMORY": "64GiB"}
+
+
+# -------------------------------------------------- amounts as written, shown
+
+
+@pytest.mark.parametrize(
+    ("text", "written"),
+    [
+        ("GPU=2 MEMORY=100GB", {"GPU": "2", "MEMORY": "100GB"}),
+        ("A=0.5,B=100e9 C=64gib", {"A": "0.5", "B": "100e9", "C": "64gib"}),
+        ("  M=1.5GiB\t", {"M": "1.5GiB"}),
+        ("", {}),
+    ],
+)
+def test_parse_spellings_keeps_each_amount_as_written(text: str, written: dict[str, str]) -> None:
+    assert parse_spellings(text) == written
+
+
+@pytest.mark.parametrize("text", ["GPU", "A=1 A=2", "M=100XB", "GPU=-1"])
+def test_parse_spellings_refuses_what_parse_resources_refuses(text: str) -> None:
+    with pytest.raises(ResourceSpecError) as refused:
+        parse_resources(text)
+    with pytest.raises(ResourceSpecError, match=re.escape(str(refused.value))):
+        parse_spellings(text)
+
+
+def test_spellings_keep_text_and_close_a_spaced_unit() -> None:
+    assert spelling("1.5 GiB") == "1.5GiB"
+    assert spelling(" 100e9 ") == "100e9"
+    assert spelling(2) is None  # a number's source text is gone
+    given = {"MEMORY": "64 GiB", "GPU": 2, "X": 0.5, "N": "2"}
+    assert spellings(given) == {"MEMORY": "64GiB", "N": "2"}
+    assert spellings(None) == {}
+    # Too long to keep as written: kept as its number, shown in short form.
+    long = "0" * 70 + "1GB"
+    assert spelling(long) is None
+    assert parse_spellings(f"M={long} G=2") == {"G": "2"}
+    assert matching_spellings({"M": 1e9}, {"M": long}) == {}
+
+
+def test_matching_spellings_drops_those_of_amounts_that_changed() -> None:
+    written = {"MEMORY": "100GB", "GPU": "2", "X": "0.1", "GONE": "1", "BAD": "lots"}
+    amounts = {"MEMORY": 100e9, "GPU": 4.0, "X": 0.1, "BAD": 1.0}
+    assert matching_spellings(amounts, written) == {"MEMORY": "100GB", "X": "0.1"}
+
+
+@pytest.mark.parametrize(
+    ("amount", "written", "shown"),
+    [
+        (70e9, "100GB", "70GB"),
+        (100e9, "100GB", "100GB"),
+        (1.5e9, "100gb", "1.5GB"),
+        (250e6, "100GB", "250MB"),
+        (512, "1kB", "512B"),
+        (0.5, "1GB", "0.5B"),
+        (0, "100GB", "0"),
+        (32 * 1024**3, "64GiB", "32GiB"),
+        (1.5 * 1024**3, "64 GiB", "1.5GiB"),
+        (1e9, "64GiB", "953.7MiB"),
+        (2 * 1024**5 * 1024, "1PiB", "2048PiB"),
+        (70e9, "100e9", "70G"),
+        (70e9, None, "70G"),
+        (1, "2", "1"),
+        (0.25, "0.5", "0.25"),
+    ],
+)
+def test_shown_like_uses_the_unit_style_of_what_was_written(
+    amount: float, written: str | None, shown: str
+) -> None:
+    assert shown_like(amount, written) == shown
+
+
+@pytest.mark.parametrize(
+    ("amount", "written", "shown"),
+    [
+        (100e9, "100GB", "100GB"),
+        (64 * 1024**3, "64GiB", "64GiB"),
+        (1e9, "1000MB", "1000MB"),  # as written, not 1GB
+        (100e9, "100e9", "100G"),  # a plain number: short form, as in the issue
+        (1e11, "1e+11", "100G"),  # never 1e+11
+        (2, "2", "2"),
+        (0.5, "0.5", "0.5"),
+        (100e9, None, "100G"),
+        (200e9, "100GB", "200GB"),  # written for an amount since changed
+    ],
+)
+def test_shown_declared_is_as_written_where_that_has_a_unit(
+    amount: float, written: str | None, shown: str
+) -> None:
+    assert shown_declared(amount, written) == shown
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.floats(min_value=0, max_value=1e18, allow_nan=False, allow_infinity=False),
+    st.sampled_from(["100GB", "64GiB", "1kB", "3MiB", "2", "1e9", None]),
+)
+def test_shown_like_is_short_and_never_an_exponent(amount: float, written: str | None) -> None:
+    shown = shown_like(amount, written)
+    assert len(shown) <= 12, shown
+    if amount >= 1e-4:
+        assert "e" not in shown, shown
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,20 @@ def test_resources_from_env_keep_their_case(monkeypatch: pytest.MonkeyPatch) -> 
     assert "gpu" not in s.resources
 
 
+def test_resources_keep_the_text_they_were_written_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APPORTION_WORKER__RESOURCES__MEMORY", "64 GiB")
+    monkeypatch.setenv("APPORTION_WORKER__RESOURCES__GPU", "2")
+    s = WorkerSettings()
+    assert s.resources == {"MEMORY": 64 * 1024**3, "GPU": 2.0}
+    assert s.resources_text == {"MEMORY": "64GiB", "GPU": "2"}
+    # Given as arguments: text where it is text; a number has none.
+    given = WorkerSettings(resources={"MEMORY": "100GB", "GPU": 1})
+    assert given.resources_text == {"MEMORY": "100GB"}
+    # Never set apart from the resources it spells.
+    monkeypatch.setenv("APPORTION_WORKER__RESOURCES_TEXT__GPU", "9")
+    assert WorkerSettings().resources_text == {"MEMORY": "64GiB", "GPU": "2"}
+
+
 def test_lower_and_upper_case_names_are_different_resources(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -9,7 +9,13 @@ Every event goes through :class:`Sim`, which calls ``validate()`` after each
 from __future__ import annotations
 
 from apportion_common.resources import from_quanta
-from scheduler_service.events import TasksSubmitted, TaskSubmission, WorkerLeft
+from scheduler_service.events import (
+    TasksSubmitted,
+    TaskSubmission,
+    WorkerJoined,
+    WorkerLeft,
+    WorkerResourcesChanged,
+)
 from scheduler_service.state import MEMORY, PROCESSING, READY
 from tests.helpers.scheduler_sim import Sim, addr, assigns, q, updates
 
@@ -106,6 +112,24 @@ def test_snapshot_reports_used_resources() -> None:
     assert from_quanta(w.used) == {"GPU": 1.5, "MEM": 2.0}
     assert from_quanta(w.resources) == {"GPU": 2.0, "MEM": 8.0}
     assert snap.task_counts == {PROCESSING: 1}
+
+
+def test_snapshot_shows_the_amounts_as_written_until_they_are_changed() -> None:
+    sim = Sim()
+    written = {"MEMORY": "100GB", "GPU": "2"}
+    sim(WorkerJoined(1, "w", addr(1), 2, q(MEMORY=100e9, GPU=2), resources_text=written))
+    sim.submit("a", MEMORY=70e9)
+    (w,) = sim.state.snapshot().workers
+    assert w.resources_text == written
+    assert from_quanta(w.used) == {"MEMORY": 70e9, "GPU": 0}
+    # Changed with text, the text follows; changed without, none is left to
+    # show (the short form shows); an amount unchanged keeps its text.
+    sim(WorkerResourcesChanged(1, q(MEMORY=200e9, GPU=2), {"MEMORY": "200GB"}))
+    assert sim.state.snapshot().workers[0].resources_text == {"MEMORY": "200GB", "GPU": "2"}
+    sim(WorkerResourcesChanged(1, q(MEMORY=300e9, GPU=2)))
+    assert sim.state.snapshot().workers[0].resources_text == {"GPU": "2"}
+    sim(WorkerResourcesChanged(1, q(MEMORY=300e9)))
+    assert sim.state.snapshot().workers[0].resources_text == {}
 
 
 # ========================================================== infeasible tasks

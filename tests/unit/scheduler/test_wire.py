@@ -125,9 +125,34 @@ def test_a_good_registration() -> None:
     assert wire.registration_from_pb(register(host_id="abc")).host_id == "abc"
 
 
+def test_a_registration_keeps_the_amounts_as_written() -> None:
+    reg = wire.registration_from_pb(
+        register(
+            resources={"MEMORY": 100e9, "GPU": 2, "NONE": 0},
+            declared_text={"MEMORY": "100GB", "GPU": "2", "NONE": "0"},
+        )
+    )
+    # A zero amount is not declared, so neither is its text.
+    assert reg.resources_text == {"MEMORY": "100GB", "GPU": "2"}
+    assert wire.registration_from_pb(register(resources={"GPU": 2})).resources_text == {}
+
+
 @pytest.mark.parametrize(
     ("fields", "detail"),
     [
+        (
+            {"resources": {"MEMORY": 70e9}, "declared_text": {"MEMORY": "100GB"}},
+            "declared_text['MEMORY']: '100GB' does not read as the amount declared (70000000000.0)",
+        ),
+        ({"declared_text": {"GPU": "2"}}, "declared_text['GPU']: no amount of that resource"),
+        (
+            {"resources": {"GPU": 2}, "declared_text": {"GPU": "x" * 65}},
+            "declared_text['GPU']: String should have at most 64 characters",
+        ),
+        (
+            {"resources": {"GPU": 2}, "declared_text": {"GPU": ""}},
+            "declared_text['GPU']: String should have at least 1 character",
+        ),
         ({"nthreads": 0}, "nthreads: Input should be greater than or equal to 1"),
         ({"nthreads": 100_001}, "nthreads: Input should be less than or equal to 100000"),
         ({"address": "localhost"}, "address: 'localhost' is not host:port"),
@@ -225,3 +250,15 @@ def time_task_spec_checks(number: int = 100_000) -> dict[str, float]:
 if __name__ == "__main__":
     for name, us in time_task_spec_checks().items():
         print(f"TaskSpec -> TaskSubmission ({name}): {us:.2f} us")
+
+
+def test_set_resources_carries_the_amounts_as_written() -> None:
+    request = pb.SetWorkerResourcesRequest(
+        worker="w", resources={"MEMORY": 64 * 1024**3, "GPU": 4}, resources_text={"MEMORY": "64GiB"}
+    )
+    name, resources, written = wire.set_resources_from_pb(request)
+    assert (name, written) == ("w", {"MEMORY": "64GiB"})
+    assert resources == {"MEMORY": 64 * 1024**3 * 10**9, "GPU": 4 * 10**9}
+    request.resources_text["GPU"] = "2"
+    with pytest.raises(WireError, match=r"resources_text\['GPU'\]: '2' does not read as"):
+        wire.set_resources_from_pb(request)
