@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from apportion_common.grpc_server import ServingHealth, bind, install_stop_signals, make_server
+from apportion_common.logring import kept_lines
+from apportion_common.logs_pb import WorkerLogReader
 from apportion_common.security import ClientSecurity, Role, ServerSecurity, token_digest
 from apportion_common.services import add_service
 from protos import apportion_pb2 as pb
@@ -111,8 +113,16 @@ class SchedulerServer:
 
         assert self.dashboard_address is not None
         host, port = split_address(self.dashboard_address)
+        servicer = self.servicer
         self.dashboard = Dashboard(
-            self.servicer.state, activity, lambda: self.address, host, port, self.security
+            servicer.state,
+            activity,
+            lambda: self.address,
+            host,
+            port,
+            self.security,
+            scheduler_logs=lambda n: kept_lines(servicer.log_ring, n),
+            worker_logs=WorkerLogReader(self.as_scheduler),
         )
         try:
             await self.dashboard.start()
