@@ -73,6 +73,15 @@ class LogRing(logging.Handler):
         return kept[len(kept) - n :] if n else []
 
 
+class LogsUnavailable(Exception):
+    """A process did not give its lines; the message says why, in one line.
+    ``timed_out``: it did not answer in time (rather than refusing or being gone)."""
+
+    def __init__(self, why: str, timed_out: bool = False) -> None:
+        super().__init__(why)
+        self.timed_out = timed_out
+
+
 def process_log_ring() -> LogRing | None:
     """The ring on the root logger, if :func:`install_log_ring` put one there."""
     for handler in logging.getLogger().handlers:

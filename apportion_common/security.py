@@ -11,12 +11,17 @@ method                                        needs
 other ``apportion.v1.Scheduler`` methods      the client token
 ``apportion.v1.Worker/FetchResult(s)``        the worker token or the client token
 ``apportion.v1.Worker/ShareResult``           the worker token
+``apportion.v1.Worker/GetLogs``               the client token or the scheduler's secret
 ``grpc.health.v1.Health``, reflection         nothing (always open)
 ============================================  =====================================
 
 A role whose token is not set is open. Workers never hold the client secret:
 the scheduler tells each worker the SHA-256 of the client token when it
-registers, and the worker compares digests. Every comparison is between
+registers, and the worker compares digests. For the same reason the
+scheduler's dashboard cannot read a worker's logs with the client token: the
+scheduler makes a random secret at start (:data:`Role.SCHEDULER`), tells
+workers its digest next to the client token's, and presents it to
+``Worker/GetLogs``, the only method that accepts it. Every comparison is between
 SHA-256 digests with :func:`hmac.compare_digest`, so neither the time taken nor
 the token's length tells a caller how close a guess was.
 
@@ -65,6 +70,12 @@ OPEN_SERVICES = frozenset(
 class Role(enum.Enum):
     WORKER = "worker"
     CLIENT = "client"
+    #: the scheduler process itself, by the secret it made at start (no user sets it)
+    SCHEDULER = "scheduler"
+
+
+#: The roles a user gives tokens to (--worker-token, --client-token).
+USER_ROLES = (Role.WORKER, Role.CLIENT)
 
 
 _WORKER = frozenset({Role.WORKER})
@@ -91,8 +102,9 @@ METHOD_ROLES: Mapping[str, frozenset[Role]] = {
     # Code and files, as a task would bring: the clients' calls.
     "/apportion.v1.Worker/RunFunction": _CLIENT,
     "/apportion.v1.Worker/UploadFile": _CLIENT,
-    # What the worker and its tasks logged: the clients' to read, as their results.
-    "/apportion.v1.Worker/GetLogs": _CLIENT,
+    # What the worker and its tasks logged: the clients' to read, as their
+    # results, and the scheduler's (its dashboard's log pages).
+    "/apportion.v1.Worker/GetLogs": frozenset({Role.CLIENT, Role.SCHEDULER}),
 }
 
 #: A method missing from METHOD_ROLES (one added later) is never open by
@@ -155,7 +167,8 @@ def presented_token(metadata: Iterable[Any] | None) -> str | None:
 
 
 def _hint(roles: frozenset[Role]) -> str:
-    names = " or ".join(sorted(f"the {r.value} token" for r in roles))
+    # The scheduler's secret is no one's to send: name only the tokens users hold.
+    names = " or ".join(sorted(f"the {r.value} token" for r in roles if r in USER_ROLES))
     return f"send {names} as metadata 'authorization: Bearer <token>'"
 
 
@@ -182,6 +195,10 @@ class Authorizer:
     def set_role(self, role: Role, digest: bytes | None) -> None:
         """Accept ``role`` with this digest from now on (None: open)."""
         self._digests[role] = digest
+
+    def forget_role(self, role: Role) -> None:
+        """Accept ``role`` from nobody from now on."""
+        self._digests.pop(role, None)
 
     def digest(self, role: Role) -> bytes | None:
         return self._digests.get(role)
@@ -452,8 +469,8 @@ class ServerSecurity:
 
     def open_roles(self) -> list[Role]:
         if self.authorizer is None:
-            return list(Role)
-        return [r for r in Role if self.authorizer.digest(r) is None]
+            return list(USER_ROLES)
+        return [r for r in USER_ROLES if self.authorizer.digest(r) is None]
 
     def warn_if_exposed(self, host: str, what: str, logger: logging.Logger) -> None:
         """A WARNING when ``host`` reaches beyond loopback with no TLS and an open role."""

@@ -12,7 +12,7 @@ takes the value through shared memory instead (:meth:`ChannelPool.share`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterator
+from collections.abc import Collection, Coroutine, Iterator
 from typing import Any
 
 import grpc
@@ -213,6 +213,15 @@ class ChannelPool:
         channels, self._channels = self._channels, {}
         for channel in channels.values():
             await channel.close()
+
+    async def keep_only(self, addresses: Collection[str]) -> None:
+        """Close the channels to every peer not in ``addresses`` (peers that
+        left): a long-lived pool must not keep one per peer it ever met."""
+        gone = [name for name in self._channels if name.partition("#")[0] not in addresses]
+        for name in gone:
+            channel = self._channels.pop(name, None)
+            if channel is not None:
+                await channel.close()
 
     async def fetch_small(
         self, address: str, keys: list[str], max_bytes: int, timeout: float | None = None

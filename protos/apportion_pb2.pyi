@@ -809,11 +809,17 @@ class WorkerRegistered(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _builtins.int
     CLIENT_TOKEN_SHA256_FIELD_NUMBER: _builtins.int
+    SCHEDULER_TOKEN_SHA256_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.int
     heartbeat_interval_s: _builtins.float
     client_token_sha256: _builtins.bytes
     """SHA-256 of the token clients present (empty: clients need none). The
     worker accepts it for FetchResult without ever holding the client secret.
+    """
+    scheduler_token_sha256: _builtins.bytes
+    """SHA-256 of a secret this scheduler process made at start (empty: none).
+    The worker accepts it for GetLogs only: the scheduler's dashboard reads
+    workers' logs with it, never holding the client token.
     """
     def __init__(
         self,
@@ -821,10 +827,11 @@ class WorkerRegistered(_message.Message):
         worker_id: _builtins.int = ...,
         heartbeat_interval_s: _builtins.float = ...,
         client_token_sha256: _builtins.bytes = ...,
+        scheduler_token_sha256: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_token_sha256", b"client_token_sha256", "heartbeat_interval_s", b"heartbeat_interval_s", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_token_sha256", b"client_token_sha256", "heartbeat_interval_s", b"heartbeat_interval_s", "scheduler_token_sha256", b"scheduler_token_sha256", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

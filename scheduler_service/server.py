@@ -10,12 +10,15 @@ import asyncio
 import gc
 import logging
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from apportion_common.grpc_server import ServingHealth, bind, install_stop_signals, make_server
-from apportion_common.security import Role, ServerSecurity
+from apportion_common.logring import kept_lines
+from apportion_common.logs_pb import WorkerLogReader
+from apportion_common.security import ClientSecurity, Role, ServerSecurity, token_digest
 from apportion_common.services import add_service
 from protos import apportion_pb2 as pb
 
@@ -69,6 +72,13 @@ class SchedulerServer:
         )
         if self.security.authorizer is not None:
             self.servicer.client_token_sha256 = self.security.authorizer.digest(Role.CLIENT) or b""
+        # This process's own secret, for the dashboard to read workers' logs:
+        # it knows the client token only by its digest. Made anew each start,
+        # never written anywhere; workers learn its digest as they register.
+        scheduler_token = secrets.token_urlsafe(32)
+        self.servicer.scheduler_token_sha256 = token_digest(scheduler_token)
+        #: what the scheduler presents to workers (GetLogs): its secret, its TLS files
+        self.as_scheduler = ClientSecurity(scheduler_token, self.security.tls)
         self._clock: asyncio.Task[None] | None = None
         #: HOST:PORT for the dashboard and /metrics (None: not served)
         self.dashboard_address = dashboard_address
@@ -103,8 +113,16 @@ class SchedulerServer:
 
         assert self.dashboard_address is not None
         host, port = split_address(self.dashboard_address)
+        servicer = self.servicer
         self.dashboard = Dashboard(
-            self.servicer.state, activity, lambda: self.address, host, port, self.security
+            servicer.state,
+            activity,
+            lambda: self.address,
+            host,
+            port,
+            self.security,
+            scheduler_logs=lambda n: kept_lines(servicer.log_ring, n),
+            worker_logs=WorkerLogReader(self.as_scheduler),
         )
         try:
             await self.dashboard.start()

@@ -128,6 +128,9 @@ class SchedulerServicer(OperatorCalls, pb_grpc.SchedulerServicer):
         #: clients' result fetches without holding their secret (security.py);
         #: empty when clients need no token.
         self.client_token_sha256 = b""
+        #: SHA-256 of this process's own secret, told to each worker: it
+        #: accepts it for GetLogs only (the dashboard's log pages); empty: none.
+        self.scheduler_token_sha256 = b""
         self.uploads: dict[str, bytes] = {}
         self.shutdown_asked = asyncio.Event()
         self.worker_joined = asyncio.Event()
@@ -300,6 +303,7 @@ class SchedulerServicer(OperatorCalls, pb_grpc.SchedulerServicer):
                         worker_id=worker_id,
                         heartbeat_interval_s=self._liveness.heartbeat_interval,
                         client_token_sha256=self.client_token_sha256,
+                        scheduler_token_sha256=self.scheduler_token_sha256,
                     )
                 )
             )

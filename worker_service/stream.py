@@ -75,8 +75,9 @@ class LinkOwner(Protocol):
         """(key, incarnation, nbytes) of results to offer when registering."""
         ...
 
-    def on_registered(self, client_token_sha256: bytes) -> None:
-        """Registered; clients present a token whose SHA-256 is this (b"": none)."""
+    def on_registered(self, client_token_sha256: bytes, scheduler_token_sha256: bytes) -> None:
+        """Registered; clients present a token whose SHA-256 is the first
+        (b"": none), the scheduler itself one whose SHA-256 is the second."""
         ...
 
     def on_instructions(self, instructions: wire.Instructions) -> None: ...
@@ -204,7 +205,8 @@ class SchedulerLink:
             assert isinstance(first, pb.SchedulerToWorker)
             self.worker_id = first.registered.worker_id
             self.lost.clear()
-            owner.on_registered(first.registered.client_token_sha256)
+            registered = first.registered
+            owner.on_registered(registered.client_token_sha256, registered.scheduler_token_sha256)
             interval = first.registered.heartbeat_interval_s or 2.0
             log.info(
                 "registered with %s as worker %d (%s)",

@@ -234,14 +234,20 @@ class Worker:
     def registration_held(self) -> list[tuple[str, int, int]]:
         return self._held
 
-    def on_registered(self, client_token_sha256: bytes) -> None:
-        """Accept the scheduler's clients at FetchResult by the digest of their token.
+    def on_registered(self, client_token_sha256: bytes, scheduler_token_sha256: bytes) -> None:
+        """Accept the scheduler's clients at FetchResult by the digest of their
+        token, and the scheduler's own secret at GetLogs (its dashboard's).
 
-        No digest: the scheduler lets clients in without a token, so a token
-        here would protect nothing they could not already get through it.
+        No client digest: the scheduler lets clients in without a token, so a
+        token here would protect nothing they could not already get through it.
         """
         if self._authorizer is not None:
             self._authorizer.set_role(Role.CLIENT, client_token_sha256 or None)
+            # No scheduler digest (an older scheduler): no one gets in that way.
+            if scheduler_token_sha256:
+                self._authorizer.set_role(Role.SCHEDULER, scheduler_token_sha256)
+            else:
+                self._authorizer.forget_role(Role.SCHEDULER)
         self.retiring.registered()
 
     async def orphan_everything(self) -> None:

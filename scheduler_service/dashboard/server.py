@@ -2,22 +2,32 @@
 Prometheus metrics, the state as JSON and a health probe (aiohttp, on the
 scheduler's own event loop).
 
-=====================  ==============================================  =========
-path                   what                                            token
-=====================  ==============================================  =========
-``/``                  the dashboard page (``/?token=T`` logs in)      yes
-``/static/...``        its script and style sheet                      yes
-``/api/v1/stream``     the page's updates (server-sent events, 1/s)    yes
-``/api/v1/state``      ``Client.scheduler_info()``, as JSON            yes
-``/metrics``           Prometheus text format                          yes
-``/health``            ``ok`` while the scheduler serves               no
-=====================  ==============================================  =========
+==========================  ==============================================  =========
+path                        what                                            token
+==========================  ==============================================  =========
+``/``                       the dashboard page (``/?token=T`` logs in)      yes
+``/static/...``             its script and style sheet                      yes
+``/api/v1/stream``          the page's updates (server-sent events, 1/s)    yes
+``/api/v1/state``           ``Client.scheduler_info()``, as JSON            yes
+``/logs/scheduler``         the scheduler's newest log lines                yes
+``/logs/worker/WORKER``     a worker's (see :mod:`.logpages`)               yes
+``/api/v1/logs/...``        the same as JSON                                yes
+``/metrics``                Prometheus text format                          yes
+``/health``                 ``ok`` while the scheduler serves               no
+==========================  ==============================================  =========
 
 The token is the scheduler's client token (what ``GetClusterState`` needs),
 sent as ``Authorization: Bearer TOKEN``; a browser opens ``/?token=TOKEN``
 once and gets an HttpOnly cookie instead (a random value of this process,
 never the token). With TLS the port serves HTTPS with the scheduler's
 certificate, without asking for a client certificate (a browser has none).
+
+A worker's log lines live in the worker: the dashboard asks it
+(``Worker/GetLogs``) with the scheduler's own secret, which workers accept
+for that method only (:mod:`apportion_common.security`), and with the
+scheduler's TLS files. A worker that does not answer within
+:data:`.logpages.WORKER_LOGS_TIMEOUT_S` gets a page that says so; the
+scheduler's loop only awaits it.
 """
 
 from __future__ import annotations
@@ -30,17 +40,28 @@ import json
 import logging
 import secrets
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from apportion_common.logring import LogLine, LogsUnavailable
 from apportion_common.security import ServerSecurity, is_loopback
 
 from .activity import RunActivity
 from .feed import Feed, LoopLag
+from .logpages import (
+    API_PREFIX,
+    SCHEDULER_LOGS_PATH,
+    WORKER_LOGS_PREFIX,
+    WORKER_LOGS_TIMEOUT_S,
+    LogAnswer,
+    find_worker,
+    lines_wanted,
+    unknown_worker,
+)
 from .metrics import exposition, make_registry
 from .view import state_info
 
@@ -68,6 +89,16 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class WorkerLogs(Protocol):
+    """Reads workers' newest lines (:class:`apportion_common.logs_pb.WorkerLogReader`)."""
+
+    async def read(self, address: str, n: int | None, timeout: float) -> list[LogLine]: ...
+
+    async def keep_only(self, addresses: Collection[str]) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -107,9 +138,16 @@ class Dashboard:
         host: str = "127.0.0.1",
         port: int = 8787,
         security: ServerSecurity | None = None,
+        *,
+        scheduler_logs: Callable[[int | None], list[LogLine]],
+        worker_logs: WorkerLogs,
     ) -> None:
         self._state = state
         self._scheduler_address = scheduler_address
+        #: the scheduler's newest lines; a reader of workers' and how long each gets
+        self._scheduler_logs = scheduler_logs
+        self._worker_logs = worker_logs
+        self.worker_logs_timeout = WORKER_LOGS_TIMEOUT_S
         self.host = host
         self.port = port
         self._security = security or ServerSecurity()
@@ -159,6 +197,9 @@ class Dashboard:
         app.router.add_get("/static/{name}", self._asset)
         app.router.add_get("/api/v1/stream", self._stream)
         app.router.add_get("/api/v1/state", self._state_json)
+        for prefix in ("", API_PREFIX):
+            app.router.add_get(prefix + SCHEDULER_LOGS_PATH, self._scheduler_log_lines)
+            app.router.add_get(prefix + WORKER_LOGS_PREFIX + "{worker}", self._worker_log_lines)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/health", self._health)
         self._runner = web.AppRunner(
@@ -179,6 +220,7 @@ class Dashboard:
         await self.feed.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        await self._worker_logs.close()
 
     # ------------------------------------------------------------ security
 
@@ -257,6 +299,49 @@ class Dashboard:
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
+
+    async def _scheduler_log_lines(self, request: web.Request) -> web.Response:
+        address = self._scheduler_address()
+        whose, who = f"the scheduler {address}", {"scheduler": address}
+        try:
+            n = lines_wanted(request.query.get("n"))
+        except ValueError as exc:
+            return _log_reply(request, LogAnswer(whose, who, None, error=str(exc), status=400))
+        return _log_reply(request, LogAnswer(whose, who, n, self._scheduler_logs(n)))
+
+    async def _worker_log_lines(self, request: web.Request) -> web.Response:
+        return _log_reply(request, await self._worker_answer(request))
+
+    async def _worker_answer(self, request: web.Request) -> LogAnswer:
+        wanted = request.match_info["worker"]
+        workers = self._state.workers.values()
+        worker = find_worker(workers, wanted)
+        if worker is None:
+            why = unknown_worker(wanted)
+            return LogAnswer(f"worker {wanted}", {"worker": wanted}, None, error=why, status=404)
+        whose = f"worker {worker.name} ({worker.address})"
+        who = {"worker": {"id": worker.worker_id, "name": worker.name, "address": worker.address}}
+        try:
+            n = lines_wanted(request.query.get("n"))
+        except ValueError as exc:
+            return LogAnswer(whose, who, None, error=str(exc), status=400)
+        await self._worker_logs.keep_only({w.address for w in workers})
+        try:
+            lines = await self._worker_logs.read(worker.address, n, self.worker_logs_timeout)
+        except LogsUnavailable as exc:
+            # 504: it did not answer in time; 502: it answered with a refusal, or is gone.
+            status = 504 if exc.timed_out else 502
+            return LogAnswer(whose, who, n, error=f"{whose} gave no logs: {exc}", status=status)
+        return LogAnswer(whose, who, n, lines)
+
+
+def _log_reply(request: web.Request, answer: LogAnswer) -> web.Response:
+    """The answer as JSON under /api/v1, else as the HTML page."""
+    if request.path.startswith(API_PREFIX):
+        body, content_type = answer.as_json(), "application/json"
+    else:
+        body, content_type = answer.as_html(), "text/html"
+    return web.Response(text=body, status=answer.status, content_type=content_type)
 
 
 def _refused(why: str) -> web.Response:

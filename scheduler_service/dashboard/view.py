@@ -10,6 +10,7 @@ from apportion_common.resources import from_quanta
 
 from .activity import RunActivity
 from .demand import REASON_TEXT, Waiting
+from .logpages import worker_logs_path
 
 if TYPE_CHECKING:
     from ..state import ClusterState
@@ -41,8 +42,9 @@ def state_info(state: ClusterState, address: str, dashboard_address: str) -> dic
 
 
 def worker_rows(state: ClusterState) -> list[dict[str, Any]]:
-    """Each connected worker: threads busy of total, and per resource what it
-    declares, what running tasks hold and what its queued runs wait for."""
+    """Each connected worker: threads busy of total, per resource what it
+    declares, what running tasks hold and what its queued runs wait for, and
+    where its log lines are."""
     rows = []
     for w in sorted(state.workers.values(), key=lambda w: w.worker_id):
         declared = from_quanta(w.declared)
@@ -57,6 +59,7 @@ def worker_rows(state: ClusterState) -> list[dict[str, Any]]:
                 "busy": w.nthreads - w.free_slots,
                 "queued": len(w.queued),
                 "state": "draining" if w.retiring else "running",
+                "logs": worker_logs_path(w.worker_id),
                 "resources": {
                     name: {
                         "declared": amount,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -159,9 +160,11 @@ def aggregate(parts: list[int]) -> int:
 #: What the test reads off the rendered page.
 READ_PAGE = """() => ({
   updates: Number(document.body.dataset.updates || 0),
+  schedulerLogs: document.getElementById("scheduler-logs")?.getAttribute("href") ?? null,
   workers: [...document.querySelectorAll("tr.worker")].map((tr) => ({
     name: tr.dataset.name,
     state: tr.dataset.state,
+    logs: tr.querySelector("a.logs")?.getAttribute("href") ?? null,
     bars: Object.fromEntries([...tr.querySelectorAll(".bar.resource")].map((b) => [
       b.dataset.resource,
       {declared: Number(b.dataset.declared), held: Number(b.dataset.held)},
@@ -210,6 +213,14 @@ def test_the_dashboard_shows_the_seed_pipeline_in_a_browser(
                 "memory-worker": {"MEMORY": {"declared": 100e9, "held": 0}},
             }
             assert first["runs"] == 0
+            # Links to the logs: the scheduler's in the header, each worker's in its row.
+            assert first["schedulerLogs"] == "/logs/scheduler"
+            links = {w["name"]: w["logs"] for w in first["workers"]}
+            assert len(set(links.values())) == 3
+            for name, link in links.items():
+                assert re.fullmatch(r"/logs/worker/[0-9]+", link), link
+                with urllib.request.urlopen(f"http://{dashboard}{link}", timeout=10) as reply:
+                    assert f"logs of worker {name} (" in reply.read().decode()
 
             result: list[int] = []
             futures: list[Any] = []  # held to the end: the page counts the tasks kept

@@ -73,7 +73,9 @@ function drawWorkers(workers) {
         el("td", {}, w.address),
         el("td", { class: "state-" + w.state }, w.state + (w.queued ? ` · ${w.queued} queued` : "")),
         el("td", {}, bar("threads", "threads", w.threads, w.busy, 0), ` ${w.busy}/${w.threads}`),
-        resources
+        resources,
+        // A worker that left has no logs to ask for.
+        el("td", {}, gone ? "" : el("a", { class: "logs", href: w.logs }, "logs"))
       );
     })
   );

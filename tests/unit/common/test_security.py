@@ -37,6 +37,9 @@ from worker_service.worker import Worker
 WORKER_STREAM = "/apportion.v1.Scheduler/WorkerStream"
 CLIENT_STREAM = "/apportion.v1.Scheduler/ClientStream"
 FETCH = "/apportion.v1.Worker/FetchResult"
+WORKER_LOGS = "/apportion.v1.Worker/GetLogs"
+#: The worker's methods a client token opens, besides GetLogs.
+CLIENTS_WORKER_METHODS = ("FetchResult", "FetchResults", "RunFunction", "UploadFile")
 
 
 def bearer(token: str) -> list[tuple[str, str]]:
@@ -57,6 +60,11 @@ def test_role_mapping() -> None:
     for name in ("ClientStream", "GetClusterState", "SetWorkerResources", "ExplainTask"):
         assert roles_for(f"/apportion.v1.Scheduler/{name}") == {Role.CLIENT}
     assert roles_for(FETCH) == {Role.WORKER, Role.CLIENT}
+    assert roles_for(WORKER_LOGS) == {Role.CLIENT, Role.SCHEDULER}
+    # The scheduler's own secret opens nothing else, on either service.
+    assert [m for m, roles in security.METHOD_ROLES.items() if Role.SCHEDULER in roles] == [
+        WORKER_LOGS
+    ]
     # Health and reflection stay open.
     assert roles_for("/grpc.health.v1.Health/Check") is None
     assert roles_for("/grpc.health.v1.Health/Watch") is None
@@ -133,6 +141,23 @@ def test_worker_side_accepts_clients_only_once_told_the_digest() -> None:
     assert auth.check(FETCH, bearer("x")) is not None
     auth.set_role(Role.CLIENT, None)  # the scheduler lets clients in without one
     assert auth.check(FETCH, []) is None
+
+
+def test_worker_side_accepts_the_scheduler_secret_for_its_logs_only() -> None:
+    auth = Authorizer({Role.WORKER: token_digest("w")})
+    assert auth.check(WORKER_LOGS, bearer("s")) is not None  # not registered yet
+    auth.set_role(Role.CLIENT, token_digest("c"))
+    auth.set_role(Role.SCHEDULER, token_digest("s"))
+    assert auth.check(WORKER_LOGS, bearer("s")) is None
+    assert auth.check(WORKER_LOGS, bearer("c")) is None
+    refusal = auth.check(WORKER_LOGS, bearer("w"))  # a peer's worker token: not its logs
+    # The hint names only the tokens users hold.
+    assert refusal is not None and "send the client token as" in refusal
+    for name in (*CLIENTS_WORKER_METHODS, "ShareResult"):
+        assert auth.check(f"/apportion.v1.Worker/{name}", bearer("s")) is not None, name
+    auth.forget_role(Role.SCHEDULER)  # registered again with a scheduler that sent none
+    assert auth.check(WORKER_LOGS, bearer("s")) is not None
+    assert auth.check(WORKER_LOGS, bearer("c")) is None
 
 
 def test_the_comparison_is_constant_time_over_digests(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -296,6 +321,36 @@ async def test_worker_takes_the_client_token_by_its_digest() -> None:
                     assert exc.code() == code, (token, exc)
                 else:
                     raise AssertionError(f"FetchResult with {token!r} succeeded")
+    finally:
+        await worker.close()
+        await server.stop(0)
+
+
+async def test_worker_takes_the_scheduler_s_secret_for_get_logs_alone() -> None:
+    secure = ServerSecurity(Authorizer.for_tokens(worker="w", client="c"))
+    server = SchedulerServer("127.0.0.1", 0, validate=True, security=secure)
+    await server.start()
+    worker = Worker(server.address, host="127.0.0.1", token="w")
+    secret = server.as_scheduler.token
+    assert secret is not None and secret not in ("w", "c")
+    assert server.servicer.scheduler_token_sha256 == token_digest(secret)
+    try:
+        await worker.start()
+        await worker.wait_registered(10)
+        async with server.as_scheduler.aio_channel(worker.address) as channel:
+            stub = pb_grpc.WorkerStub(channel)
+            assert await _code(stub.GetLogs(pb.GetLogsRequest(), timeout=5)) == grpc.StatusCode.OK
+            refused = [
+                await _code(stub.RunFunction(pb.RunFunctionRequest(), timeout=5)),
+                await _code(stub.UploadFile(pb.UploadFileRequest(), timeout=5)),
+                await _code(stub.FetchResults(pb.FetchResultsRequest(), timeout=5)),
+            ]
+            assert refused == [grpc.StatusCode.UNAUTHENTICATED] * 3
+            fetch = stub.FetchResult(pb.FetchResultRequest(key="missing"), timeout=5)
+            assert await fetch.code() == grpc.StatusCode.UNAUTHENTICATED
+        async with ClientSecurity("w").aio_channel(worker.address) as peer:
+            call = pb_grpc.WorkerStub(peer).GetLogs(pb.GetLogsRequest(), timeout=5)
+            assert await _code(call) == grpc.StatusCode.UNAUTHENTICATED
     finally:
         await worker.close()
         await server.stop(0)
