@@ -30,6 +30,7 @@ def state_info(state: ClusterState, address: str, dashboard_address: str) -> dic
                 "name": w.name,
                 "nthreads": w.nthreads,
                 "resources": from_quanta(w.resources),
+                "resources_text": dict(w.resources_text),
                 "used_resources": from_quanta(w.used),
                 "running": w.running,
                 "queued": w.queued,
