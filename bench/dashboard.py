@@ -142,10 +142,13 @@ def main() -> None:
     for r in range(args.rounds):
         for mode in MODES:
             start = time.monotonic()
-            for name, value in measure(mode, args.tasks).items():
+            got = measure(mode, args.tasks)
+            for name, value in got.items():
                 figures[mode].setdefault(name, []).append(value)
             print(
-                f"round {r + 1}/{args.rounds} {mode}: {time.monotonic() - start:.0f}s", flush=True
+                f"round {r + 1}/{args.rounds} {mode}: {time.monotonic() - start:.0f}s,"
+                f" {got['tasks_per_s']:,.0f} tasks/s, {got['scheduler_us_per_task']:.1f} us a task",
+                flush=True,
             )
     print(f"\ndashboard cost, {args.tasks:,} tasks, {args.rounds} interleaved rounds (medians):")
     columns = [("tasks/s", 9), ("x off", 6), ("sched us/task", 14), ("x off", 6)]
