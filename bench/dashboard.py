@@ -20,8 +20,13 @@ task (user + system, from /proc: what the dashboard's work adds to the
 scheduler itself, apart from the browser's share of this machine's CPUs).
 The table gives medians and the ratios against ``off`` from the same rounds.
 
-``python -m bench.dashboard [--rounds 3] [--tasks 20000]``; needs
-/usr/bin/chromium and playwright (the dev extra).
+``--paired N``: instead, one cluster with the dashboard on and one browser,
+and N pairs of runs, the page closed (``about:blank``) then open: each
+pair's ratio is free of what differs between clusters started apart (which
+swings more than 5 % on a busy 2-CPU machine); the median ratio is shown.
+
+``python -m bench.dashboard [--rounds 3] [--tasks 20000] [--paired N]``;
+needs /usr/bin/chromium and playwright (the dev extra).
 """
 
 from __future__ import annotations
@@ -148,11 +153,47 @@ def measure(mode: str, n: int) -> dict[str, float]:
     }
 
 
+def paired(pairs: int, n: int) -> None:
+    """Throughput with the page closed, then open, ``pairs`` times in one cluster."""
+    from playwright.sync_api import sync_playwright
+
+    closed: list[float] = []
+    opened: list[float] = []
+    with _cluster("on") as (client, _, dashboard), sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            workloads.throughput(client, {"GPU": 1}, n=min(n, 2_000))  # warm-up
+            for i in range(pairs):
+                page.goto("about:blank")  # the event stream ends with the page
+                closed.append(workloads.throughput(client, {"GPU": 1}, n=n))
+                page.goto(f"http://{dashboard}/")
+                page.locator("tr.worker").nth(len(WORKERS) - 1).wait_for(timeout=30_000)
+                opened.append(workloads.throughput(client, {"GPU": 1}, n=n))
+                print(
+                    f"pair {i + 1}/{pairs}: closed {closed[-1]:,.0f}, open {opened[-1]:,.0f}"
+                    f" tasks/s ({opened[-1] / closed[-1]:.3f})",
+                    flush=True,
+                )
+        finally:
+            browser.close()
+    ratios = [o / c for o, c in zip(opened, closed, strict=True)]
+    print(
+        f"\npage open / closed, {n:,} tasks, {pairs} pairs in one cluster: median"
+        f" {statistics.median(ratios):.3f} (from {min(ratios):.3f} to {max(ratios):.3f});"
+        f" medians {statistics.median(opened):,.0f} / {statistics.median(closed):,.0f} tasks/s"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=workloads.N_THROUGHPUT)
+    parser.add_argument("--paired", type=int, default=0, metavar="N")
     args = parser.parse_args()
+    if args.paired:
+        paired(args.paired, args.tasks)
+        return
     figures: dict[str, dict[str, list[float]]] = {m: {} for m in MODES}
     for r in range(args.rounds):
         for mode in MODES:

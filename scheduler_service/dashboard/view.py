@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import heapq
 from typing import TYPE_CHECKING, Any
 
 from apportion_common.resources import from_quanta
@@ -15,8 +16,9 @@ from .logpages import worker_logs_path
 if TYPE_CHECKING:
     from ..state import ClusterState
 
-#: The most runs one snapshot carries for the task stream (the newest).
-MAX_STREAM_RUNS = 3_000
+#: The most runs one snapshot carries for the task stream (the newest), as
+#: Dask's task stream draws 1,000: the page parses and draws them each second.
+MAX_STREAM_RUNS = 1_000
 
 
 def state_info(state: ClusterState, address: str, dashboard_address: str) -> dict[str, Any]:
@@ -82,7 +84,8 @@ def page_snapshot(
     workers: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """One update of the dashboard page; times are seconds before ``now``."""
-    stream = activity.stream(now)[-MAX_STREAM_RUNS:]
+    # The newest runs of every worker (the stream comes in worker order).
+    stream = heapq.nlargest(MAX_STREAM_RUNS, activity.stream(now), key=lambda run: run.start)
     prefixes = sorted({run.prefix for run in stream} | set(waits.progress))
     index = {prefix: i for i, prefix in enumerate(prefixes)}
     return {

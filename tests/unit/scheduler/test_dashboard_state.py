@@ -20,6 +20,7 @@ from scheduler_service.dashboard.activity import (
 from scheduler_service.dashboard.demand import BUSY, INPUTS, UNPLACEABLE, waiting
 from scheduler_service.dashboard.feed import GONE_SHOWN_S, Feed
 from scheduler_service.dashboard.metrics import exposition, make_registry
+from scheduler_service.dashboard.view import MAX_STREAM_RUNS
 from scheduler_service.events import Event, RetirementAsked, TaskFinished, TaskStarted, WorkerLeft
 from tests.helpers.scheduler_sim import Sim
 
@@ -186,3 +187,21 @@ def test_the_page_shows_workers_that_left_as_lost_or_retired() -> None:
     assert gone == {"w1": "lost", "w2": "retired"}
     sim.now += GONE_SHOWN_S + 1
     assert feed.build()["workers"] == []
+
+
+def test_the_page_carries_the_newest_runs_of_every_worker() -> None:
+    sim = Watched(worker_queue=0)
+    sim.join(1, nthreads=1, GPU=1)
+    sim.join(2, nthreads=1, GPU=1)
+    total = MAX_STREAM_RUNS + 200
+    for i in range(0, total, 2):  # both workers busy, then both done, a second apart
+        sim.submit(f"a-{i}", GPU=1)
+        sim.submit(f"a-{i + 1}", GPU=1)
+        sim.now += 0.01
+        sim.finish(f"a-{i}", duration=0.01)
+        sim.finish(f"a-{i + 1}", duration=0.01)
+    stream = Feed(sim.state, sim.activity, clock=lambda: sim.now).build()["stream"]
+    assert len(stream) == MAX_STREAM_RUNS
+    assert {run[0] for run in stream} == {1, 2}  # not only the last worker's
+    # The newest: the 200 oldest (started 5.01-6 s ago, a pair each 0.01 s) left out.
+    assert max(run[3] for run in stream) <= 5.0 + 1e-6
