@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint protos check-protos venv clean bench bench-quick bench-load bench-faults bench-chaos bench-dashboard
+.PHONY: demo test lint protos check-protos venv clean bench bench-quick bench-load bench-faults bench-chaos bench-dashboard gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,12 @@ bench-faults: $(STAMP)
 ## books and that no worker ran beyond what it declared (BENCH_CHAOS_ARGS=...).
 bench-chaos: $(STAMP)
 	$(BIN)/python -m bench.chaos $(BENCH_CHAOS_ARGS)
+
+## On a machine with NVIDIA GPUs: GPU=auto matches the machine, and each task
+## allocates on the device it was given (torch or cupy where installed). Not
+## part of `make test`, which fakes the devices.
+gpu-check: $(STAMP)
+	$(BIN)/python -m bench.gpu_check
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

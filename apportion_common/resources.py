@@ -7,6 +7,12 @@ are powers of 1000 and binary ones (KiB, MiB, GiB, TiB, PiB) powers of 1024;
 either way the amount becomes a plain number of bytes. Negative, NaN and
 infinite amounts are refused.
 
+A worker may declare ``GPU=auto`` and ``GPU_MEMORY=auto`` (any case of
+``auto``): the devices it finds at start, counted and their memory summed
+(``apportion_common.gpus``). Parsing keeps ``auto`` as their spelling
+(:func:`parse_spellings`, :func:`auto_names`); anywhere an amount must be a
+number, ``auto`` is refused naming why.
+
 What a user wrote is also kept as text (:func:`spelling`), so that
 ``apportion status`` can show ``MEMORY=100GB`` as ``100GB`` and the amounts
 held of it as ``70GB`` (:func:`shown_declared`, :func:`shown_like`).
@@ -46,15 +52,43 @@ _UNITS = {
 }
 _UNIT_NAMES = "B, kB, MB, GB, TB, PB, KiB, MiB, GiB, TiB, PiB"
 
+#: The spelling of an amount a worker finds on its machine when it starts.
+AUTO = "auto"
+#: The resources that may be ``auto``: only GPUs can be found and counted.
+AUTO_RESOURCES = ("GPU", "GPU_MEMORY")
+
 
 class ResourceSpecError(ValueError):
     """A resource name or amount that cannot be used, naming what was wrong."""
+
+
+def is_auto(value: object) -> bool:
+    """``value`` is ``"auto"``, in any case and with spaces around."""
+    return isinstance(value, str) and value.strip().lower() == AUTO
+
+
+def auto_names(resources: Mapping[str, object] | None) -> frozenset[str]:
+    """The names of :data:`AUTO_RESOURCES` whose amount is ``auto``; any other
+    name given ``auto`` is left for :func:`check_amount` to refuse."""
+    if not isinstance(resources, Mapping):
+        return frozenset()
+    return frozenset(n for n, v in resources.items() if n in AUTO_RESOURCES and is_auto(v))
+
+
+def _refuse_auto(name: str) -> ResourceSpecError:
+    if name in AUTO_RESOURCES:
+        return ResourceSpecError(
+            f"resource {name}=auto: auto is only for the resources a worker declares"
+        )
+    return ResourceSpecError(f"resource {name}=auto: only GPU and GPU_MEMORY can be auto")
 
 
 def check_amount(name: str, value: object) -> float:
     """Return ``value`` as a float, or raise naming the bad ``name=value`` pair."""
     if not isinstance(name, str) or not name.strip():
         raise ResourceSpecError(f"resource {name!r}={value!r}: the name is empty")
+    if is_auto(value):
+        raise _refuse_auto(name)
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ResourceSpecError(f"resource {name}={value!r}: the amount is not a number")
     number, factor = value, 1
@@ -91,20 +125,21 @@ def check_resources(resources: Mapping[str, object] | None) -> dict[str, float]:
 def parse_resources(text: str) -> dict[str, float]:
     """Parse ``"GPU=2 MEMORY=100e9"`` or ``"A=1,B=2"`` (Dask's forms).
 
-    Raises :class:`ResourceSpecError` naming the first bad pair.
+    Raises :class:`ResourceSpecError` naming the first bad pair (``auto`` too).
     """
-    return {name: amount for name, (amount, _) in _parse_pairs(text).items()}
+    return {name: amount for name, (amount, _) in _parse_pairs(text, False).items()}
 
 
 def parse_spellings(text: str) -> dict[str, str]:
     """The amounts of ``"GPU=2 MEMORY=100GB"`` as written: ``{"GPU": "2",
     "MEMORY": "100GB"}`` (see :func:`spelling`), checked as
-    :func:`parse_resources` checks them."""
-    pairs = _parse_pairs(text).items()
+    :func:`parse_resources` checks them, except that ``GPU=auto`` and
+    ``GPU_MEMORY=auto`` are kept as ``"auto"`` (a worker's ``--resources``)."""
+    pairs = _parse_pairs(text, True).items()
     return {name: written for name, (_, written) in pairs if len(written) <= MAX_SPELLING_LENGTH}
 
 
-def _parse_pairs(text: str) -> dict[str, tuple[float, str]]:
+def _parse_pairs(text: str, allow_auto: bool) -> dict[str, tuple[float, str]]:
     pairs: dict[str, tuple[float, str]] = {}
     for pair in _SEPARATORS.split(text.strip()):
         if not pair:
@@ -119,6 +154,9 @@ def _parse_pairs(text: str) -> dict[str, tuple[float, str]]:
             # "GPU=2 GPU=3" is a typo, not an update: which one was meant?
             raise ResourceSpecError(f"resource {name!r} is named twice")
         value = value.strip()
+        if allow_auto and name in AUTO_RESOURCES and is_auto(value):
+            pairs[name] = (math.nan, AUTO)  # no amount until the worker looks
+            continue
         pairs[name] = (check_amount(name, value), _spelled(value))
     return pairs
 

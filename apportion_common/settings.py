@@ -4,6 +4,10 @@
 usual. Resource names keep their case: ``APPORTION_WORKER__RESOURCES__GPU=2``
 declares ``GPU``, not ``gpu`` (pydantic-settings would lower-case it, hence the
 source below). Command-line flags win over the environment.
+
+``GPU=auto`` and ``GPU_MEMORY=auto`` are kept apart (``auto_resources``) and
+``nworkers`` may be ``"gpu"``: what they stand for is found by the command
+that starts the worker (``apportion_common.gpus``), never while validating.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from pydantic_settings import (
 )
 
 from .logring import DEFAULT_LOG_LINES
-from .resources import check_resources, spellings
+from .resources import auto_names, check_resources, spellings
 from .security import check_token
 
 WORKER_ENV_PREFIX = "APPORTION_WORKER__"
 RESOURCES_ENV_PREFIX = WORKER_ENV_PREFIX + "RESOURCES__"
+MAX_NWORKERS = 1_000
 
 
 class _ResourcesFromEnv(PydanticBaseSettingsSource):
@@ -54,7 +59,9 @@ class _EnvWithoutResources(EnvSettingsSource):
     def __call__(self) -> dict[str, Any]:
         data = super().__call__()
         data.pop("resources", None)
-        data.pop("resources_text", None)  # derived from resources, never set apart
+        # Derived from resources, never set apart.
+        data.pop("resources_text", None)
+        data.pop("auto_resources", None)
         return data
 
 
@@ -116,9 +123,13 @@ class WorkerSettings(BaseSettings):
     #: each resource's amount as written (``{"MEMORY": "100GB"}``), for
     #: ``apportion status`` to show it back; none for an amount given as a number
     resources_text: dict[str, str] = Field(default_factory=dict)
+    #: the names of ``resources`` given as ``auto`` (GPU, GPU_MEMORY), left
+    #: out of ``resources`` until the devices are found
+    auto_resources: frozenset[str] = Field(default_factory=frozenset)
     #: None: the cores divided by nworkers (as Dask does)
     nthreads: int | None = Field(None, ge=1, le=10_000)
-    nworkers: int = Field(1, ge=1, le=1_000)
+    #: "gpu": one process per GPU this process may use (and GPU=auto)
+    nworkers: int | Literal["gpu"] = 1
     name: str | None = None
     host: str | None = None
     #: Check the worker's books after every stimulus and exit with status 70
@@ -133,6 +144,9 @@ class WorkerSettings(BaseSettings):
     #: Hand large results to and from worker processes on the same host
     #: through shared memory (/dev/shm); false: always over gRPC.
     shared_memory: bool = True
+    #: Run each task that holds a GPU in a child process that sees only its
+    #: own devices (CUDA_VISIBLE_DEVICES), with GPU=auto.
+    isolate_gpu_tasks: bool = False
     #: Log lines each worker process keeps, its tasks' own included, for
     #: client.get_worker_logs() and ``apportion logs`` (the newest; 0: none).
     log_lines: int = Field(DEFAULT_LOG_LINES, ge=0, le=10_000_000)
@@ -141,8 +155,33 @@ class WorkerSettings(BaseSettings):
     @classmethod
     def _keep_spellings(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            data = {**data, "resources_text": spellings(data.get("resources"))}
+            given: Any = data.get("resources")
+            auto = auto_names(given)
+            if auto:  # amounts only once the devices are found; CPU=auto stays, to be refused
+                kept = {k: v for k, v in given.items() if k not in auto}
+                data = {**data, "resources": kept}
+            data = {
+                **data,
+                "resources_text": spellings(data.get("resources")),
+                "auto_resources": auto,
+            }
         return data
+
+    @field_validator("nworkers", mode="before")
+    @classmethod
+    def _gpu_or_count(cls, value: Any) -> Any:
+        # Checked here, not by Field(ge=...): a union's errors would name its member.
+        if isinstance(value, str):
+            if value.strip().lower() == "gpu":
+                return "gpu"
+            try:
+                value = int(value.strip())
+            except ValueError:
+                message = f"expected a number of processes or 'gpu', not {value!r}"
+                raise ValueError(message) from None
+        if isinstance(value, int) and not 1 <= value <= MAX_NWORKERS:
+            raise ValueError(f"expected 1 to {MAX_NWORKERS} processes (or 'gpu'), not {value}")
+        return value
 
     @field_validator("resources", mode="before")
     @classmethod

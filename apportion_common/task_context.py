@@ -12,6 +12,9 @@ class TaskContext:
     worker_address: str
     worker_name: str
     resources: dict[str, float] = field(default_factory=dict)
+    #: the GPUs this task holds, as the machine names them (CUDA_VISIBLE_DEVICES
+    #: entries: "1", or a UUID); empty where the worker knows no devices
+    gpus: tuple[str, ...] = ()
 
 
 _current = threading.local()

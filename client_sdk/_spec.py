@@ -31,6 +31,8 @@ class TaskOptions:
     priority: int
     workers: tuple[str, ...]
     allow_other_workers: bool
+    #: run in a child process that sees only the task's GPUs
+    isolate: bool = False
 
 
 def task_options(
@@ -41,6 +43,7 @@ def task_options(
     allow_other_workers: bool,
     *,
     annotated: bool = True,
+    isolate: bool = False,
 ) -> TaskOptions:
     """Resolve the defaults of an ``annotate()`` (or ``dask.annotate``) block
     around the call and check the options, once per call. ``annotated=False``:
@@ -62,7 +65,9 @@ def task_options(
         names = (workers,) if isinstance(workers, str) else tuple(workers)
     if allow_other_workers and not names:
         raise ValueError("allow_other_workers=True needs workers=[...] to prefer")
-    return TaskOptions(needs, retries or 0, priority or 0, names, allow_other_workers)
+    return TaskOptions(
+        needs, retries or 0, priority or 0, names, allow_other_workers, bool(isolate)
+    )
 
 
 def map_keys(key: str | list[str] | None, n: int) -> list[str | None]:
@@ -122,6 +127,7 @@ class SpecBuilder:
             retries=options.retries,
             workers=options.workers,
             allow_other_workers=options.allow_other_workers,
+            isolate=options.isolate,
         )
 
 

@@ -254,6 +254,7 @@ class Client(ControlCalls[IsAsync]):
         workers: str | Iterable[str] | None = None,
         allow_other_workers: bool = False,
         pure: bool = False,
+        isolate: bool = False,
         **kwargs: Any,
     ) -> Future[Literal[False]]: ...
     @overload
@@ -268,6 +269,7 @@ class Client(ControlCalls[IsAsync]):
         workers: str | Iterable[str] | None = None,
         allow_other_workers: bool = False,
         pure: bool = False,
+        isolate: bool = False,
         **kwargs: Any,
     ) -> Coroutine[Any, Any, Future[Literal[True]]]: ...
     def submit(
@@ -281,6 +283,7 @@ class Client(ControlCalls[IsAsync]):
         workers: str | Iterable[str] | None = None,
         allow_other_workers: bool = False,
         pure: bool = False,
+        isolate: bool = False,
         **kwargs: Any,
     ) -> Any:
         """Run ``fn(*args, **kwargs)`` on a worker that has ``resources`` free.
@@ -289,9 +292,13 @@ class Client(ControlCalls[IsAsync]):
         ``allow_other_workers=True`` they are only preferred. Resources are
         never loosened either way. ``pure=True``: the key comes from the
         function and its arguments, so the same call is the same task (by
-        default every call is a new task).
+        default every call is a new task). ``isolate=True``: it runs in a
+        child process of the worker that sees only the task's GPUs
+        (``CUDA_VISIBLE_DEVICES``), not in one of the worker's threads.
         """
-        options = task_options(resources, retries, priority, workers, allow_other_workers)
+        options = task_options(
+            resources, retries, priority, workers, allow_other_workers, isolate=isolate
+        )
         spec = self._specs.spec(fn, args, kwargs, key, options, self, pure=pure)
         (future,) = self._submit_specs([spec])
         return _ready(future) if self.asynchronous else future
@@ -308,6 +315,7 @@ class Client(ControlCalls[IsAsync]):
         workers: str | Iterable[str] | None = None,
         allow_other_workers: bool = False,
         pure: bool = False,
+        isolate: bool = False,
         **kwargs: Any,
     ) -> list[Future[Literal[False]]]: ...
     @overload
@@ -322,6 +330,7 @@ class Client(ControlCalls[IsAsync]):
         workers: str | Iterable[str] | None = None,
         allow_other_workers: bool = False,
         pure: bool = False,
+        isolate: bool = False,
         **kwargs: Any,
     ) -> Coroutine[Any, Any, list[Future[Literal[True]]]]: ...
     def map(
@@ -335,10 +344,13 @@ class Client(ControlCalls[IsAsync]):
         workers: str | Iterable[str] | None = None,
         allow_other_workers: bool = False,
         pure: bool = False,
+        isolate: bool = False,
         **kwargs: Any,
     ) -> Any:
         """One task per element (zipped across ``iterables``), submitted as one batch."""
-        options = task_options(resources, retries, priority, workers, allow_other_workers)
+        options = task_options(
+            resources, retries, priority, workers, allow_other_workers, isolate=isolate
+        )
         argsets = list(zip(*iterables, strict=False))
         keys = map_keys(key, len(argsets))
         # The function is pickled once for all the tasks (cloudpickle is slow

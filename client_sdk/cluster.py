@@ -2,6 +2,10 @@
 
 Each process is started the way a user starts it (``apportion scheduler``,
 ``apportion worker``), so what runs here is what runs on a real cluster.
+
+``resources={"GPU": "auto"}`` (or ``GPU_MEMORY``) lets each worker declare
+the GPUs it finds; several workers share this machine's out evenly, each
+seeing its own through ``CUDA_VISIBLE_DEVICES``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,14 @@ from typing import Any
 
 import grpc
 
-from apportion_common.resources import check_resources, format_resources, spellings
+from apportion_common.gpus import auto_label, need_gpus, split_devices, visible_devices_value
+from apportion_common.resources import (
+    AUTO,
+    auto_names,
+    check_resources,
+    format_resources,
+    spellings,
+)
 from apportion_common.security import TLS
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
@@ -33,6 +44,11 @@ class LocalCluster:
     Each worker gets ``nthreads`` threads and the full ``resources`` (resources
     are per worker process, as in Dask). ``add_worker`` adds workers with other
     resources.
+
+    ``GPU`` and ``GPU_MEMORY`` may be ``"auto"``: the GPUs are found first
+    (none, or a count of workers that does not divide them, raises
+    ``ValueError`` before anything starts), and with several workers each
+    gets an even share. A worker added later with ``auto`` sees every GPU.
 
     ``token`` and ``tls`` (paths, not PEM bytes) are handed to every process
     through the environment, and ``Client(cluster)`` uses them too.
@@ -52,9 +68,9 @@ class LocalCluster:
         if n_workers < 0 or nthreads < 1:
             raise ValueError("n_workers must be >= 0 and nthreads >= 1")
         self.nthreads = nthreads
-        self.resources = check_resources(resources)
-        #: the amounts given as text ("64GiB"), handed on as written
-        self._resources_text = spellings(resources)
+        self.resources, self._resources_text, self._auto = _split_auto(resources)
+        # Each first worker's CUDA_VISIBLE_DEVICES (its share), found before anything starts.
+        shares = _gpu_shares(self._auto, n_workers)
         self.token = token
         self.tls = tls
         # What this object's own calls present: the same, or what the processes
@@ -69,8 +85,8 @@ class LocalCluster:
         try:
             line = _first_line(self.scheduler, START_TIMEOUT_S)
             self.address = line.rsplit(" ", 1)[-1]
-            for _ in range(n_workers):
-                self.add_worker(wait=False)
+            for index in range(n_workers):
+                self._start_worker(shares[index] if shares else None)
             self.wait_for_workers(n_workers)
         except BaseException:
             self.close()
@@ -85,16 +101,31 @@ class LocalCluster:
         wait: bool = True,
     ) -> subprocess.Popen[bytes]:
         """Start one more worker process (by default with the cluster's settings)."""
-        res = self.resources if resources is None else check_resources(resources)
-        written = self._resources_text if resources is None else spellings(resources)
-        args = ["worker", self.address, "--nthreads", str(nthreads or self.nthreads)]
-        args += ["--resources", format_resources(res, written)]
-        if name:
-            args += ["--name", name]
-        proc = _spawn(args, quiet=True, env=self._env)
-        self.workers.append(proc)
+        given = None if resources is None else _split_auto(resources)
+        proc = self._start_worker(None, given, nthreads, name)
         if wait:
             self.wait_for_workers(sum(1 for p in self.workers if p.poll() is None))
+        return proc
+
+    def _start_worker(
+        self,
+        visible: str | None,
+        given: tuple[dict[str, float], dict[str, str], frozenset[str]] | None = None,
+        nthreads: int | None = None,
+        name: str | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """A worker process declaring ``given`` (by default the cluster's
+        resources) and seeing the GPUs ``visible`` names (None: as we do)."""
+        res, written, auto = given or (self.resources, self._resources_text, self._auto)
+        # As written ("64GiB"), and auto as auto: the worker finds its own GPUs.
+        spec = " ".join([format_resources(res, written), *(f"{n}={AUTO}" for n in sorted(auto))])
+        args = ["worker", self.address, "--nthreads", str(nthreads or self.nthreads)]
+        args += ["--resources", spec.strip()]
+        if name:
+            args += ["--name", name]
+        env = self._env if visible is None else {**self._env, "CUDA_VISIBLE_DEVICES": visible}
+        proc = _spawn(args, quiet=True, env=env)
+        self.workers.append(proc)
         return proc
 
     def wait_for_workers(self, n: int, timeout: float = START_TIMEOUT_S) -> None:
@@ -130,6 +161,30 @@ class LocalCluster:
 
     def __repr__(self) -> str:
         return f"<LocalCluster {self.address} workers={len(self.workers)}>"
+
+
+def _split_auto(
+    resources: Mapping[str, float | str] | None,
+) -> tuple[dict[str, float], dict[str, str], frozenset[str]]:
+    """The amounts, those written as text ("64GiB", handed on as written), and
+    the names given as ``auto``; a bad amount raises ``ResourceSpecError``."""
+    if not isinstance(resources, Mapping):  # None, or a mistake check_resources names
+        return check_resources(resources), {}, frozenset()
+    auto = auto_names(resources)
+    plain = {k: v for k, v in resources.items() if k not in auto}
+    return check_resources(plain), spellings(plain), auto
+
+
+def _gpu_shares(auto: frozenset[str], n_workers: int) -> list[str] | None:
+    """Each worker's ``CUDA_VISIBLE_DEVICES`` where ``auto`` and several workers
+    share the GPUs; None where each sees what this process does."""
+    if not auto:
+        return None
+    devices = need_gpus(auto_label(auto))  # none raises here, before anything starts
+    if n_workers <= 1:
+        return None
+    shares = split_devices(devices, n_workers, asked=f"{n_workers} workers")
+    return [visible_devices_value(share) for share in shares]
 
 
 def _spawn(

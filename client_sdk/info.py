@@ -13,6 +13,18 @@ from typing import TypedDict
 from protos import apportion_pb2 as pb
 
 
+class GpuInfo(TypedDict):
+    #: the device as CUDA_VISIBLE_DEVICES names it on that worker ("1", a UUID)
+    id: str
+    index: int
+    uuid: str
+    name: str
+    #: bytes
+    memory: int
+    #: keys of the tasks holding it now
+    tasks: list[str]
+
+
 class WorkerInfo(TypedDict):
     name: str
     nthreads: int
@@ -27,6 +39,9 @@ class WorkerInfo(TypedDict):
     #: the amounts of ``resources`` as written where they were written as
     #: text (``{"MEMORY": "100GB"}``); the others have none
     resources_text: dict[str, str]
+    #: its GPUs where the worker knows them (``GPU=auto``), with the tasks
+    #: holding each; empty where GPU is just a number
+    gpus: list[GpuInfo]
 
 
 class ClusterInfo(TypedDict):
@@ -49,7 +64,23 @@ def worker_info(w: pb.WorkerInfo) -> WorkerInfo:
         "queued": w.queued,
         "draining": w.draining,
         "resources_text": dict(w.resources_text),
+        "gpus": _gpus(w),
     }
+
+
+def _gpus(w: pb.WorkerInfo) -> list[GpuInfo]:
+    holders = {use.device: list(use.keys) for use in w.gpu_use}
+    return [
+        {
+            "id": g.id,
+            "index": g.index,
+            "uuid": g.uuid,
+            "name": g.name,
+            "memory": g.memory_bytes,
+            "tasks": holders.get(g.id, []),
+        }
+        for g in w.gpus
+    ]
 
 
 def cluster_info(state: pb.ClusterState) -> ClusterInfo:
@@ -62,4 +93,4 @@ def cluster_info(state: pb.ClusterState) -> ClusterInfo:
     }
 
 
-__all__ = ["ClusterInfo", "WorkerInfo", "cluster_info", "worker_info"]
+__all__ = ["ClusterInfo", "GpuInfo", "WorkerInfo", "cluster_info", "worker_info"]

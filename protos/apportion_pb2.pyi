@@ -492,6 +492,7 @@ class RegisterWorker(_message.Message):
     HELD_FIELD_NUMBER: _builtins.int
     HOST_ID_FIELD_NUMBER: _builtins.int
     DECLARED_TEXT_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     """Where peers and clients fetch results from, host:port."""
@@ -516,6 +517,12 @@ class RegisterWorker(_message.Message):
         show back; each must read as its amount in resources.
         """
 
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuDevice]:
+        """The GPUs this process may use, where it knows them (GPU=auto): the
+        scheduler still counts GPU as an amount and only shows these.
+        """
+
     def __init__(
         self,
         *,
@@ -527,14 +534,72 @@ class RegisterWorker(_message.Message):
         held: _abc.Iterable[Global___HeldResult] | None = ...,
         host_id: _builtins.str = ...,
         declared_text: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        gpus: _abc.Iterable[Global___GpuDevice] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "declared_text", b"declared_text", "held", b"held", "host_id", b"host_id", "name", b"name", "nthreads", b"nthreads", "pid", b"pid", "resources", b"resources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "declared_text", b"declared_text", "gpus", b"gpus", "held", b"held", "host_id", b"host_id", "name", b"name", "nthreads", b"nthreads", "pid", b"pid", "resources", b"resources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RegisterWorker: _TypeAlias = RegisterWorker  # noqa: Y015
+
+@_typing.final
+class GpuDevice(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    UUID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """As CUDA_VISIBLE_DEVICES names it on that worker: "1", or "GPU-<uuid>"."""
+    index: _builtins.int
+    uuid: _builtins.str
+    name: _builtins.str
+    memory_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        index: _builtins.int = ...,
+        uuid: _builtins.str = ...,
+        name: _builtins.str = ...,
+        memory_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "index", b"index", "memory_bytes", b"memory_bytes", "name", b"name", "uuid", b"uuid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GpuDevice: _TypeAlias = GpuDevice  # noqa: Y015
+
+@_typing.final
+class GpuUse(_message.Message):
+    """The tasks holding one GPU of a worker now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GpuUse: _TypeAlias = GpuUse  # noqa: Y015
 
 @_typing.final
 class HeldResult(_message.Message):
@@ -575,10 +640,13 @@ class WorkerReports(_message.Message):
     STARTED_FIELD_NUMBER: _builtins.int
     ACQUIRED_FIELD_NUMBER: _builtins.int
     RETIRE_ME_FIELD_NUMBER: _builtins.int
+    GPU_USE_FIELD_NUMBER: _builtins.int
+    GPU_USE_SENT_FIELD_NUMBER: _builtins.int
     heartbeat: _builtins.bool
     """Set when the batch is only a heartbeat (or also one)."""
     retire_me: _builtins.bool
     """The worker asks to be retired (it got SIGTERM): drain it, then say retire."""
+    gpu_use_sent: _builtins.bool
     @_builtins.property
     def finished(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskFinished]: ...
     @_builtins.property
@@ -596,6 +664,12 @@ class WorkerReports(_message.Message):
     def acquired(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldResult]:
         """Copies this worker now holds, taken as WorkerInstructions.replicate asked."""
 
+    @_builtins.property
+    def gpu_use(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuUse]:
+        """With gpu_use_sent: which task holds which of its GPUs now (a whole
+        snapshot, sent when it changed; devices held by none are listed empty).
+        """
+
     def __init__(
         self,
         *,
@@ -606,10 +680,12 @@ class WorkerReports(_message.Message):
         started: _abc.Iterable[Global___RunRef] | None = ...,
         acquired: _abc.Iterable[Global___HeldResult] | None = ...,
         retire_me: _builtins.bool = ...,
+        gpu_use: _abc.Iterable[Global___GpuUse] | None = ...,
+        gpu_use_sent: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquired", b"acquired", "failed", b"failed", "finished", b"finished", "heartbeat", b"heartbeat", "missing_inputs", b"missing_inputs", "retire_me", b"retire_me", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquired", b"acquired", "failed", b"failed", "finished", b"finished", "gpu_use", b"gpu_use", "gpu_use_sent", b"gpu_use_sent", "heartbeat", b"heartbeat", "missing_inputs", b"missing_inputs", "retire_me", b"retire_me", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -975,6 +1051,7 @@ class TaskAssignment(_message.Message):
     QUEUED_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     DEPTH_FIELD_NUMBER: _builtins.int
+    ISOLATE_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     run_id: _builtins.int
     payload: _builtins.bytes
@@ -990,6 +1067,8 @@ class TaskAssignment(_message.Message):
     highest priority first, then the deepest in its graph, then the oldest.
     """
     depth: _builtins.int
+    isolate: _builtins.bool
+    """Run in a child process that sees only this run's GPUs (TaskSpec.isolate)."""
     @_builtins.property
     def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
@@ -1006,10 +1085,11 @@ class TaskAssignment(_message.Message):
         queued: _builtins.bool = ...,
         priority: _builtins.int = ...,
         depth: _builtins.int = ...,
+        isolate: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["depth", b"depth", "incarnation", b"incarnation", "inputs", b"inputs", "key", b"key", "payload", b"payload", "priority", b"priority", "queued", b"queued", "resources", b"resources", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["depth", b"depth", "incarnation", b"incarnation", "inputs", b"inputs", "isolate", b"isolate", "key", b"key", "payload", b"payload", "priority", b"priority", "queued", b"queued", "resources", b"resources", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1216,6 +1296,7 @@ class TaskSpec(_message.Message):
     RETRIES_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
     ALLOW_OTHER_WORKERS_FIELD_NUMBER: _builtins.int
+    ISOLATE_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     payload: _builtins.bytes
     priority: _builtins.int
@@ -1223,6 +1304,10 @@ class TaskSpec(_message.Message):
     allow_other_workers: _builtins.bool
     """With workers: prefer them, but run elsewhere if they are busy or gone.
     Resources are never loosened either way.
+    """
+    isolate: _builtins.bool
+    """Run in a child process that sees only the task's GPUs
+    (CUDA_VISIBLE_DEVICES), not in a thread of the worker process.
     """
     @_builtins.property
     def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
@@ -1243,10 +1328,11 @@ class TaskSpec(_message.Message):
         retries: _builtins.int = ...,
         workers: _abc.Iterable[_builtins.str] | None = ...,
         allow_other_workers: _builtins.bool = ...,
+        isolate: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_other_workers", b"allow_other_workers", "dependencies", b"dependencies", "key", b"key", "payload", b"payload", "priority", b"priority", "resources", b"resources", "retries", b"retries", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_other_workers", b"allow_other_workers", "dependencies", b"dependencies", "isolate", b"isolate", "key", b"key", "payload", b"payload", "priority", b"priority", "resources", b"resources", "retries", b"retries", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1480,6 +1566,8 @@ class WorkerInfo(_message.Message):
     QUEUED_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
     RESOURCES_TEXT_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    GPU_USE_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.int
     name: _builtins.str
     address: _builtins.str
@@ -1498,6 +1586,12 @@ class WorkerInfo(_message.Message):
     def resources_text(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The declared amounts as the user wrote them, where they were ("100GB")."""
 
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuDevice]:
+        """Its GPUs where it knows them (GPU=auto), and which task holds which."""
+
+    @_builtins.property
+    def gpu_use(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuUse]: ...
     def __init__(
         self,
         *,
@@ -1512,10 +1606,12 @@ class WorkerInfo(_message.Message):
         queued: _builtins.int = ...,
         draining: _builtins.bool = ...,
         resources_text: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        gpus: _abc.Iterable[Global___GpuDevice] | None = ...,
+        gpu_use: _abc.Iterable[Global___GpuUse] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "draining", b"draining", "name", b"name", "nthreads", b"nthreads", "pid", b"pid", "queued", b"queued", "resources", b"resources", "resources_text", b"resources_text", "running", b"running", "used_resources", b"used_resources", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "draining", b"draining", "gpu_use", b"gpu_use", "gpus", b"gpus", "name", b"name", "nthreads", b"nthreads", "pid", b"pid", "queued", b"queued", "resources", b"resources", "resources_text", b"resources_text", "running", b"running", "used_resources", b"used_resources", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -70,6 +70,7 @@ class Books:
             declared_text=dict(event.resources_text),
             host_id=event.host_id,
             queue_limit=self._queue_limit(event.nthreads),
+            gpus=event.gpus,
         )
         self.open[event.worker_id] = worker
         if event.host_id:

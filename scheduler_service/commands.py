@@ -44,6 +44,8 @@ class AssignTask:
     #: the task's priority and depth: a worker starts queued runs in that order
     priority: int = 0
     depth: int = 0
+    #: run in a child process seeing only its GPUs (TaskSpec.isolate)
+    isolate: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from apportion_common.gpus import GpuDevice
 from apportion_common.resources import Quanta
 from apportion_common.serialize import ErrorInfo
 
@@ -31,6 +32,8 @@ class TaskSubmission:
     workers: tuple[str, ...] = ()
     #: with ``workers``: only prefer them (resources are never loosened)
     allow_other_workers: bool = False
+    #: run in a child process seeing only its GPUs (the worker's business)
+    isolate: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,17 @@ class WorkerJoined:
     host_id: str = ""
     #: its amounts as the user wrote them ("100GB"), for status
     resources_text: Mapping[str, str] = field(default_factory=dict)
+    #: the GPUs it knows it has (GPU=auto), for status only
+    gpus: tuple[GpuDevice, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GpuUseReported:
+    """Which task holds which of a worker's GPUs now (shown, never scheduled on)."""
+
+    worker_id: WorkerId
+    #: (device id, keys of the tasks holding it), every device of the worker
+    use: tuple[tuple[str, tuple[str, ...]], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +233,7 @@ Event = (
     | RetirementAsked
     | DataReplicated
     | WorkerJoined
+    | GpuUseReported
     | WorkerResourcesChanged
     | WorkerLeft
     | TaskFinished

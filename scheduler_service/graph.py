@@ -132,6 +132,7 @@ class Graph:
             retries_left=spec.retries,
             seq=next(self._seq),
             incarnation=next(self._incarnations),
+            isolate=spec.isolate,
         )
 
     def enter(self, task: TaskRecord, cmds: list[Command]) -> None:

@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from apportion_common.gpus import GpuDevice
 from apportion_common.resources import Quanta
 
 from .events import WorkerId
@@ -37,6 +38,9 @@ class WorkerSnapshot:
     draining: bool = False
     #: the declared amounts as the user wrote them, where they were ("100GB")
     resources_text: dict[str, str] = field(default_factory=dict)
+    #: its GPUs where it knows them, and the keys holding each (device id -> keys)
+    gpus: tuple[GpuDevice, ...] = ()
+    gpu_use: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -61,6 +65,8 @@ def snapshot(state: ClusterState) -> ClusterSnapshot:
                 queued=len(w.queued),
                 draining=w.retiring,
                 resources_text=dict(w.declared_text),
+                gpus=w.gpus,
+                gpu_use=dict(w.gpu_use),
             )
             for w in sorted(state.workers.values(), key=lambda w: w.worker_id)
         ],

@@ -97,6 +97,7 @@ class Journal:
                 retries=int(spec["retries"]),
                 workers=tuple(spec["workers"]),
                 allow_other_workers=bool(spec["allow_other_workers"]),
+                isolate=bool(spec.get("isolate", False)),
             )
             error = None if error_json is None else _error_from_json(error_json)
             recovered.append(
@@ -167,6 +168,7 @@ def _spec_json(spec: TaskSubmission) -> str:
             "retries": spec.retries,
             "workers": list(spec.workers),
             "allow_other_workers": spec.allow_other_workers,
+            "isolate": spec.isolate,
         }
     )
 

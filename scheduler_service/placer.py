@@ -281,6 +281,7 @@ class Placer:
                 queued,
                 task.priority,
                 task.depth,
+                task.isolate,
             )
         )
 

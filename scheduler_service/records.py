@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from apportion_common.gpus import GpuDevice
 from apportion_common.resources import Quanta
 from apportion_common.serialize import ErrorInfo
 
@@ -114,6 +115,10 @@ class WorkerRecord:
     retiring: bool = False
     #: drained and told to exit; gone once its stream ends
     told_to_retire: bool = False
+    #: its GPUs where it knows them (GPU=auto), and which task holds which
+    #: (device id -> keys), as it last said: for status only
+    gpus: tuple[GpuDevice, ...] = ()
+    gpu_use: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def held(self) -> Quanta:
         return {name: self.declared[name] - self.free[name] for name in self.declared}
@@ -173,6 +178,8 @@ class TaskRecord:
     #: names this task (not a run of it) across scheduler restarts, so that a
     #: result a worker kept is never taken for that of another task of the key
     incarnation: int = 0
+    #: run in a child process seeing only its GPUs (TaskSpec.isolate)
+    isolate: bool = False
     #: its kind: the key without a trailing token ("load" of "load-1f3a..."),
     #: whose measured durations size worker queues
     prefix: str = ""

@@ -290,6 +290,7 @@ class SchedulerServicer(OperatorCalls, pb_grpc.SchedulerServicer):
                 reg.pid,
                 registration.host_id,
                 registration.resources_text,
+                registration.gpus,
             )
         )
         self.worker_joined.set()
@@ -416,6 +417,9 @@ class SchedulerServicer(OperatorCalls, pb_grpc.SchedulerServicer):
         acquired = wire.acquired_from_pb(worker_id, reports)
         if acquired is not None:
             more.append(acquired)
+        gpu_use = wire.gpu_use_from_pb(worker_id, reports)
+        if gpu_use is not None:
+            more.append(gpu_use)
         if reports.retire_me:
             log.info("worker %d asks to retire (SIGTERM): draining it", worker_id)
             more.append(RetirementAsked((worker_id,)))

@@ -58,6 +58,7 @@ from .events import (
     ClientLeft,
     DataReplicated,
     Event,
+    GpuUseReported,
     KeysReleased,
     RestartAsked,
     RetirementAsked,
@@ -209,6 +210,10 @@ class ClusterState:
                     self.retirements.acquired([key for key, _ in event.acquired])
             case WorkerJoined():
                 self._on_worker_joined(event, cmds)
+            case GpuUseReported():
+                worker = self.workers.get(event.worker_id)
+                if worker is not None:
+                    worker.gpu_use = dict(event.use)
             case WorkerLeft():
                 self._on_worker_left(event, cmds)
             case ClientJoined():

@@ -42,6 +42,7 @@ from apportion_common.boundary import (
     cut,
     shorten,
 )
+from apportion_common.gpus import GpuDevice
 from apportion_common.resources import from_quanta, matching_spellings, to_quanta
 from apportion_common.serialize import ErrorInfo
 from apportion_common.status_pb import ERROR_KIND_TO_PB, TASK_STATUS_TO_PB
@@ -62,6 +63,7 @@ from .commands import (
 )
 from .events import (
     DataReplicated,
+    GpuUseReported,
     TaskErred,
     TaskFinished,
     TaskMissingInputs,
@@ -98,6 +100,9 @@ __all__ = [
     "worker_info_to_pb",
 ]
 
+#: GPUs one worker may list, and the longest id (a UUID, or a MIG device's).
+MAX_GPUS = 1024
+MAX_GPU_ID_LENGTH = 128
 #: Results a (re)registering worker may say it still holds (RegisterWorker.held).
 MAX_HELD_RESULTS = MAX_ITEMS_PER_MESSAGE
 _MAX_UINT32 = (1 << 32) - 1
@@ -126,6 +131,12 @@ class _RegisterWorker(TypedDict):
     declared_text: AmountTexts
 
 
+class _GpuDevice(TypedDict):
+    id: Annotated[str, Field(min_length=1, max_length=MAX_GPU_ID_LENGTH)]
+    uuid: Annotated[str, Field(max_length=MAX_GPU_ID_LENGTH)]
+    name: Name
+
+
 class _HeldResult(TypedDict):
     key: Key
 
@@ -148,6 +159,7 @@ class _SetWorkerResources(TypedDict):
 
 _TASK_SPEC = TypeAdapter(_TaskSpec)
 _REGISTER = TypeAdapter(_RegisterWorker)
+_GPUS = TypeAdapter(Annotated[list[_GpuDevice], Field(max_length=MAX_GPUS)])
 _HELD = TypeAdapter(Annotated[list[_HeldResult], Field(max_length=MAX_HELD_RESULTS)])
 _RUN_REF = TypeAdapter(_RunRef)
 _MISSING = TypeAdapter(Annotated[list[_MissingInput], Field(max_length=MAX_DEPENDENCIES)])
@@ -167,6 +179,8 @@ class Registration:
     host_id: str = ""
     #: the amounts as the user wrote them ("100GB"), for status
     resources_text: dict[str, str] = field(default_factory=dict)
+    #: its GPUs where it knows them (GPU=auto), for status
+    gpus: tuple[GpuDevice, ...] = ()
 
 
 def registration_from_pb(reg: pb.RegisterWorker) -> Registration:
@@ -184,6 +198,10 @@ def registration_from_pb(reg: pb.RegisterWorker) -> Registration:
         what,
     )
     check(_HELD, [{"key": h.key} for h in reg.held], f"{what}: held")
+    check(_GPUS, [{"id": g.id, "uuid": g.uuid, "name": g.name} for g in reg.gpus], f"{what}: gpus")
+    gpus = tuple(GpuDevice(g.id, g.index, g.uuid, g.name, g.memory_bytes) for g in reg.gpus)
+    if len({g.id for g in gpus}) != len(gpus):
+        raise WireError(f"{what}: gpus: a device id is listed twice")
     return Registration(
         name=checked["name"] or checked["address"],
         address=checked["address"],
@@ -193,6 +211,7 @@ def registration_from_pb(reg: pb.RegisterWorker) -> Registration:
         resources_text=_texts(
             checked["resources"], checked["declared_text"], f"{what}: declared_text"
         ),
+        gpus=gpus,
     )
 
 
@@ -240,6 +259,7 @@ def submission_from_pb(spec: pb.TaskSpec) -> TaskSubmission:
         retries=spec.retries,
         workers=checked["workers"],
         allow_other_workers=spec.allow_other_workers,
+        isolate=spec.isolate,
     )
 
 
@@ -370,6 +390,22 @@ def acquired_from_pb(worker_id: WorkerId, reports: pb.WorkerReports) -> DataRepl
     return DataReplicated(worker_id, acquired)
 
 
+def gpu_use_from_pb(worker_id: WorkerId, reports: pb.WorkerReports) -> GpuUseReported | None:
+    """Which task holds which GPU, if the batch says (checked); None if not."""
+    if not reports.gpu_use_sent:
+        return None
+    check_count(reports.gpu_use, MAX_GPUS, "WorkerReports.gpu_use")
+    use = []
+    for i, item in enumerate(reports.gpu_use):
+        what = f"WorkerReports.gpu_use[{i}]"
+        if not 0 < len(item.device) <= MAX_GPU_ID_LENGTH:
+            raise WireError(f"{what}.device: 1 to {MAX_GPU_ID_LENGTH} characters")
+        check_count(item.keys, MAX_ITEMS_PER_MESSAGE, f"{what}.keys")
+        keys = tuple(check_key(k, f"{what}.keys[{j}]") for j, k in enumerate(item.keys))
+        use.append((item.device, keys))
+    return GpuUseReported(worker_id, tuple(use))
+
+
 def retire_workers_from_pb(request: pb.RetireWorkersRequest) -> tuple[list[str], float]:
     """(names or addresses, timeout in seconds) of a RetireWorkers call."""
     check_count(request.workers, MAX_ITEMS_PER_MESSAGE, "RetireWorkersRequest.workers")
@@ -450,6 +486,7 @@ def assignment_to_pb(cmd: AssignTask) -> pb.TaskAssignment:
         queued=cmd.queued,
         priority=cmd.priority,
         depth=min(cmd.depth, _MAX_UINT32),
+        isolate=cmd.isolate,
     )
 
 
@@ -480,6 +517,13 @@ def worker_info_to_pb(w: WorkerSnapshot) -> pb.WorkerInfo:
         queued=w.queued,
         draining=w.draining,
         resources_text=w.resources_text,
+        gpus=[
+            pb.GpuDevice(
+                id=g.id, index=g.index, uuid=g.uuid, name=g.name, memory_bytes=g.memory_bytes
+            )
+            for g in w.gpus
+        ],
+        gpu_use=[pb.GpuUse(device=d, keys=keys) for d, keys in w.gpu_use.items()],
     )
 
 

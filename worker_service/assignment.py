@@ -43,3 +43,7 @@ class Assignment:
     #: the scheduler's order among queued runs: highest priority, then deepest
     priority: int = 0
     depth: int = 0
+    #: run in a child process that sees only its GPUs (submit(isolate=True))
+    isolate: bool = False
+    #: the GPUs this run holds here, once the worker has given it some
+    gpus: tuple[str, ...] = ()

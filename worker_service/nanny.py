@@ -7,17 +7,20 @@ with status 0 was retired or stopped on purpose: it is not started again, and
 the nanny ends once none is left. SIGTERM reaches the children as SIGTERM
 (each drains, see ``worker_service.retiring``), SIGINT as SIGINT (each stops). The nanny does not
 know how a worker is started: its caller gives the command line of worker
-``index``, so the command line stays the only place that knows its own flags.
+``index``, so the command line stays the only place that knows its own flags;
+and optionally what to add to its environment (its GPUs, through
+``CUDA_VISIBLE_DEVICES``), merged over the nanny's own.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from apportion_common import shm
 
@@ -50,16 +53,22 @@ def _die_with_parent() -> None:
 
 
 class Nanny:
-    """Run ``nworkers`` children, ``command(index)`` each; restart any that die.
+    """Run ``nworkers`` children, ``command(index)`` each, with ``env(index)``
+    over this process's environment; restart any that die.
 
     A child that exits with a status of :data:`FATAL_EXIT_CODES` is not
     restarted: the nanny stops the others and :meth:`run` returns its status.
     """
 
     def __init__(
-        self, command: Callable[[int], list[str]], nworkers: int, drain_timeout: float = 0.0
+        self,
+        command: Callable[[int], list[str]],
+        nworkers: int,
+        drain_timeout: float = 0.0,
+        env: Callable[[int], Mapping[str, str]] | None = None,
     ) -> None:
         self._command = command
+        self._env = env
         self._nworkers = nworkers
         self._drain_timeout = drain_timeout
         self._started: dict[int, float] = {}
@@ -69,8 +78,9 @@ class Nanny:
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         self._started[index] = time.monotonic()
+        env = None if self._env is None else {**os.environ, **self._env(index)}
         return subprocess.Popen(
-            self._command(index), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+            self._command(index), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=env
         )
 
     def stop_on_signals(self) -> None:

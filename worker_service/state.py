@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from apportion_common.resources import Quanta
 
 from .assignment import Assignment
+from .devices import DeviceLedger
 from .ledger import Ledger, OverCommitted
+
+#: The resource that stands for whole devices where a worker knows its GPUs.
+GPU = "GPU"
 
 
 class InvariantError(AssertionError):
@@ -65,8 +70,16 @@ class Ended:
 
 
 class WorkerState:
-    def __init__(self, declared: Quanta, nthreads: int) -> None:
+    def __init__(self, declared: Quanta, nthreads: int, gpus: Sequence[str] = ()) -> None:
         self.ledger = Ledger(declared, nthreads)
+        #: which run holds which GPU, where the worker knows its devices
+        self.devices = DeviceLedger(gpus) if gpus else None
+        #: runs holding their lease that wait for a device to free (packing
+        #: left room on several devices but not on one), in arrival order
+        self.device_waiting: list[Assignment] = []
+        #: queued runs that took their lease but wait for a device: the
+        #: scheduler must hear they started (they hold their resources now)
+        self.started_waiting: list[Assignment] = []
         #: runs holding a lease here (running, or fetching inputs to run)
         self.running: set[int] = set()
         #: runs among ``running`` that the scheduler cancelled
@@ -90,14 +103,14 @@ class WorkerState:
             except OverCommitted as exc:
                 return Refused(a, str(exc))
             self.running.add(a.run_id)
-            return a
+            return a if self._give_devices(a) else None
         if not self.ledger.could_ever_fit(a.need):
             # The scheduler queued it here for good: it would never start.
             return Refused(a, f"run {a.run_id} needs more than this worker declares")
         if self.ledger.fits(a.need):
             self.ledger.acquire(a.run_id, a.need)
             self.running.add(a.run_id)
-            return a
+            return a if self._give_devices(a) else None
         queued = _Queued(a, (-a.priority, -a.depth, next(self._arrivals)))
         self.queue[a.run_id] = queued
         bisect.insort(self._order, queued, key=_rank)
@@ -111,7 +124,13 @@ class WorkerState:
         cancelled = run_id in self.cancelled
         if cancelled:
             self.cancelled.discard(run_id)
-        return Ended(cancelled, self._start_fitting() if self.queue else [])
+        started: list[Assignment] = []
+        if self.devices is not None:
+            self.devices.release(run_id)
+            started = self._start_device_waiting()
+        if self.queue:
+            started += self._start_fitting()
+        return Ended(cancelled, started)
 
     def cancel(self, run_id: int) -> Assignment | None:
         """The scheduler cancelled a run. A queued one is dropped unstarted and
@@ -138,6 +157,14 @@ class WorkerState:
         dropped = [queued.assignment for queued in self._order]
         self.queue.clear()
         self._order.clear()
+        # Runs waiting for a device never began either: their leases go back.
+        for a in self.device_waiting:
+            self.ledger.release(a.run_id)
+            self.running.discard(a.run_id)
+            self.cancelled.discard(a.run_id)
+        dropped += self.device_waiting
+        self.device_waiting = []
+        self.started_waiting = []
         return dropped
 
     # ---------------------------------------------------------- inspection
@@ -164,6 +191,33 @@ class WorkerState:
                 self.running.add(a.run_id)
                 del self.queue[a.run_id]
                 self._order.remove(queued)
+                if self._give_devices(a):
+                    started.append(a)
+        return started
+
+    def _give_devices(self, a: Assignment) -> bool:
+        """A run that has just taken its lease gets its GPUs (True), or waits
+        for a device to free (False). No devices known: GPU is just a number."""
+        if self.devices is None:
+            return True
+        gpus = self.devices.allot(a.run_id, a.key, a.need.get(GPU, 0))
+        if gpus is None:
+            self.device_waiting.append(a)
+            if a.queued:
+                self.started_waiting.append(a)
+            return False
+        a.gpus = gpus
+        return True
+
+    def _start_device_waiting(self) -> list[Assignment]:
+        """Runs that waited for a device and now get one, in arrival order."""
+        assert self.devices is not None
+        started: list[Assignment] = []
+        for a in list(self.device_waiting):
+            gpus = self.devices.allot(a.run_id, a.key, a.need.get(GPU, 0))
+            if gpus is not None:
+                a.gpus = gpus
+                self.device_waiting.remove(a)
                 started.append(a)
         return started
 
@@ -191,6 +245,23 @@ class WorkerState:
             check(
                 not self.ledger.fits(queued.assignment.need),
                 f"queued run {queued.assignment.run_id} fits in what is free but waits",
+            )
+        devices = self.devices
+        if devices is None:
+            check(not self.device_waiting, "a run waits for a device on a worker without any")
+            return
+        try:
+            devices.validate()
+        except AssertionError as exc:
+            raise InvariantError(str(exc)) from None
+        waiting = {a.run_id for a in self.device_waiting}
+        check(waiting <= self.running, "a run waits for a device without its lease")
+        check(not (waiting & devices.held.keys()), "a run both holds and waits for devices")
+        check(devices.held.keys() <= self.running, "devices held by a run that has ended")
+        for a in self.device_waiting:
+            check(
+                not devices.fits(a.need.get(GPU, 0)),
+                f"run {a.run_id} waits for a device that is free",
             )
 
     def _rank_of(self, run_id: int) -> tuple[int, int, int]:

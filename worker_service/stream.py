@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from apportion_common.gpus import GpuDevice
 from apportion_common.security import UNAUTHENTICATED_EXIT_CODE, ClientSecurity
 from apportion_common.wrong_peer import not_a_scheduler
 from protos import apportion_pb2 as pb
@@ -59,6 +60,8 @@ class LinkOwner(Protocol):
     resources_text: dict[str, str]
     #: registered so the scheduler can tell which peers share memory ("": none)
     host_id: str
+    #: the GPUs this process may use (GPU=auto), shown by the scheduler
+    gpus: tuple[GpuDevice, ...]
 
     @property
     def name(self) -> str: ...
@@ -197,6 +200,7 @@ class SchedulerLink:
                     owner.registration_held(),
                     owner.host_id,
                     owner.resources_text,
+                    owner.gpus,
                 )
             )
             first = await call.read()

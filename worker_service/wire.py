@@ -8,10 +8,12 @@ reports (:class:`Reports`) become one ``WorkerReports`` message per write.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from apportion_common import boundary
+from apportion_common.gpus import GpuDevice
 from apportion_common.resources import to_quanta
 from apportion_common.serialize import ErrorInfo
 from protos import apportion_pb2 as pb
@@ -38,6 +40,7 @@ def assignment_from_pb(a: pb.TaskAssignment, what: str) -> Assignment:
         queued=a.queued,
         priority=a.priority,
         depth=a.depth,
+        isolate=a.isolate,
     )
 
 
@@ -164,6 +167,8 @@ class Reports:
     acquired: list[tuple[str, int]] = field(default_factory=list)
     #: ask the scheduler to drain and retire this worker
     retire_me: bool = False
+    #: which task holds which GPU now (device id -> keys), when that changed
+    gpu_use: dict[str, list[str]] | None = None
 
     def __bool__(self) -> bool:
         return bool(
@@ -174,6 +179,7 @@ class Reports:
             or self.heartbeat
             or self.acquired
             or self.retire_me
+            or self.gpu_use is not None
         )
 
 
@@ -206,6 +212,11 @@ def reports_to_pb(reports: Reports) -> pb.WorkerToScheduler:
         fields["acquired"] = [pb.HeldResult(key=k, nbytes=n) for k, n in reports.acquired]
     if reports.retire_me:
         fields["retire_me"] = True
+    if reports.gpu_use is not None:
+        fields["gpu_use_sent"] = True
+        fields["gpu_use"] = [
+            pb.GpuUse(device=device, keys=keys) for device, keys in reports.gpu_use.items()
+        ]
     return pb.WorkerToScheduler(reports=pb.WorkerReports(**fields))
 
 
@@ -254,6 +265,7 @@ def registration_to_pb(
     held: list[tuple[str, int, int]],
     host_id: str = "",
     resources_text: dict[str, str] | None = None,
+    gpus: Sequence[GpuDevice] = (),
 ) -> pb.WorkerToScheduler:
     return pb.WorkerToScheduler(
         register=pb.RegisterWorker(
@@ -268,5 +280,11 @@ def registration_to_pb(
             ],
             host_id=host_id,
             declared_text=resources_text,
+            gpus=[
+                pb.GpuDevice(
+                    id=g.id, index=g.index, uuid=g.uuid, name=g.name, memory_bytes=g.memory_bytes
+                )
+                for g in gpus
+            ],
         )
     )

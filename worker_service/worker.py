@@ -31,14 +31,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from apportion_common import boundary, serialize, shm
-from apportion_common.grpc_server import ServingHealth, bind, install_stop_signals, make_server
+from apportion_common.gpus import GpuDevice
+from apportion_common.grpc_server import ServingHealth, bind, make_server
 from apportion_common.host import advertised_host, host_id
 from apportion_common.resources import matching_spellings, to_quanta
 from apportion_common.security import (
@@ -57,12 +57,13 @@ from . import wire
 from .assignment import Assignment
 from .execute import Outcome, execute
 from .inputs import SHARE_MIN_BYTES, InputFetcher, Inputs, local_inputs
+from .isolated import IsolatedRunner
 from .ledger import OverCommitted
-from .retiring import DEFAULT_DRAIN_TIMEOUT_S, RESTART_EXIT_CODE, Retiring, drain
+from .retiring import RESTART_EXIT_CODE, Retiring
 from .servicer import WORKER_SERVICE, WorkerServicer, add_worker_service
-from .state import InvariantError, Refused, WorkerState
+from .state import GPU, InvariantError, Refused, WorkerState
 from .store import ResultStore
-from .stream import SchedulerLink, WorkerRefused
+from .stream import SchedulerLink
 from .threads import TaskThreads
 from .uploads import Uploads
 
@@ -118,6 +119,8 @@ class Worker:
         validate: bool = False,
         shared_memory: bool = True,
         death_timeout: float | None = None,
+        gpus: Sequence[GpuDevice] = (),
+        isolate_gpu_tasks: bool = False,
     ) -> None:
         self.scheduler_address = scheduler_address
         self.resources = dict(resources or {})
@@ -127,9 +130,15 @@ class Worker:
         self.host = host or advertised_host(scheduler_address)
         self.port = port
         self._name = name
+        #: the GPUs this process may use (GPU=auto); none: GPU is just a number
+        self.gpus = tuple(gpus)
+        #: run every task that holds a GPU in a child process seeing only its own
+        self.isolate_gpu_tasks = isolate_gpu_tasks
         self.store = ResultStore()
         #: the run queue and the ledger; shared with the task threads under _lock
-        self.state = WorkerState(to_quanta(self.resources), nthreads)
+        self.state = WorkerState(to_quanta(self.resources), nthreads, [g.id for g in self.gpus])
+        #: child processes for tasks that must see only their own GPUs
+        self._isolated = IsolatedRunner(max_per_pool=nthreads)
         self._lock = threading.Lock()
         #: what the task threads did that the loop has not heard yet
         self._news: list[_Ran | _Began] = []
@@ -219,6 +228,7 @@ class Worker:
         await self._server.stop(0.5)
         await self._peers.close()
         self._threads.shutdown()
+        self._isolated.shutdown()
         self.store.clear()  # its shared-memory segments with it
         self.uploads.close()
 
@@ -249,6 +259,11 @@ class Worker:
             else:
                 self._authorizer.forget_role(Role.SCHEDULER)
         self.retiring.registered()
+        if self.state.devices is not None:
+            # A scheduler that has just met us knows no holders yet: tell it.
+            with self._lock:
+                self.state.devices.changed = True
+                self._tell_devices()
 
     async def orphan_everything(self) -> None:
         """After losing the scheduler: let running code return (its resources
@@ -318,8 +333,23 @@ class Worker:
             outcome = stimulus(*args)
             if self._validate:
                 self._check()
+            self._tell_devices()
         self._hear(news)
         return outcome
+
+    def _tell_devices(self) -> None:
+        """(Holding _lock.) Queued runs that took their lease but wait for a
+        device have started, as far as the scheduler's books go; and the
+        scheduler shows which task holds which GPU."""
+        state = self.state
+        if state.started_waiting:
+            self._link.reports.started += [(a.key, a.run_id) for a in state.started_waiting]
+            state.started_waiting = []
+            self._link.wake()
+        if state.devices is not None and state.devices.changed:
+            state.devices.changed = False
+            self._link.reports.gpu_use = state.devices.holders()
+            self._link.wake()
 
     def _check(self) -> None:
         """(Holding _lock.) The state machine's invariants, after a stimulus."""
@@ -423,8 +453,14 @@ class Worker:
         whatever else the threads did meanwhile: one wake-up for all)."""
         address, name = self.address, self.name
         while True:
-            context = TaskContext(a.key, address, name, a.resources)
-            outcome = execute(a.key, a.payload, values, context)
+            context = TaskContext(a.key, address, name, a.resources, a.gpus)
+            if a.isolate or (self.isolate_gpu_tasks and a.need.get(GPU)):
+                # Devices known: the child sees only the run's (none: none);
+                # GPU only a number here: the child sees what this process does.
+                visible = ",".join(a.gpus) if self.state.devices is not None else None
+                outcome = self._isolated.run(a.key, a.payload, values, context, visible)
+            else:
+                outcome = execute(a.key, a.payload, values, context)
             result = outcome.result
             if self.host_peers and isinstance(result, Frames) and result.buffers:
                 # Here, in the task's thread: the copy must not stall the loop.
@@ -473,6 +509,7 @@ class Worker:
         """On the loop: report what the task threads did."""
         with self._lock:
             news, self._news = self._news, []
+            self._tell_devices()
         self._hear(news)
 
     def _hear(self, news: list[_Ran | _Began]) -> None:
@@ -528,70 +565,3 @@ class Worker:
     def _report_failure(self, a: Assignment, error: serialize.ErrorInfo) -> None:
         self._link.reports.failed.append(wire.Failed(a.key, a.run_id, error))
         self._link.wake()
-
-
-async def run_worker(
-    scheduler_address: str,
-    *,
-    resources: Mapping[str, float],
-    resources_text: Mapping[str, str] | None = None,
-    nthreads: int,
-    name: str | None,
-    host: str | None = None,
-    port: int = 0,
-    handle_signals: bool = True,
-    token: str | None = None,
-    tls: TLS | None = None,
-    validate: bool = False,
-    shared_memory: bool = True,
-    death_timeout: float | None = None,
-    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
-) -> int:
-    """Run one worker until it is retired or restarted (returns the status to
-    exit with), or SIGINT (stop now), or SIGTERM (drain for at most
-    ``drain_timeout`` seconds, then stop). With
-    ``validate``, a broken invariant ends the process with status
-    :data:`INVARIANT_EXIT_CODE`."""
-    worker = Worker(
-        scheduler_address,
-        resources=resources,
-        resources_text=resources_text,
-        nthreads=nthreads,
-        name=name,
-        host=host,
-        port=port,
-        token=token,
-        tls=tls,
-        validate=validate,
-        shared_memory=shared_memory,
-        death_timeout=death_timeout,
-    )
-    # Carrying on with broken books would hide the fault.
-    worker.on_broken = lambda: os._exit(INVARIANT_EXIT_CODE)
-    await worker.start()
-    print(f"apportion worker {worker.name} serving on {worker.address}", flush=True)
-    stop, drain_asked = asyncio.Event(), asyncio.Event()
-    if handle_signals:
-        install_stop_signals(stop, drain_asked if drain_timeout > 0 else None)
-    assert worker._main is not None
-    stopped = asyncio.create_task(stop.wait())
-    asked = asyncio.create_task(drain_asked.wait())
-    retired = asyncio.create_task(worker.retiring.retired.wait())
-    waits: set[asyncio.Task[Any]] = {stopped, asked, retired}
-    done, _ = await asyncio.wait({*waits, worker._main}, return_when=asyncio.FIRST_COMPLETED)
-    if asked in done and not done & {stopped, retired, worker._main}:
-        drained = asyncio.create_task(drain(worker.retiring, drain_timeout))
-        waits.add(drained)
-        done, _ = await asyncio.wait(
-            {stopped, retired, drained, worker._main}, return_when=asyncio.FIRST_COMPLETED
-        )
-    for waiting in waits:
-        waiting.cancel()
-    await worker.close()
-    if worker._main in done and not stop.is_set():
-        refused = worker._main.exception()
-        if isinstance(refused, WorkerRefused):
-            # Only now, with everything closed: the log line said why, no traceback.
-            raise SystemExit(refused.exit_code)
-        worker._main.result()  # re-raise why the worker gave up
-    return worker.retiring.exit_code

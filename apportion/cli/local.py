@@ -32,7 +32,12 @@ def local(
     ] = None,
     resources: Annotated[
         str | None,
-        typer.Option(help="Resources of each worker.", metavar="SPEC", show_default="none"),
+        typer.Option(
+            help="Resources of each worker; GPU=auto and GPU_MEMORY=auto: the GPUs it may "
+            "use, shared out evenly among the workers.",
+            metavar="SPEC",
+            show_default="none",
+        ),
     ] = None,
     port: Annotated[int, typer.Option(help="Scheduler port (0 picks one).", metavar="PORT")] = 8786,
     token: TokenOption = None,
@@ -66,6 +71,8 @@ def local(
             token=secure.token,
             tls=tls,
         )
+    except ValueError as exc:  # GPU=auto: no GPU, or a count that does not share them out
+        fail(str(exc))
     except (RuntimeError, TimeoutError) as exc:
         fail(f"the local cluster did not start: {exc}")
     with cluster:

@@ -48,8 +48,18 @@ def status_view(info: ClusterInfo) -> RenderableType:
         if w["draining"]:
             worker.append("\ndraining", "yellow")
         tasks = f"{w['running']} running\n{w['queued']} queued"
-        table.add_row(worker, address, tasks, resources_cell(w))
+        table.add_row(worker, address, tasks, resources_cell(w) + gpus_cell(w))
     return Group(table, tasks_line)
+
+
+def gpus_cell(w: WorkerInfo) -> str:
+    """A line per GPU the worker knows: ``gpu 1: load-3a2f`` (the task holding
+    it), ``gpu 0: free``; nothing where GPU is just a number."""
+    lines = []
+    for gpu in w.get("gpus", []):  # none from a scheduler older than GPU=auto
+        holders = ", ".join(gpu["tasks"]) or "free"
+        lines.append(f"\ngpu {gpu['id']}: {holders}")
+    return "".join(lines)
 
 
 def resources_cell(w: WorkerInfo) -> str:

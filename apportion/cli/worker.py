@@ -6,12 +6,23 @@ import asyncio
 import os
 import sys
 import threading
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
 
+from apportion_common.gpus import (
+    GpuDetectionError,
+    GpuDevice,
+    auto_label,
+    need_gpus,
+    resolve_auto,
+    split_devices,
+    visible_devices_value,
+)
 from apportion_common.resources import (
+    AUTO,
     ResourceSpecError,
     check_resources,
     format_resources,
@@ -40,7 +51,9 @@ def worker(
     resources: Annotated[
         str | None,
         typer.Option(
-            help='Resources of each worker process, e.g. "GPU=2 MEMORY=100e9".',
+            help='Resources of each worker process, e.g. "GPU=2 MEMORY=100e9"; '
+            "GPU=auto and GPU_MEMORY=auto: the GPUs it may use, counted and their memory "
+            "summed.",
             metavar="SPEC",
             show_default="none",
         ),
@@ -54,7 +67,13 @@ def worker(
         ),
     ] = None,
     nworkers: Annotated[
-        int | None, typer.Option(help="Worker processes to start.", metavar="N", show_default="1")
+        str | None,
+        typer.Option(
+            help="Worker processes to start; gpu: one per GPU it may use (with GPU=auto), "
+            "and with GPU=auto any count shares the GPUs out evenly.",
+            metavar="N|gpu",
+            show_default="1",
+        ),
     ] = None,
     name: Annotated[
         str | None,
@@ -98,6 +117,15 @@ def worker(
             help="Run each worker process under a parent that restarts it if it dies.",
         ),
     ] = True,
+    isolate_gpu_tasks: Annotated[
+        bool | None,
+        typer.Option(
+            "--isolate-gpu-tasks/--no-isolate-gpu-tasks",
+            help="Run each task that holds a GPU in a child process that sees only its "
+            "own GPUs (APPORTION_WORKER__ISOLATE_GPU_TASKS).",
+            show_default="off",
+        ),
+    ] = None,
     token: TokenOption = None,
     tls_ca: TlsCaOption = None,
     tls_cert: TlsCertOption = None,
@@ -106,8 +134,9 @@ def worker(
     """Run worker processes that execute tasks within their declared resources."""
     scheduler_address = check_address(scheduler_address)
     settings = _worker_settings(
-        resources, nthreads, nworkers, name, host, death_timeout, drain_timeout
+        resources, nthreads, nworkers, name, host, death_timeout, drain_timeout, isolate_gpu_tasks
     )
+    settings, devices = _with_gpus(settings)
     secure = security_settings(token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
     # --token, else APPORTION_WORKER_TOKEN, else APPORTION_TOKEN.
     worker_secret = secure.token if token is not None else secure.worker_role_token
@@ -118,6 +147,7 @@ def worker(
         os.environ["APPORTION_WORKER_TOKEN"] = worker_secret
     if tls is not None:
         os.environ.update(tls.env())
+    assert isinstance(settings.nworkers, int)  # _with_gpus counted "gpu"
     supervising = nanny or settings.nworkers > 1
     # The worker process keeps its last lines (GetLogs); a nanny has no server to tell them.
     setup_logging(keep_lines=None if supervising else settings.log_lines)
@@ -128,16 +158,23 @@ def worker(
             lambda index: _child_command(scheduler_address, settings, index),
             settings.nworkers,
             settings.drain_timeout,
+            env=_child_env(settings, devices),
         )
         supervisor.stop_on_signals()
         raise typer.Exit(supervisor.run())
     from worker_service import run_worker  # see app.py
 
+    try:
+        declared, written = resolve_auto(
+            settings.resources, settings.resources_text, settings.auto_resources, devices
+        )
+    except ValueError as exc:
+        fail(str(exc))
     status = asyncio.run(
         run_worker(
             scheduler_address,
-            resources=settings.resources,
-            resources_text=settings.resources_text,
+            resources=declared,
+            resources_text=written,
             nthreads=settings.nthreads or 1,
             name=settings.name,
             host=settings.host,
@@ -147,6 +184,8 @@ def worker(
             shared_memory=settings.shared_memory,
             death_timeout=settings.death_timeout,
             drain_timeout=settings.drain_timeout,
+            gpus=devices,
+            isolate_gpu_tasks=settings.isolate_gpu_tasks,
         )
     )
     # Task threads cannot be interrupted; do not let one hold the process up.
@@ -159,7 +198,11 @@ def worker(
 
 
 def _child_command(scheduler_address: str, settings: WorkerSettings, index: int) -> list[str]:
-    """How the nanny starts worker process ``index``: this command, one process."""
+    """How the nanny starts worker process ``index``: this command, one process.
+    ``auto`` amounts go on as ``auto``: each child finds its own devices, those
+    its ``CUDA_VISIBLE_DEVICES`` leaves it (:func:`_child_env`)."""
+    declared = format_resources(settings.resources, settings.resources_text)
+    auto = " ".join(f"{name}={AUTO}" for name in sorted(settings.auto_resources))
     args = [
         sys.executable,
         "-m",
@@ -173,28 +216,71 @@ def _child_command(scheduler_address: str, settings: WorkerSettings, index: int)
         "1",
         "--resources",
         # As written, so the scheduler hears MEMORY=100GB from each child too.
-        format_resources(settings.resources, settings.resources_text),
+        " ".join(part for part in (declared, auto) if part),
     ]
     if settings.name:
-        several = settings.nworkers > 1
+        several = settings.nworkers != 1
         args += ["--name", f"{settings.name}-{index}" if several else settings.name]
     if settings.host:
         args += ["--host", settings.host]
     if settings.death_timeout is not None:
         args += ["--death-timeout", str(settings.death_timeout)]
     args += ["--drain-timeout", str(settings.drain_timeout)]
+    if settings.isolate_gpu_tasks:
+        args.append("--isolate-gpu-tasks")
     return args
+
+
+def _with_gpus(settings: WorkerSettings) -> tuple[WorkerSettings, list[GpuDevice]]:
+    """The devices that ``auto`` and ``--nworkers gpu`` stand for, found now
+    (none looked for without them: then GPU=N is just a number), with
+    ``nworkers`` counted and ``nthreads`` defaulted; bad cases exit 2."""
+    auto = set(settings.auto_resources)
+    if settings.nworkers == "gpu":
+        if "GPU" in settings.resources:
+            given = settings.resources_text.get("GPU", f"{settings.resources['GPU']:g}")
+            fail(f"--nworkers gpu declares GPU=auto: leave GPU={given} out, or give a count")
+        auto.add("GPU")
+    devices: list[GpuDevice] = []
+    if auto:
+        what = "--nworkers gpu" if settings.nworkers == "gpu" else auto_label(auto)
+        try:
+            devices = need_gpus(what)
+        except GpuDetectionError as exc:
+            fail(str(exc))
+    nworkers = len(devices) if settings.nworkers == "gpu" else settings.nworkers
+    update: dict[str, Any] = {"nworkers": nworkers, "auto_resources": frozenset(auto)}
+    if settings.nthreads is None:
+        update["nthreads"] = default_nthreads(nworkers)
+    return settings.model_copy(update=update), devices
+
+
+def _child_env(
+    settings: WorkerSettings, devices: list[GpuDevice]
+) -> Callable[[int], dict[str, str]] | None:
+    """Each child's ``CUDA_VISIBLE_DEVICES``: its share of ``devices``, with
+    ``auto``; None (the nanny's environment as it is) without."""
+    if not settings.auto_resources:
+        return None
+    assert isinstance(settings.nworkers, int)
+    try:
+        shares = split_devices(devices, settings.nworkers)
+    except GpuDetectionError as exc:
+        fail(str(exc))
+    return lambda index: {"CUDA_VISIBLE_DEVICES": visible_devices_value(shares[index])}
 
 
 def _worker_settings(
     resources: str | None,
     nthreads: int | None,
-    nworkers: int | None,
+    nworkers: int | str | None,
     name: str | None,
     host: str | None,
     death_timeout: float | None = None,
     drain_timeout: float | None = None,
+    isolate_gpu_tasks: bool | None = None,
 ) -> WorkerSettings:
+    """Flags over the environment, checked; no devices looked for (:func:`_with_gpus`)."""
     given = {
         "nthreads": nthreads,
         "nworkers": nworkers,
@@ -202,6 +288,7 @@ def _worker_settings(
         "host": host,
         "death_timeout": death_timeout,
         "drain_timeout": drain_timeout,
+        "isolate_gpu_tasks": isolate_gpu_tasks,
     }
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     try:
@@ -218,8 +305,9 @@ def _worker_settings(
         fail(settings_error(exc))
     if written is not None:
         # The flag replaces resources from the environment as a whole.
-        update = {"resources": check_resources(written), "resources_text": written}
+        plain = {k: v for k, v in written.items() if k not in settings.auto_resources}
+        update = {"resources": check_resources(plain), "resources_text": plain}
         settings = settings.model_copy(update=update)
-    if settings.nthreads is None:
+    if settings.nthreads is None and isinstance(settings.nworkers, int):
         settings = settings.model_copy(update={"nthreads": default_nthreads(settings.nworkers)})
     return settings

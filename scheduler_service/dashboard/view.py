@@ -37,6 +37,17 @@ def state_info(state: ClusterState, address: str, dashboard_address: str) -> dic
                 "running": w.running,
                 "queued": w.queued,
                 "draining": w.draining,
+                "gpus": [
+                    {
+                        "id": g.id,
+                        "index": g.index,
+                        "uuid": g.uuid,
+                        "name": g.name,
+                        "memory": g.memory_bytes,
+                        "tasks": list(w.gpu_use.get(g.id, ())),
+                    }
+                    for g in w.gpus
+                ],
             }
             for w in snap.workers
         },

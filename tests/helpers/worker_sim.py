@@ -34,19 +34,21 @@ def run(
 class WorkerSim:
     """A WorkerState plus the keys it is executing; validates after every step."""
 
-    def __init__(self, nthreads: int = 1, **declared: float) -> None:
-        self.state = WorkerState(to_quanta(declared), nthreads)
+    def __init__(self, nthreads: int = 1, gpus: tuple[str, ...] = (), **declared: float) -> None:
+        self.state = WorkerState(to_quanta(declared), nthreads, gpus)
         #: key -> run id of the runs holding a lease, in the order they started
         self.executing: dict[str, int] = {}
+        #: key -> its assignment (its GPUs once it has some)
+        self.assignments: dict[str, Assignment] = {}
         self._run_ids = iter(range(1, 1_000_000))
 
     def assign(
         self, key: str, *, queued: bool = True, priority: int = 0, depth: int = 0, **res: float
     ) -> list[str]:
         """Assign ``key``; the keys that started because of it."""
-        admitted = self.state.assign(
-            run(key, next(self._run_ids), queued=queued, priority=priority, depth=depth, **res)
-        )
+        a = run(key, next(self._run_ids), queued=queued, priority=priority, depth=depth, **res)
+        self.assignments[key] = a
+        admitted = self.state.assign(a)
         self.state.validate()
         assert not isinstance(admitted, Refused), admitted
         if admitted is None:
@@ -65,6 +67,10 @@ class WorkerSim:
         for a in ended.started:
             self.executing[a.key] = a.run_id
         return ended
+
+    def gpus(self, key: str) -> tuple[str, ...]:
+        """The GPUs ``key``'s run was given (none yet: ``()``)."""
+        return self.assignments[key].gpus
 
     def queued(self) -> list[str]:
         return [a.key for a in self.state.queued_in_order()]

@@ -71,6 +71,7 @@ async def test_retire_workers_returns_them_by_address(h: Harness) -> None:
             "queued": 0,
             "draining": False,
             "resources_text": {},
+            "gpus": [],
         }
     }
 

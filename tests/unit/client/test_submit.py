@@ -145,6 +145,7 @@ async def test_the_scheduler_s_unary_calls_go_through_the_transport(h: Harness) 
                 "queued": 0,
                 "draining": False,
                 "resources_text": {},
+                "gpus": [],
             }
         },
         "tasks": {"running": 1},
