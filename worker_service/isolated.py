@@ -8,7 +8,10 @@ and reused from task to task: starting one costs a fresh interpreter and the
 imports of this package (about half a second), paid once per pool.
 
 Only bytes cross to the child (the payload, each input's wire form, the
-context's fields) and only bytes or an :class:`ErrorInfo` come back; the child
+context's fields) and only bytes or an :class:`ErrorInfo` come back; a value
+of :data:`SHM_MIN_BYTES` or more goes through a shared-memory segment
+instead, named in the message (written once, read once: NumPy arrays are
+mapped, not copied); the child
 calls :func:`execute`, so the task context, the task's errors and "the result
 cannot be pickled" are exactly as in a task thread, and so are retries and
 cancellation (the worker decides those from the outcome, as for a thread).
@@ -32,12 +35,14 @@ from multiprocessing.process import BaseProcess
 from types import EllipsisType
 from typing import Any
 
-from apportion_common import serialize
+from apportion_common import serialize, shm
 from apportion_common.serialize import ErrorInfo, Frames
 from apportion_common.task_context import TaskContext
 
 from .execute import Outcome, execute
 
+#: Values at least this large go to and from the child in shared memory.
+SHM_MIN_BYTES = 1024 * 1024
 #: A child's status when it ends because the worker process is gone.
 PARENT_DIED_EXIT_CODE = 70
 #: How long shutdown lets children leave by themselves before ending them: an
@@ -102,23 +107,32 @@ class IsolatedRunner:
         if isinstance(visible, EllipsisType):
             visible = ",".join(context.gpus)
         began = time.perf_counter()
+        made: list[shm.Segment] = []  # inputs handed over in shared memory
         try:
-            # Bytes only: nothing of this process's (a Frames' memoryviews)
-            # has to pickle on the way, and the payload stays cloudpickle's.
-            wire = {k: b"".join(v.segments()) for k, v in inputs.items()}
-            fields = dataclasses.asdict(context)
-            pool, future = self._submit(visible, key, payload, wire, fields)
-        except Exception as exc:  # shut down (or something as unexpected)
-            return Outcome(self._failed(key, exc), time.perf_counter() - began)
-        try:
-            duration, result = future.result()
-        except BrokenProcessPool:
-            return Outcome(self._died(key, pool), time.perf_counter() - began)
-        except Exception as exc:  # cancelled by shutdown, or the plumbing failed
-            return Outcome(self._failed(key, exc), time.perf_counter() - began)
+            try:
+                # Bytes (or a segment's name) only: nothing of this process's
+                # (a Frames' memoryviews) has to pickle on the way, and the
+                # payload stays cloudpickle's.
+                wire = {k: _handed(v, made) for k, v in inputs.items()}
+                fields = dataclasses.asdict(context)
+                pool, future = self._submit(visible, key, payload, wire, fields)
+            except Exception as exc:  # shut down (or something as unexpected)
+                return Outcome(self._failed(key, exc), time.perf_counter() - began)
+            try:
+                duration, result = future.result()
+            except BrokenProcessPool:
+                return Outcome(self._died(key, pool), time.perf_counter() - began)
+            except Exception as exc:  # cancelled by shutdown, or the plumbing failed
+                return Outcome(self._failed(key, exc), time.perf_counter() - began)
+        finally:
+            for segment in made:
+                segment.remove()  # the child has read it, or never will
         if isinstance(result, ErrorInfo):
             return Outcome(result, duration)
-        return Outcome(Frames.parse([result]), duration)
+        try:
+            return Outcome(_taken(result, remove=True), duration)
+        except shm.SharedMemoryUnavailable as exc:
+            return Outcome(serialize.error_info(exc), duration)
 
     def shutdown(self) -> None:
         """Stop every pool now, without waiting for running tasks (they fail
@@ -275,12 +289,47 @@ def _exit_with(parent: BaseProcess) -> None:
 
 
 def _run_in_child(
-    key: str, payload: bytes, inputs: dict[str, bytes], fields: dict[str, Any]
-) -> tuple[float, bytes | ErrorInfo]:
-    """One task, in the child: its duration and its result's wire form (or its error)."""
-    values = {k: Frames.parse([v]) for k, v in inputs.items()}
+    key: str, payload: bytes, inputs: dict[str, bytes | _InSegment], fields: dict[str, Any]
+) -> tuple[float, bytes | _InSegment | ErrorInfo]:
+    """One task, in the child: its duration and its result's wire form, or
+    the segment holding it (a large one), or its error."""
+    values = {k: _taken(v, remove=False) for k, v in inputs.items()}  # the parent removes
     outcome = execute(key, payload, values, TaskContext(**fields))
     result = outcome.result
     if isinstance(result, ErrorInfo):
         return outcome.duration, result  # it pickles: strings, bytes and an enum
-    return outcome.duration, b"".join(result.segments())
+    made: list[shm.Segment] = []
+    return outcome.duration, _handed(result, made)
+
+
+# Both ways.
+
+
+@dataclass(frozen=True, slots=True)
+class _InSegment:
+    """A value handed over in a shared-memory segment (see :mod:`apportion_common.shm`)."""
+
+    name: str
+    nbytes: int
+
+
+def _handed(frames: Frames, made: list[shm.Segment]) -> bytes | _InSegment:
+    """``frames`` as the other side takes it: a large value in a segment
+    (one copy each way, where the pipe costs four: join, send, receive,
+    parse), added to ``made``; a small one, or with no room in /dev/shm, as bytes."""
+    if frames.nbytes >= SHM_MIN_BYTES and shm.available():
+        try:
+            segment = shm.Segment.write(frames)
+        except shm.SharedMemoryUnavailable:
+            pass
+        else:
+            made.append(segment)
+            return _InSegment(segment.name, segment.nbytes)
+    return b"".join(frames.segments())
+
+
+def _taken(value: bytes | _InSegment, *, remove: bool) -> Frames:
+    """What :func:`_handed` gave, as Frames (arrays over the segment, uncopied)."""
+    if isinstance(value, _InSegment):
+        return shm.read(value.name, value.nbytes, remove=remove)
+    return Frames.parse([value])

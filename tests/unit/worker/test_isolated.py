@@ -24,11 +24,11 @@ from typing import Any
 
 import pytest
 
-from apportion_common import serialize
+from apportion_common import serialize, shm
 from apportion_common.serialize import ErrorInfo, Frames, InputRef
 from apportion_common.task_context import TaskContext, get_task_context
 from worker_service.execute import Outcome, execute
-from worker_service.isolated import IsolatedProcessDied, IsolatedRunner
+from worker_service.isolated import SHM_MIN_BYTES, IsolatedProcessDied, IsolatedRunner
 
 #: What the worker's own process sees: each child must see its devices instead.
 PARENT_VISIBLE = "9"
@@ -147,6 +147,40 @@ def test_inputs_reach_the_task(runner: IsolatedRunner) -> None:
     assert _value(outcome) == b"x" * 200_000 + b"yz"
 
 
+def _segments() -> set[str]:
+    return {p.name for p in shm.SHM_DIR.glob(f"{shm.PREFIX}*")} if shm.available() else set()
+
+
+def _sum_and_mean(array: Any) -> tuple[float, float, bool]:
+    return float(array.sum()), float(array.mean()), bool(array.flags.writeable)
+
+
+def test_large_values_cross_in_shared_memory_and_leave_no_segment(
+    runner: IsolatedRunner,
+) -> None:
+    """A value of a MiB or more goes to the child and back through a segment,
+    read once, whose name is gone afterwards (whether the task returned,
+    raised, or its child died)."""
+    np = pytest.importorskip("numpy")
+    if not shm.available():
+        pytest.skip("no writable /dev/shm here")
+    before = _segments()
+    array = np.arange(4 * 2**20, dtype=np.float64)  # 32 MiB
+    frames = serialize.dumps_result(array)
+    assert frames.nbytes >= SHM_MIN_BYTES
+    inputs = {"a": frames}
+    got = _value(_run(runner, _sum_and_mean, InputRef("a"), inputs=inputs))
+    assert got == (float(array.sum()), float(array.mean()), True)  # mapped, still writable
+    back = _value(_run(runner, np.ones, 4 * 2**20))  # a 32 MiB result
+    assert isinstance(back, np.ndarray) and back.sum() == 4 * 2**20
+    assert _segments() == before
+    error = _error(_run(runner, _raise_value_error, "after a big input", inputs=inputs))
+    assert error.message == "after a big input"
+    died = runner.run("dies", serialize.dump_call(os._exit, (4,), {}), inputs, _context("dies"))
+    assert "exit code 4" in _error(died).message
+    assert _segments() == before
+
+
 def test_a_pool_is_reused_per_device_set(runner: IsolatedRunner) -> None:
     first = _value(_run(runner, os.getpid, gpus=("1",)))
     assert _value(_run(runner, os.getpid, gpus=("1",))) == first
@@ -210,7 +244,7 @@ def test_shutdown_stops_a_running_task_and_leaves_no_child(tmp_path: Path) -> No
 
 _KILLED_PARENT = """
 import os, signal
-from apportion_common import serialize
+from apportion_common import serialize, shm
 from apportion_common.task_context import TaskContext
 from worker_service.isolated import IsolatedRunner
 
