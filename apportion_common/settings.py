@@ -3,7 +3,10 @@
 ``APPORTION_SCHEDULER__PORT=9000`` and ``APPORTION_WORKER__NTHREADS=4`` work as
 usual. Resource names keep their case: ``APPORTION_WORKER__RESOURCES__GPU=2``
 declares ``GPU``, not ``gpu`` (pydantic-settings would lower-case it, hence the
-source below). Command-line flags win over the environment.
+source below). Command-line flags win over the environment, and the
+environment over the configuration file (``[scheduler]`` and ``[worker]``
+tables, :mod:`apportion_common.config_file`); resources from a higher source
+replace a lower one's as a whole.
 
 ``GPU=auto`` and ``GPU_MEMORY=auto`` are kept apart (``auto_resources``) and
 ``nworkers`` may be ``"gpu"``: what they stand for is found by the command
@@ -16,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -25,7 +28,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from .config_file import ConfigFileSource
 from .logring import DEFAULT_LOG_LINES
+from .process_memory import check_memory_limit
 from .resources import auto_names, check_resources, spellings
 from .security import check_token
 
@@ -113,6 +118,48 @@ class SchedulerSettings(BaseSettings):
     #: ``apportion logs`` (the newest; 0: none).
     log_lines: int = Field(DEFAULT_LOG_LINES, ge=0, le=10_000_000)
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, ConfigFileSource(settings_cls, "scheduler"))
+
+
+class MemorySettings(BaseModel):
+    """Fractions of a worker process's memory limit, as Dask's
+    ``distributed.worker.memory.*`` (``APPORTION_WORKER__MEMORY__PAUSE=0.9``;
+    ``false`` turns one off)."""
+
+    #: results held above this (their bytes) go to disk, least recently used first
+    target: float | None = 0.6
+    #: the process's memory (RSS) above this: results go to disk until below target
+    spill: float | None = 0.7
+    #: the process's memory above this: no new task starts, none is placed here
+    pause: float | None = 0.8
+    #: the process's memory above this: its nanny kills it and starts a fresh one
+    terminate: float | None = 0.95
+
+    @field_validator("target", "spill", "pause", "terminate", mode="before")
+    @classmethod
+    def _fraction(cls, value: Any) -> Any:
+        if value is None or value is False:
+            return None
+        if isinstance(value, str) and value.strip().lower() in ("false", "off", "none", ""):
+            return None
+        return value
+
+    @field_validator("target", "spill", "pause", "terminate")
+    @classmethod
+    def _between(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value <= 1:
+            raise ValueError(f"expected a fraction above 0 and at most 1 (or false), not {value}")
+        return value
+
 
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -150,6 +197,19 @@ class WorkerSettings(BaseSettings):
     #: Log lines each worker process keeps, its tasks' own included, for
     #: client.get_worker_logs() and ``apportion logs`` (the newest; 0: none).
     log_lines: int = Field(DEFAULT_LOG_LINES, ge=0, le=10_000_000)
+    #: Bytes of memory each worker process may use (not the MEMORY resource):
+    #: "auto" (the machine's or the cgroup's, divided by nworkers), or 0: none.
+    memory_limit: int | str = "auto"
+    #: The fractions of memory_limit at which it spills, pauses, is restarted.
+    memory: MemorySettings = Field(default_factory=MemorySettings)
+    #: Where each worker process makes a directory of its own for spilled
+    #: results (None: the system's temp directory); removed when it exits.
+    local_directory: Path | None = None
+
+    @field_validator("memory_limit", mode="before")
+    @classmethod
+    def _check_memory_limit(cls, value: Any) -> int | str:
+        return check_memory_limit(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -201,6 +261,7 @@ class WorkerSettings(BaseSettings):
             init_settings,
             _ResourcesFromEnv(settings_cls),
             _EnvWithoutResources(settings_cls, env_nested_delimiter="__"),
+            ConfigFileSource(settings_cls, "worker"),
         )
 
 

@@ -153,6 +153,23 @@ def read(name: str, nbytes: int, *, remove: bool = True) -> Frames:
             _unlink(path)
 
 
+def write_frames(fd: int, frames: Frames) -> None:
+    """``frames``' wire form into the open file ``fd`` (a result spilled to
+    disk is kept in the same form a segment holds)."""
+    _write_all(fd, frames.segments())
+
+
+def read_frames(fd: int) -> Frames:
+    """The value in the open file ``fd``, as :func:`read` rebuilds a segment's:
+    arrays over the file mapped privately, ``bytes`` read into new objects."""
+    return _frames_from(fd, os.fstat(fd).st_size)
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (whoever's it is)."""
+    return _alive(pid)
+
+
 def _frames_from(fd: int, size: int) -> Frames:
     head_size = Head.size(os.pread(fd, HEAD_START_BYTES, 0))
     if not head_size:

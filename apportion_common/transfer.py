@@ -78,7 +78,6 @@ def chunks(
             yield b""  # an empty ResultChunk: total_size 0, no data
         return
     striped = stripes > 1
-    total_field = b"\x08" + _encode_varint(total)
     starts = [0]
     for view in views:
         starts.append(starts[-1] + view.nbytes)
@@ -94,9 +93,14 @@ def chunks(
             if hi > lo:
                 pieces.append(views[i][lo:hi])
             i += 1
-        offset_field = b"\x18" + _encode_varint(start) if striped else b""
-        head = total_field + offset_field + b"\x12" + _encode_varint(end - start)
-        yield b"".join([head, *pieces])
+        yield b"".join([chunk_head(total, start, end - start, striped), *pieces])
+
+
+def chunk_head(total: int, start: int, length: int, striped: bool) -> bytes:
+    """The bytes of a serialized ResultChunk before its ``length`` data bytes,
+    those at ``start`` of a ``total``-byte wire form (see :func:`chunks`)."""
+    offset_field = b"\x18" + _encode_varint(start) if striped else b""
+    return b"\x08" + _encode_varint(total) + offset_field + b"\x12" + _encode_varint(length)
 
 
 def _encode_varint(value: int) -> bytes:

@@ -11,13 +11,15 @@ which runs ``_core`` (key states, the stream, reconnects, results); task
 specs are built in ``_spec``; the network is behind ``_transport`` (a
 Protocol, and its gRPC implementation), whose errors ``_grpc_errors`` maps
 to the exceptions of ``exceptions``; a task's own error is rebuilt in
-``_errors``. ``future``, ``annotate``, ``cluster`` (LocalCluster) and
+``_errors``. ``future``, ``annotate``, ``cluster`` (LocalCluster),
+``config`` (``config.set`` for the processes a LocalCluster starts) and
 ``info`` (the dicts of scheduler_info) are public.
 """
 
 from apportion_common.security import TLS
 from apportion_common.task_context import TaskContext, get_task_context
 
+from . import config
 from ._dask.capture import install as _capture_dask_annotations
 from .annotate import annotate
 from .client import Client
@@ -57,6 +59,7 @@ __all__ = [
     "TaskError",
     "annotate",
     "as_completed",
+    "config",
     "fire_and_forget",
     "get_task_context",
     "progress",

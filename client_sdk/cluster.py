@@ -6,6 +6,9 @@ Each process is started the way a user starts it (``apportion scheduler``,
 ``resources={"GPU": "auto"}`` (or ``GPU_MEMORY``) lets each worker declare
 the GPUs it finds; several workers share this machine's out evenly, each
 seeing its own through ``CUDA_VISIBLE_DEVICES``.
+
+What ``config.set`` set in this process reaches the processes (see
+:mod:`client_sdk.config`), below the arguments given here.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
 
 from ._transport import client_security
+from .config import _for_local_cluster
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -44,6 +48,14 @@ class LocalCluster:
     Each worker gets ``nthreads`` threads and the full ``resources`` (resources
     are per worker process, as in Dask). ``add_worker`` adds workers with other
     resources.
+
+    Not given, ``nthreads`` and ``resources`` are ``worker.nthreads`` and
+    ``worker.resources`` as ``config.set`` set them, else the environment,
+    else the configuration file (else 1 thread, no resources); ``host`` and
+    ``port`` are ``scheduler.host`` and ``scheduler.port`` as ``config.set``
+    set them, else 127.0.0.1 and a free port. The processes read their other
+    settings as ``apportion scheduler`` and ``apportion worker`` do, with
+    those of ``config.set`` above the environment and the file.
 
     ``GPU`` and ``GPU_MEMORY`` may be ``"auto"``: the GPUs are found first
     (none, or a count of workers that does not divide them, raises
@@ -57,18 +69,24 @@ class LocalCluster:
     def __init__(
         self,
         n_workers: int = 1,
-        nthreads: int = 1,
+        nthreads: int | None = None,
         resources: Mapping[str, float | str] | None = None,
         *,
-        host: str = "127.0.0.1",
-        port: int = 0,
+        host: str | None = None,
+        port: int | None = None,
         token: str | None = None,
         tls: TLS | None = None,
     ) -> None:
+        configured = _for_local_cluster()  # a bad setting raises here, before anything starts
+        if nthreads is None:
+            nthreads = configured.nthreads or 1
         if n_workers < 0 or nthreads < 1:
             raise ValueError("n_workers must be >= 0 and nthreads >= 1")
         self.nthreads = nthreads
-        self.resources, self._resources_text, self._auto = _split_auto(resources)
+        given = resources if resources is not None else configured.resources
+        self.resources, self._resources_text, self._auto = _split_auto(given)
+        # A configured name would be every worker's, and names are unique.
+        self._name = configured.worker_name
         # Each first worker's CUDA_VISIBLE_DEVICES (its share), found before anything starts.
         shares = _gpu_shares(self._auto, n_workers)
         self.token = token
@@ -77,10 +95,14 @@ class LocalCluster:
         # will read from the environment they inherit when not given here.
         self._security = client_security(None, token, tls)
         # Through the environment, not argv: other users on the machine see argv.
-        self._env = dict(tls.env() if tls is not None else {})
+        # config.set's settings too: variables rank above the file, and replace
+        # the ones inherited; a temporary file would rank below those.
+        self._env = {**configured.env, **(tls.env() if tls is not None else {})}
         if token is not None:
             self._env["APPORTION_TOKEN"] = token
         self.workers: list[subprocess.Popen[bytes]] = []
+        host = host if host is not None else configured.scheduler_host or "127.0.0.1"
+        port = port if port is not None else configured.scheduler_port or 0
         self.scheduler = _spawn(["scheduler", "--host", host, "--port", str(port)], env=self._env)
         try:
             line = _first_line(self.scheduler, START_TIMEOUT_S)
@@ -120,7 +142,10 @@ class LocalCluster:
         # As written ("64GiB"), and auto as auto: the worker finds its own GPUs.
         spec = " ".join([format_resources(res, written), *(f"{n}={AUTO}" for n in sorted(auto))])
         args = ["worker", self.address, "--nthreads", str(nthreads or self.nthreads)]
-        args += ["--resources", spec.strip()]
+        # One process each: n_workers counts them, whatever worker.nworkers says.
+        args += ["--resources", spec.strip(), "--nworkers", "1"]
+        if not name and self._name:
+            name = f"{self._name}-{len(self.workers)}"
         if name:
             args += ["--name", name]
         env = self._env if visible is None else {**self._env, "CUDA_VISIBLE_DEVICES": visible}

@@ -42,6 +42,16 @@ class WorkerInfo(TypedDict):
     #: its GPUs where the worker knows them (``GPU=auto``), with the tasks
     #: holding each; empty where GPU is just a number
     gpus: list[GpuInfo]
+    #: bytes of memory its process may use (0: no limit); this is the
+    #: machine's memory, not the ``MEMORY`` resource tasks declare
+    memory_limit: int
+    #: its process's resident memory (bytes), as it last said
+    memory: int
+    #: bytes of results it has spilled to its local disk
+    spilled_bytes: int
+    #: past its pause fraction of memory: it starts nothing new, and nothing
+    #: more is placed there until it is below again
+    paused: bool
 
 
 class ClusterInfo(TypedDict):
@@ -65,6 +75,10 @@ def worker_info(w: pb.WorkerInfo) -> WorkerInfo:
         "draining": w.draining,
         "resources_text": dict(w.resources_text),
         "gpus": _gpus(w),
+        "memory_limit": w.memory_limit,
+        "memory": w.memory,
+        "spilled_bytes": w.spilled_bytes,
+        "paused": w.paused,
     }
 
 

@@ -493,6 +493,7 @@ class RegisterWorker(_message.Message):
     HOST_ID_FIELD_NUMBER: _builtins.int
     DECLARED_TEXT_FIELD_NUMBER: _builtins.int
     GPUS_FIELD_NUMBER: _builtins.int
+    MEMORY_LIMIT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     """Where peers and clients fetch results from, host:port."""
@@ -501,6 +502,10 @@ class RegisterWorker(_message.Message):
     host_id: _builtins.str
     """Equal for workers that may hand results over in shared memory: the same
     machine and the same mount, network and IPC namespaces (empty: unknown).
+    """
+    memory_limit: _builtins.int
+    """Bytes of memory this process may use (--memory-limit; 0: no limit). Not
+    a resource: the scheduler shows it, and hears of pauses (WorkerMemory).
     """
     @_builtins.property
     def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
@@ -535,10 +540,11 @@ class RegisterWorker(_message.Message):
         host_id: _builtins.str = ...,
         declared_text: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         gpus: _abc.Iterable[Global___GpuDevice] | None = ...,
+        memory_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "declared_text", b"declared_text", "gpus", b"gpus", "held", b"held", "host_id", b"host_id", "name", b"name", "nthreads", b"nthreads", "pid", b"pid", "resources", b"resources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "declared_text", b"declared_text", "gpus", b"gpus", "held", b"held", "host_id", b"host_id", "memory_limit", b"memory_limit", "name", b"name", "nthreads", b"nthreads", "pid", b"pid", "resources", b"resources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -642,6 +648,7 @@ class WorkerReports(_message.Message):
     RETIRE_ME_FIELD_NUMBER: _builtins.int
     GPU_USE_FIELD_NUMBER: _builtins.int
     GPU_USE_SENT_FIELD_NUMBER: _builtins.int
+    MEMORY_FIELD_NUMBER: _builtins.int
     heartbeat: _builtins.bool
     """Set when the batch is only a heartbeat (or also one)."""
     retire_me: _builtins.bool
@@ -670,6 +677,12 @@ class WorkerReports(_message.Message):
         snapshot, sent when it changed; devices held by none are listed empty).
         """
 
+    @_builtins.property
+    def memory(self) -> Global___WorkerMemory:
+        """Its memory as last measured, sent with heartbeats and at once when it
+        pauses or resumes; unset: nothing new.
+        """
+
     def __init__(
         self,
         *,
@@ -682,14 +695,45 @@ class WorkerReports(_message.Message):
         retire_me: _builtins.bool = ...,
         gpu_use: _abc.Iterable[Global___GpuUse] | None = ...,
         gpu_use_sent: _builtins.bool = ...,
+        memory: Global___WorkerMemory | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquired", b"acquired", "failed", b"failed", "finished", b"finished", "gpu_use", b"gpu_use", "gpu_use_sent", b"gpu_use_sent", "heartbeat", b"heartbeat", "missing_inputs", b"missing_inputs", "retire_me", b"retire_me", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquired", b"acquired", "failed", b"failed", "finished", b"finished", "gpu_use", b"gpu_use", "gpu_use_sent", b"gpu_use_sent", "heartbeat", b"heartbeat", "memory", b"memory", "missing_inputs", b"missing_inputs", "retire_me", b"retire_me", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerReports: _TypeAlias = WorkerReports  # noqa: Y015
+
+@_typing.final
+class WorkerMemory(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROCESS_BYTES_FIELD_NUMBER: _builtins.int
+    SPILLED_BYTES_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    process_bytes: _builtins.int
+    """The process's resident memory (RSS), bytes."""
+    spilled_bytes: _builtins.int
+    """Bytes of results it has spilled to its local disk."""
+    paused: _builtins.bool
+    """Above its pause fraction: it starts no new task, and the scheduler
+    places nothing more there (no runs, no queued runs) until it says not.
+    """
+    def __init__(
+        self,
+        *,
+        process_bytes: _builtins.int = ...,
+        spilled_bytes: _builtins.int = ...,
+        paused: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["paused", b"paused", "process_bytes", b"process_bytes", "spilled_bytes", b"spilled_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerMemory: _TypeAlias = WorkerMemory  # noqa: Y015
 
 @_typing.final
 class TaskFinished(_message.Message):
@@ -1568,6 +1612,10 @@ class WorkerInfo(_message.Message):
     RESOURCES_TEXT_FIELD_NUMBER: _builtins.int
     GPUS_FIELD_NUMBER: _builtins.int
     GPU_USE_FIELD_NUMBER: _builtins.int
+    MEMORY_LIMIT_FIELD_NUMBER: _builtins.int
+    MEMORY_FIELD_NUMBER: _builtins.int
+    SPILLED_BYTES_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.int
     name: _builtins.str
     address: _builtins.str
@@ -1578,6 +1626,13 @@ class WorkerInfo(_message.Message):
     """Runs assigned to its queue that hold nothing yet."""
     draining: _builtins.bool
     """Retiring: nothing new is placed on it; it exits once drained."""
+    memory_limit: _builtins.int
+    """Its memory limit, its resident memory and the bytes it spilled to disk,
+    as it last said (bytes; limit 0: none); paused: over its pause fraction.
+    """
+    memory: _builtins.int
+    spilled_bytes: _builtins.int
+    paused: _builtins.bool
     @_builtins.property
     def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
@@ -1608,10 +1663,14 @@ class WorkerInfo(_message.Message):
         resources_text: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         gpus: _abc.Iterable[Global___GpuDevice] | None = ...,
         gpu_use: _abc.Iterable[Global___GpuUse] | None = ...,
+        memory_limit: _builtins.int = ...,
+        memory: _builtins.int = ...,
+        spilled_bytes: _builtins.int = ...,
+        paused: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "draining", b"draining", "gpu_use", b"gpu_use", "gpus", b"gpus", "name", b"name", "nthreads", b"nthreads", "pid", b"pid", "queued", b"queued", "resources", b"resources", "resources_text", b"resources_text", "running", b"running", "used_resources", b"used_resources", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "draining", b"draining", "gpu_use", b"gpu_use", "gpus", b"gpus", "memory", b"memory", "memory_limit", b"memory_limit", "name", b"name", "nthreads", b"nthreads", "paused", b"paused", "pid", b"pid", "queued", b"queued", "resources", b"resources", "resources_text", b"resources_text", "running", b"running", "spilled_bytes", b"spilled_bytes", "used_resources", b"used_resources", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -12,7 +12,8 @@ queue places, in a few transitions of a lease (:class:`~.records.Run`)::
     queued run      -> start (TaskStarted): holds its resources from now on
     run, queued run -> end (finished, erred, dropped unstarted): released
                        exactly once; a second report frees nothing
-    worker          -> join, leave (every lease closed with it), redeclare
+    worker          -> join, leave (every lease closed with it), redeclare,
+                       pause and resume (its memory: closed to new work meanwhile)
 
 Each transition that gives room back marks it for the placement pass
 (:class:`~.records.Changes`) itself, so no event handler can forget to.
@@ -42,6 +43,11 @@ class Books:
         #: the connected workers that take new work (all but those retiring):
         #: the only ones placement looks at
         self.open: dict[WorkerId, WorkerRecord] = {}
+        #: the unretiring workers paused for memory: closed to new work, yet
+        #: they count as able to hold a task (they resume)
+        self.paused: dict[WorkerId, WorkerRecord] = {}
+        #: the latest run id given out
+        self.last_run_id = 0
         #: free threads on all workers together
         self.free_slots = 0
         #: free places in all worker queues together
@@ -71,6 +77,7 @@ class Books:
             host_id=event.host_id,
             queue_limit=self._queue_limit(event.nthreads),
             gpus=event.gpus,
+            memory_limit=event.memory_limit,
         )
         self.open[event.worker_id] = worker
         if event.host_id:
@@ -95,6 +102,7 @@ class Books:
         if worker is None:
             return None
         self.open.pop(worker_id, None)
+        self.paused.pop(worker_id, None)
         on_host = self._hosts.get(worker.host_id)
         if on_host is not None:
             on_host.discard(worker_id)
@@ -110,9 +118,28 @@ class Books:
         """``worker`` retires: nothing new goes there (its runs and queued runs
         carry on, and its books stay open until it leaves)."""
         worker.retiring = True
-        if self.open.pop(worker.worker_id, None) is not None:
+        paused = self.paused.pop(worker.worker_id, None)
+        if self.open.pop(worker.worker_id, None) is not None or paused is not None:
             self.version += 1  # what only it could hold now fits nowhere
             self._changes.everything = True
+
+    def pause(self, worker: WorkerRecord, paused: bool) -> None:
+        """``worker``'s memory crossed its pause fraction (``paused``): nothing
+        new goes there (its runs and queued runs stay); or it fell back
+        below: open to work again (unless it retires meanwhile). Drop its
+        reservation first: placement no longer sees it."""
+        if paused == worker.paused:
+            return
+        worker.paused = paused
+        worker_id = worker.worker_id
+        if paused:
+            worker.paused_after = self.last_run_id
+            if self.open.pop(worker_id, None) is not None:
+                self.paused[worker_id] = worker
+        elif self.paused.pop(worker_id, None) is not None:
+            self.open[worker_id] = worker
+            self._changes.workers.add(worker_id)
+            self._changes.queues.add(worker_id)
 
     def on_host(self, host_id: str) -> frozenset[WorkerId]:
         """The connected workers that registered ``host_id``."""
@@ -152,7 +179,7 @@ class Books:
     def assign(self, worker: WorkerRecord, task: TaskRecord, queued: bool, now: float) -> int:
         """Give ``task`` a run on ``worker``: its resources and a thread now,
         or (``queued``) a place in the worker's queue. Returns the run id."""
-        run_id = next(self._run_ids)
+        run_id = self.last_run_id = next(self._run_ids)
         if queued:
             worker.queued[run_id] = Run(task.key, task.resources, now)
             self.queue_room -= 1

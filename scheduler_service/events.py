@@ -72,6 +72,21 @@ class WorkerJoined:
     resources_text: Mapping[str, str] = field(default_factory=dict)
     #: the GPUs it knows it has (GPU=auto), for status only
     gpus: tuple[GpuDevice, ...] = ()
+    #: bytes of memory its process may use (0: none): not a resource, for status
+    memory_limit: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerMemoryReported:
+    """A worker's memory as it last measured it. ``paused``: past its pause
+    fraction, it starts nothing new, and nothing more is placed there."""
+
+    worker_id: WorkerId
+    #: its process's resident bytes
+    memory: int
+    #: bytes of results it spilled to disk
+    spilled_bytes: int
+    paused: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +249,7 @@ Event = (
     | DataReplicated
     | WorkerJoined
     | GpuUseReported
+    | WorkerMemoryReported
     | WorkerResourcesChanged
     | WorkerLeft
     | TaskFinished

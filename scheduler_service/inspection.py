@@ -41,6 +41,12 @@ class WorkerSnapshot:
     #: its GPUs where it knows them, and the keys holding each (device id -> keys)
     gpus: tuple[GpuDevice, ...] = ()
     gpu_use: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: bytes its process may use (0: none), uses (resident) and spilled to disk
+    memory_limit: int = 0
+    memory: int = 0
+    spilled_bytes: int = 0
+    #: past its pause fraction of memory: nothing new goes there
+    paused: bool = False
 
 
 @dataclass(slots=True)
@@ -67,6 +73,10 @@ def snapshot(state: ClusterState) -> ClusterSnapshot:
                 resources_text=dict(w.declared_text),
                 gpus=w.gpus,
                 gpu_use=dict(w.gpu_use),
+                memory_limit=w.memory_limit,
+                memory=w.memory,
+                spilled_bytes=w.spilled_bytes,
+                paused=w.paused,
             )
             for w in sorted(state.workers.values(), key=lambda w: w.worker_id)
         ],
@@ -88,6 +98,8 @@ def explain(state: ClusterState, key: str) -> str:
                 if state.reservations.get(key) == holder.worker_id
                 else ""
             )
+            if holder.paused:
+                kept += f"; {holder.name} is paused (its memory is past its pause fraction)"
             return (
                 f"task {key!r} is queued on {holder.name}, "
                 f"to start there when its resources are free{kept}"
@@ -113,6 +125,16 @@ def explain(state: ClusterState, key: str) -> str:
 def _explain_busy(state: ClusterState, task: TaskRecord) -> str:
     """A ready task that fits some worker in total: what is busy, what is ahead."""
     eligible = [w for w in state.placer.eligible(task) if fits(task.resources, w.declared)]
+    paused = sorted(
+        w.name
+        for w in state.placer.could_hold(task)
+        if w.paused and fits(task.resources, w.declared)
+    )
+    if not eligible and paused:
+        return (
+            f"task {task.key!r} waits for {', '.join(paused)} to resume: paused, its "
+            f"memory past its pause fraction (nothing new is placed there until it is below)"
+        )
     busy: set[str] = set()
     for worker in eligible:
         if worker.free_slots <= 0:
@@ -124,6 +146,8 @@ def _explain_busy(state: ClusterState, task: TaskRecord) -> str:
     what = " and ".join(sorted(busy)) or "capacity"
     kept = state.reservations.get(task.key)
     note = f"; {state.workers[kept].name} is reserved for it" if kept is not None else ""
+    if paused:
+        note += f"; paused for memory: {', '.join(paused)}"
     return (
         f"task {task.key!r} waits for {what}, busy on every worker that fits it "
         f"({len(eligible)}); {ahead} task(s) like it are ahead of it{note}"

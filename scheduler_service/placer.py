@@ -65,7 +65,7 @@ class Placer:
         self._pack = policy.placement == "pack"
         self._tasks = tasks
         self._books = books
-        #: the workers open to new work (retiring ones are not)
+        #: the workers open to new work (retiring and paused ones are not)
         self._workers = books.open
         self._queues = queues
         self._changes = changes
@@ -340,7 +340,7 @@ class Placer:
         within a pass)."""
         if task.shape in self._feasibility:
             return self._feasibility[task.shape]
-        eligible = self.eligible(task)
+        eligible = self.could_hold(task)
         if task.allowed and not task.loose and not eligible:
             names = ", ".join(sorted(task.allowed))
             reason: str | None = f"none of the workers it is restricted to ({names}) is connected"
@@ -357,6 +357,16 @@ class Placer:
         if not task.allowed or task.loose:
             return list(self._workers.values())
         return [w for w in self._workers.values() if named(task, w)]
+
+    def could_hold(self, task: TaskRecord) -> list[WorkerRecord]:
+        """:meth:`eligible`, and the workers paused for memory: a task only
+        they fit waits for one to resume, as for a busy one."""
+        paused = self._books.paused
+        if not paused:
+            return self.eligible(task)
+        return self.eligible(task) + [
+            w for w in paused.values() if not task.allowed or task.loose or named(task, w)
+        ]
 
     # ------------------------------------------------------ reservations
 

@@ -119,6 +119,18 @@ class WorkerRecord:
     #: (device id -> keys), as it last said: for status only
     gpus: tuple[GpuDevice, ...] = ()
     gpu_use: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: bytes of memory its process may use (0: none), its resident bytes and
+    #: the bytes it spilled to disk, as it last said: for status only (this
+    #: memory is not the MEMORY resource, which the books account)
+    memory_limit: int = 0
+    memory: int = 0
+    spilled_bytes: int = 0
+    # --- the books' (books.py)
+    #: past its pause fraction of memory: nothing new is placed here
+    paused: bool = False
+    #: the latest run id assigned anywhere when it paused: none above it may
+    #: be on this worker while it stays paused
+    paused_after: int = 0
 
     def held(self) -> Quanta:
         return {name: self.declared[name] - self.free[name] for name in self.declared}

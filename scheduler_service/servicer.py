@@ -291,6 +291,7 @@ class SchedulerServicer(OperatorCalls, pb_grpc.SchedulerServicer):
                 registration.host_id,
                 registration.resources_text,
                 registration.gpus,
+                registration.memory_limit,
             )
         )
         self.worker_joined.set()
@@ -420,6 +421,9 @@ class SchedulerServicer(OperatorCalls, pb_grpc.SchedulerServicer):
         gpu_use = wire.gpu_use_from_pb(worker_id, reports)
         if gpu_use is not None:
             more.append(gpu_use)
+        memory = wire.memory_from_pb(worker_id, reports)
+        if memory is not None:
+            more.append(memory)
         if reports.retire_me:
             log.info("worker %d asks to retire (SIGTERM): draining it", worker_id)
             more.append(RetirementAsked((worker_id,)))

@@ -74,6 +74,7 @@ from .events import (
     WorkerId,
     WorkerJoined,
     WorkerLeft,
+    WorkerMemoryReported,
     WorkerResourcesChanged,
 )
 from .graph import Graph
@@ -214,6 +215,8 @@ class ClusterState:
                 worker = self.workers.get(event.worker_id)
                 if worker is not None:
                     worker.gpu_use = dict(event.use)
+            case WorkerMemoryReported():
+                self._on_memory(event)
             case WorkerLeft():
                 self._on_worker_left(event, cmds)
             case ClientJoined():
@@ -320,6 +323,17 @@ class ClusterState:
             if worker is not None and not worker.retiring:
                 self.placer.worker_left(worker)  # a reservation on it goes first
                 self.retirements.ask(worker)
+
+    def _on_memory(self, event: WorkerMemoryReported) -> None:
+        """A worker's memory figures; paused, it takes nothing new (no runs,
+        no queued runs, no reservation) until it says it has resumed."""
+        worker = self.workers.get(event.worker_id)
+        if worker is None:
+            return
+        worker.memory, worker.spilled_bytes = event.memory, event.spilled_bytes
+        if event.paused and not worker.paused:
+            self.placer.worker_left(worker)  # a reservation on it goes first
+        self.books.pause(worker, event.paused)
 
     def _tell_host_peers(self, host_id: str, cmds: list[Command]) -> None:
         """A worker joined or left ``host_id``: tell each worker there how many

@@ -38,13 +38,25 @@ def validate(state: ClusterState) -> None:
 
 def _check_workers(state: ClusterState) -> None:
     tasks = state.tasks
-    open_ids = {w for w, rec in state.workers.items() if not rec.retiring}
+    open_ids = {w for w, rec in state.workers.items() if not rec.retiring and not rec.paused}
     check(state.books.open.keys() == open_ids, "the workers open to work are not the unretiring")
+    paused_ids = {w for w, rec in state.workers.items() if not rec.retiring and rec.paused}
+    check(state.books.paused.keys() == paused_ids, "the paused workers are out of sync")
     for worker in state.workers.values():
         check(
             not worker.retiring or worker.reserved_for is None,
             f"worker {worker.name}: retiring yet kept for {worker.reserved_for}",
         )
+        check(
+            not worker.paused or worker.reserved_for is None,
+            f"worker {worker.name}: paused yet kept for {worker.reserved_for}",
+        )
+        if worker.paused:
+            latest = max(itertools.chain(worker.runs, worker.queued), default=0)
+            check(
+                latest <= worker.paused_after,
+                f"worker {worker.name}: run {latest} assigned to it after it paused",
+            )
         held: Counter[str] = Counter()
         for run in worker.runs.values():
             held.update(run.resources)
@@ -130,7 +142,7 @@ def _check_queues(state: ClusterState) -> None:
         task = state.tasks.get(key)
         if task is not None and task.state == READY and task.ready_gen == gen:
             check(
-                not any(fits(task.resources, w.declared) for w in placer.eligible(task)),
+                not any(fits(task.resources, w.declared) for w in placer.could_hold(task)),
                 f"{task.key} parked though a worker could hold it",
             )
     if state.clock.hold_until:

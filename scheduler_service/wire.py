@@ -70,6 +70,7 @@ from .events import (
     TaskStarted,
     TaskSubmission,
     WorkerId,
+    WorkerMemoryReported,
 )
 from .inspection import ClusterSnapshot, WorkerSnapshot
 
@@ -181,6 +182,8 @@ class Registration:
     resources_text: dict[str, str] = field(default_factory=dict)
     #: its GPUs where it knows them (GPU=auto), for status
     gpus: tuple[GpuDevice, ...] = ()
+    #: bytes of memory its process may use (0: none), for status
+    memory_limit: int = 0
 
 
 def registration_from_pb(reg: pb.RegisterWorker) -> Registration:
@@ -212,6 +215,7 @@ def registration_from_pb(reg: pb.RegisterWorker) -> Registration:
             checked["resources"], checked["declared_text"], f"{what}: declared_text"
         ),
         gpus=gpus,
+        memory_limit=reg.memory_limit,
     )
 
 
@@ -406,6 +410,14 @@ def gpu_use_from_pb(worker_id: WorkerId, reports: pb.WorkerReports) -> GpuUseRep
     return GpuUseReported(worker_id, tuple(use))
 
 
+def memory_from_pb(worker_id: WorkerId, reports: pb.WorkerReports) -> WorkerMemoryReported | None:
+    """The worker's memory figures, if the batch carries them (None if not)."""
+    if not reports.HasField("memory"):
+        return None
+    m = reports.memory
+    return WorkerMemoryReported(worker_id, m.process_bytes, m.spilled_bytes, m.paused)
+
+
 def retire_workers_from_pb(request: pb.RetireWorkersRequest) -> tuple[list[str], float]:
     """(names or addresses, timeout in seconds) of a RetireWorkers call."""
     check_count(request.workers, MAX_ITEMS_PER_MESSAGE, "RetireWorkersRequest.workers")
@@ -524,6 +536,10 @@ def worker_info_to_pb(w: WorkerSnapshot) -> pb.WorkerInfo:
             for g in w.gpus
         ],
         gpu_use=[pb.GpuUse(device=d, keys=keys) for d, keys in w.gpu_use.items()],
+        memory_limit=w.memory_limit,
+        memory=w.memory,
+        spilled_bytes=w.spilled_bytes,
+        paused=w.paused,
     )
 
 

@@ -8,6 +8,7 @@ after every end-to-end test each worker's used resources must be back to zero.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,6 +19,7 @@ import cloudpickle
 import pytest
 
 import tests
+from apportion_common import config_file
 from apportion_common.grpc_server import make_server
 from scheduler_service import SchedulerServer
 from tests.helpers.processes import Processes, assert_all_released
@@ -27,6 +29,15 @@ from worker_service.store import ResultStore
 # Worker processes cannot import the test modules, so functions defined in
 # tests travel by value, as a user's __main__ functions do.
 cloudpickle.register_pickle_by_value(tests)
+
+
+@pytest.fixture(autouse=True)
+def no_config_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads the developer's ~/.config/apportion or /etc/apportion file:
+    the processes it starts inherit an empty one, and this one looks nowhere
+    (even where a test clears the APPORTION_* variables)."""
+    monkeypatch.setenv(config_file.CONFIG_ENV, os.devnull)
+    monkeypatch.setattr(config_file, "search_paths", lambda: ())
 
 
 @pytest.fixture

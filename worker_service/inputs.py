@@ -38,10 +38,16 @@ class Inputs:
     missing: list[tuple[str, str]] = field(default_factory=list)
 
 
-def local_inputs(store: ResultStore, a: Assignment) -> dict[str, Frames] | None:
-    """The run's inputs if this worker holds every one, else None."""
+def local_inputs(
+    store: ResultStore, a: Assignment, from_disk: bool = True
+) -> dict[str, Frames] | None:
+    """The run's inputs if this worker holds every one, else None; also None
+    if one is spilled and not ``from_disk`` (on the event loop, which must not
+    wait for a file: :meth:`InputFetcher.gather` reads it in a thread)."""
     values: dict[str, Frames] = {}
     for item in a.inputs:
+        if not from_disk and store.is_spilled(item.key):
+            return None
         local = store.get(item.key)
         if local is None:
             return None
@@ -66,7 +72,7 @@ class InputFetcher:
         inputs = Inputs()
         remote: dict[str, InputLocation] = {}
         for item in a.inputs:
-            local = self._store.get(item.key)
+            local = await self.local(item.key)
             if local is not None:
                 inputs.values[item.key] = local
             else:
@@ -90,6 +96,12 @@ class InputFetcher:
             else:
                 self._keep(inputs, key, data)
         return inputs
+
+    async def local(self, key: str) -> Frames | None:
+        """``key``'s value if this worker holds it, read in a thread if spilled."""
+        if self._store.is_spilled(key):
+            return await asyncio.to_thread(self._store.get, key)
+        return self._store.get(key)
 
     async def fetch_one(self, item: InputLocation, why: str) -> tuple[Frames | None, list[str]]:
         """``item``'s value from the first holder that has it (through shared

@@ -10,6 +10,12 @@ know how a worker is started: its caller gives the command line of worker
 ``index``, so the command line stays the only place that knows its own flags;
 and optionally what to add to its environment (its GPUs, through
 ``CUDA_VISIBLE_DEVICES``), merged over the nanny's own.
+
+With ``terminate_at`` (bytes: the terminate fraction of each process's memory
+limit) it also watches each child's resident memory as it polls them, and
+kills one past it (SIGKILL: a process that large may be too stuck to drain),
+as Dask's nanny does; the scheduler places its tasks again, and counts the
+death towards ``KilledWorker``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import time
 from collections.abc import Callable, Mapping
 
 from apportion_common import shm
+from apportion_common.process_memory import Resident
 
+from . import spill
 from .retiring import RESTART_EXIT_CODE
 
 log = logging.getLogger("worker_service")
@@ -37,6 +45,10 @@ FATAL_EXIT_CODES = frozenset({2, 70, 75, 77})
 MIN_LIFETIME_S = 1.0
 #: How long stopping waits for a child to leave, past its drain, before SIGKILL.
 STOP_TIMEOUT_S = 10.0
+#: What every child's environment gets unless set: glibc gives freed memory
+#: back to the system past 64 KiB, so that memory measured falls when results
+#: are spilled or released (Dask's nanny sets the same).
+CHILD_ENV_DEFAULTS = {"MALLOC_TRIM_THRESHOLD_": "65536"}
 
 
 def _die_with_parent() -> None:
@@ -66,22 +78,32 @@ class Nanny:
         nworkers: int,
         drain_timeout: float = 0.0,
         env: Callable[[int], Mapping[str, str]] | None = None,
+        terminate_at: int | None = None,
+        local_directory: str | None = None,
     ) -> None:
         self._command = command
         self._env = env
         self._nworkers = nworkers
         self._drain_timeout = drain_timeout
         self._started: dict[int, float] = {}
+        #: resident bytes past which a child is killed (None: never)
+        self._terminate_at = terminate_at
+        #: where the children spill: what a dead one left there goes
+        self._local_directory = local_directory
+        self._memory: dict[int, Resident] = {}
         self.stopping = threading.Event()
         #: the signal that stopped the nanny, passed on to the children
         self._signal = signal.SIGTERM
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         self._started[index] = time.monotonic()
-        env = None if self._env is None else {**os.environ, **self._env(index)}
-        return subprocess.Popen(
+        env = {**CHILD_ENV_DEFAULTS, **os.environ, **(self._env(index) if self._env else {})}
+        proc = subprocess.Popen(
             self._command(index), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=env
         )
+        if self._terminate_at is not None:
+            self._memory[index] = Resident(proc.pid)
+        return proc
 
     def stop_on_signals(self) -> None:
         """SIGINT and SIGTERM stop the nanny and its children (main thread only)."""
@@ -99,9 +121,12 @@ class Nanny:
         while not self.stopping.wait(0.1):
             for index, proc in list(children.items()):
                 code = proc.poll()
+                if code is None and not self.stopping.is_set():
+                    self._check_memory(index, proc)
                 if code is None or self.stopping.is_set():
                     continue
                 shm.remove_segments_of(proc.pid)  # what it was handing over when it died
+                spill.remove_directories_of(self._local_directory, proc.pid)
                 if code == 0:
                     log.info("worker process %d retired", index)
                     del children[index]
@@ -123,13 +148,34 @@ class Nanny:
                 children[index] = self._spawn(index)
         if status == 0:  # stopped by a signal: the children get the same
             drain = self._drain_timeout if self._signal == signal.SIGTERM else 0.0
-            _stop(list(children.values()), self._signal, drain)
+            _stop(list(children.values()), self._signal, drain, self._local_directory)
         else:  # a child failed for good: the others stop at once
-            _stop(list(children.values()), signal.SIGINT, 0.0)
+            _stop(list(children.values()), signal.SIGINT, 0.0, self._local_directory)
         return status
 
+    def _check_memory(self, index: int, proc: subprocess.Popen[bytes]) -> None:
+        """Kill a child past its terminate fraction (the next poll restarts it)."""
+        limit, measure = self._terminate_at, self._memory.get(index)
+        if limit is None or measure is None:
+            return
+        used = measure()
+        if used > limit:
+            log.warning(
+                "worker process %d uses %d MB, past its terminate threshold (%d MB); restarting it",
+                index,
+                used // 10**6,
+                limit // 10**6,
+            )
+            proc.kill()
+            proc.wait()
 
-def _stop(children: list[subprocess.Popen[bytes]], sig: int, drain_timeout: float) -> None:
+
+def _stop(
+    children: list[subprocess.Popen[bytes]],
+    sig: int,
+    drain_timeout: float,
+    local_directory: str | None = None,
+) -> None:
     for proc in children:
         if proc.poll() is None:
             proc.send_signal(sig)
@@ -141,3 +187,4 @@ def _stop(children: list[subprocess.Popen[bytes]], sig: int, drain_timeout: floa
             proc.kill()
             proc.wait()
         shm.remove_segments_of(proc.pid)
+        spill.remove_directories_of(local_directory, proc.pid)

@@ -13,8 +13,6 @@ import asyncio
 import logging
 from typing import Protocol
 
-from apportion_common.frames import Frames
-
 from .assignment import InputLocation
 from .inputs import InputFetcher
 from .store import ResultStore
@@ -70,13 +68,14 @@ class Retiring:
         copy.add_done_callback(self._copies.discard)
 
     async def _copy(self, item: InputLocation) -> None:
-        data: Frames | None = self._store.get(item.key)
-        if data is None:
+        nbytes = self._store.nbytes(item.key)  # not read back if spilled
+        if nbytes is None:
             data, _ = await self._fetcher.fetch_one(item, "a copy from a retiring worker")
             if data is None:
                 return  # the scheduler asks again, maybe of another worker
             self._store.put(item.key, 0, data)
-        self.link.reports.acquired.append((item.key, data.nbytes))
+            nbytes = data.nbytes
+        self.link.reports.acquired.append((item.key, nbytes))
         self.link.wake()
 
     async def close(self) -> None:

@@ -12,6 +12,7 @@ from apportion_common.gpus import GpuDevice
 from apportion_common.grpc_server import install_stop_signals
 from apportion_common.security import TLS
 
+from .memory import MemoryFractions
 from .retiring import DEFAULT_DRAIN_TIMEOUT_S, drain
 from .stream import WorkerRefused
 from .worker import INVARIANT_EXIT_CODE, Worker
@@ -35,6 +36,9 @@ async def run_worker(
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
     gpus: Sequence[GpuDevice] = (),
     isolate_gpu_tasks: bool = False,
+    memory_limit: int = 0,
+    memory: MemoryFractions | None = None,
+    local_directory: str | None = None,
 ) -> int:
     """Run one worker until it is retired or restarted (returns the status to
     exit with), or SIGINT (stop now), or SIGTERM (drain for at most
@@ -56,6 +60,9 @@ async def run_worker(
         death_timeout=death_timeout,
         gpus=gpus,
         isolate_gpu_tasks=isolate_gpu_tasks,
+        memory_limit=memory_limit,
+        memory=memory,
+        local_directory=local_directory,
     )
     # Carrying on with broken books would hide the fault.
     worker.on_broken = lambda: os._exit(INVARIANT_EXIT_CODE)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 
 import grpc
@@ -24,7 +25,9 @@ from apportion_common.services import add_service
 from apportion_common.transfer import (
     BATCH_FETCH_MAX_KEYS,
     BATCH_FETCH_REPLY_BYTES,
+    CHUNK_BYTES,
     NOTHING_TO_MAP,
+    chunk_head,
     chunks,
 )
 from apportion_common.uploads import UploadError
@@ -76,6 +79,12 @@ class WorkerServicer:
     ) -> pb.GetLogsReply:
         return logs_reply(kept_lines(self._log_ring, lines_wanted(request)))
 
+    async def _get(self, key: str) -> Frames | None:
+        """``key``'s result, read back in a thread if it was spilled to disk."""
+        if self._store.is_spilled(key):
+            return await asyncio.to_thread(self._store.get, key)
+        return self._store.get(key)
+
     async def _stored(
         self, key: str, what: str, context: grpc.aio.ServicerContext[object, object]
     ) -> Frames:
@@ -84,7 +93,7 @@ class WorkerServicer:
             check_key(key, what)
         except WireError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        data = self._store.get(key)
+        data = await self._get(key)
         if data is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no result for {key!r} here")
         assert data is not None  # abort raises
@@ -94,6 +103,13 @@ class WorkerServicer:
         self, request: pb.FetchResultRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[bytes]:
         """Serialized ``ResultChunk`` messages (see :func:`add_worker_service`)."""
+        spilled = self._store.open_spilled(request.key)
+        if spilled is not None:
+            # From the file a chunk at a time: serving a spilled result must
+            # not bring it back into memory (the worker ran short of it).
+            async for chunk in _file_chunks(spilled, request.stripe, request.stripes):
+                yield chunk
+            return
         data = await self._stored(request.key, "FetchResultRequest.key", context)
         for chunk in chunks(data, stripe=request.stripe, stripes=request.stripes):
             yield chunk
@@ -110,6 +126,9 @@ class WorkerServicer:
         if request is None:
             return
         key = request.key
+        if self._store.is_spilled(key):
+            # Streamed from its file instead: a segment would bring it back into memory.
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NOTHING_TO_MAP)
         data = await self._stored(key, "ShareRequest.key", context)
         published = self._store.segment(key)
         if published is not None:
@@ -153,14 +172,31 @@ class WorkerServicer:
         reply = pb.FetchResultsReply()
         room = BATCH_FETCH_REPLY_BYTES
         for key in keys:
-            data = self._store.get(key)
-            if data is None or data.nbytes > request.max_bytes:
+            nbytes = self._store.nbytes(key)
+            if nbytes is None or nbytes > request.max_bytes:
                 continue
-            if data.nbytes > room:
+            if nbytes > room:
                 break
+            data = await self._get(key)
+            if data is None:
+                continue
             room -= data.nbytes
             reply.results.add(key=key, data=b"".join(data.segments()))
         return reply
+
+
+async def _file_chunks(fd: int, stripe: int, stripes: int) -> AsyncIterator[bytes]:
+    """A spilled result's ``ResultChunk`` messages, read from its file (open on
+    ``fd``, closed at the end) in a thread a chunk at a time."""
+    try:
+        total = os.fstat(fd).st_size
+        step = max(stripes, 1) * CHUNK_BYTES
+        for start in range(stripe * CHUNK_BYTES, total, step):
+            length = min(CHUNK_BYTES, total - start)
+            data = await asyncio.to_thread(os.pread, fd, length, start)
+            yield chunk_head(total, start, len(data), stripes > 1) + data
+    finally:
+        os.close(fd)
 
 
 async def _peer_mapped(requests: AsyncIterator[pb.ShareRequest], key: str) -> None:

@@ -15,6 +15,13 @@ therefore never holds back one that needs only what is free (as Dask's worker
 picks up ready tasks while constrained ones wait). Starvation of a large run
 behind small ones is prevented by the scheduler, which stops sending this
 worker new tasks while an overtaken queued run waits (its reservation).
+
+A worker whose memory is past its pause fraction is **paused** (:meth:`pause`):
+it starts nothing new. Runs the scheduler sent before it heard are kept
+rather than refused (it would only have to place them again): a queued one
+waits in the queue; one sent into free capacity takes its lease at once, as
+the scheduler already counts it, and waits holding it (``pause_waiting``).
+Resuming starts those first, then every queued run that fits.
 """
 
 from __future__ import annotations
@@ -86,6 +93,11 @@ class WorkerState:
         self.cancelled: set[int] = set()
         #: queued runs by run id
         self.queue: dict[int, _Queued] = {}
+        #: memory past the pause fraction: nothing new starts
+        self.paused = False
+        #: runs sent into free capacity while paused: holding their lease,
+        #: they start when the worker resumes (in arrival order)
+        self.pause_waiting: list[Assignment] = []
         #: the same, in the order they start in
         self._order: list[_Queued] = []
         self._arrivals = itertools.count()
@@ -103,11 +115,14 @@ class WorkerState:
             except OverCommitted as exc:
                 return Refused(a, str(exc))
             self.running.add(a.run_id)
+            if self.paused:
+                self.pause_waiting.append(a)
+                return None
             return a if self._give_devices(a) else None
         if not self.ledger.could_ever_fit(a.need):
             # The scheduler queued it here for good: it would never start.
             return Refused(a, f"run {a.run_id} needs more than this worker declares")
-        if self.ledger.fits(a.need):
+        if not self.paused and self.ledger.fits(a.need):
             self.ledger.acquire(a.run_id, a.need)
             self.running.add(a.run_id)
             return a if self._give_devices(a) else None
@@ -128,7 +143,7 @@ class WorkerState:
         if self.devices is not None:
             self.devices.release(run_id)
             started = self._start_device_waiting()
-        if self.queue:
+        if self.queue and not self.paused:
             started += self._start_fitting()
         return Ended(cancelled, started)
 
@@ -136,6 +151,14 @@ class WorkerState:
         """The scheduler cancelled a run. A queued one is dropped unstarted and
         returned (report it cancelled now); a running one is marked, and its
         lease stays until its code returns (threads cannot be interrupted)."""
+        waiting = next((a for a in self.pause_waiting if a.run_id == run_id), None)
+        if waiting is not None:
+            # Never started: dropped, its lease back (reported cancelled).
+            self.pause_waiting.remove(waiting)
+            self.ledger.release(run_id)
+            self.running.discard(run_id)
+            self.cancelled.discard(run_id)
+            return waiting
         if run_id in self.running:
             self.cancelled.add(run_id)
             return None
@@ -149,7 +172,20 @@ class WorkerState:
         """The operator changed what this worker declares: runs holding more
         finish; queued runs that now fit start."""
         self.ledger.declare(declared)
-        return self._start_fitting()
+        return [] if self.paused else self._start_fitting()
+
+    def pause(self, paused: bool) -> list[Assignment]:
+        """The worker's memory crossed its pause fraction (``paused``) or fell
+        back below it: on resuming, the runs that waited holding their lease
+        start, then every queued run that fits, in order."""
+        if paused == self.paused:
+            return []
+        self.paused = paused
+        if paused:
+            return []
+        started = [a for a in self.pause_waiting if self._give_devices(a)]
+        self.pause_waiting = []
+        return started + self._start_fitting()
 
     def drop_queue(self) -> list[Assignment]:
         """The scheduler is gone (or the worker closes): every queued run is
@@ -162,8 +198,13 @@ class WorkerState:
             self.ledger.release(a.run_id)
             self.running.discard(a.run_id)
             self.cancelled.discard(a.run_id)
-        dropped += self.device_waiting
+        for a in self.pause_waiting:
+            self.ledger.release(a.run_id)
+            self.running.discard(a.run_id)
+            self.cancelled.discard(a.run_id)
+        dropped += self.device_waiting + self.pause_waiting
         self.device_waiting = []
+        self.pause_waiting = []
         self.started_waiting = []
         return dropped
 
@@ -241,7 +282,10 @@ class WorkerState:
             "the queue's order is out of step with its runs",
         )
         check(self._order == sorted(self._order, key=_rank), "the queue is out of order")
-        for queued in self._order:
+        waiting = {a.run_id for a in self.pause_waiting}
+        check(waiting <= self.running, "a run waits for the worker to resume without its lease")
+        check(self.paused or not waiting, "a run waits for a worker that is not paused")
+        for queued in [] if self.paused else self._order:
             check(
                 not self.ledger.fits(queued.assignment.need),
                 f"queued run {queued.assignment.run_id} fits in what is free but waits",

@@ -62,6 +62,8 @@ class LinkOwner(Protocol):
     host_id: str
     #: the GPUs this process may use (GPU=auto), shown by the scheduler
     gpus: tuple[GpuDevice, ...]
+    #: bytes of memory this process may use (0: no limit), shown by the scheduler
+    memory_limit: int
 
     @property
     def name(self) -> str: ...
@@ -201,6 +203,7 @@ class SchedulerLink:
                     owner.host_id,
                     owner.resources_text,
                     owner.gpus,
+                    owner.memory_limit,
                 )
             )
             first = await call.read()

@@ -169,6 +169,8 @@ class Reports:
     retire_me: bool = False
     #: which task holds which GPU now (device id -> keys), when that changed
     gpu_use: dict[str, list[str]] | None = None
+    #: (resident bytes, spilled bytes, paused), as last measured
+    memory: tuple[int, int, bool] | None = None
 
     def __bool__(self) -> bool:
         return bool(
@@ -180,6 +182,7 @@ class Reports:
             or self.acquired
             or self.retire_me
             or self.gpu_use is not None
+            or self.memory is not None
         )
 
 
@@ -217,6 +220,11 @@ def reports_to_pb(reports: Reports) -> pb.WorkerToScheduler:
         fields["gpu_use"] = [
             pb.GpuUse(device=device, keys=keys) for device, keys in reports.gpu_use.items()
         ]
+    if reports.memory is not None:
+        process, spilled, paused = reports.memory
+        fields["memory"] = pb.WorkerMemory(
+            process_bytes=process, spilled_bytes=spilled, paused=paused
+        )
     return pb.WorkerToScheduler(reports=pb.WorkerReports(**fields))
 
 
@@ -266,6 +274,7 @@ def registration_to_pb(
     host_id: str = "",
     resources_text: dict[str, str] | None = None,
     gpus: Sequence[GpuDevice] = (),
+    memory_limit: int = 0,
 ) -> pb.WorkerToScheduler:
     return pb.WorkerToScheduler(
         register=pb.RegisterWorker(
@@ -286,5 +295,6 @@ def registration_to_pb(
                 )
                 for g in gpus
             ],
+            memory_limit=memory_limit,
         )
     )

@@ -40,6 +40,7 @@ from apportion_common import boundary, serialize, shm
 from apportion_common.gpus import GpuDevice
 from apportion_common.grpc_server import ServingHealth, bind, make_server
 from apportion_common.host import advertised_host, host_id
+from apportion_common.process_memory import Resident
 from apportion_common.resources import matching_spellings, to_quanta
 from apportion_common.security import (
     TLS,
@@ -59,8 +60,11 @@ from .execute import Outcome, execute
 from .inputs import SHARE_MIN_BYTES, InputFetcher, Inputs, local_inputs
 from .isolated import IsolatedRunner
 from .ledger import OverCommitted
+from .memory import MemoryFractions, MemoryPolicy
+from .monitor import MemoryMonitor
 from .retiring import RESTART_EXIT_CODE, Retiring
 from .servicer import WORKER_SERVICE, WorkerServicer, add_worker_service
+from .spill import SpillDirectory, remove_orphans
 from .state import GPU, InvariantError, Refused, WorkerState
 from .store import ResultStore
 from .stream import SchedulerLink
@@ -121,6 +125,9 @@ class Worker:
         death_timeout: float | None = None,
         gpus: Sequence[GpuDevice] = (),
         isolate_gpu_tasks: bool = False,
+        memory_limit: int = 0,
+        memory: MemoryFractions | None = None,
+        local_directory: str | None = None,
     ) -> None:
         self.scheduler_address = scheduler_address
         self.resources = dict(resources or {})
@@ -134,7 +141,11 @@ class Worker:
         self.gpus = tuple(gpus)
         #: run every task that holds a GPU in a child process seeing only its own
         self.isolate_gpu_tasks = isolate_gpu_tasks
-        self.store = ResultStore()
+        #: bytes of memory this process may use (0: none); not the MEMORY resource
+        self.memory_limit = memory_limit
+        self.local_directory = local_directory
+        self._spill_dir = SpillDirectory(local_directory)
+        self.store = ResultStore(self._spill_dir)
         #: the run queue and the ledger; shared with the task threads under _lock
         self.state = WorkerState(to_quanta(self.resources), nthreads, [g.id for g in self.gpus])
         #: child processes for tasks that must see only their own GPUs
@@ -180,6 +191,9 @@ class Worker:
         self._main: asyncio.Task[None] | None = None
         #: (key, incarnation, nbytes) of results kept from a previous session
         self._held: list[tuple[str, int, int]] = []
+        policy = MemoryPolicy(memory_limit, memory)
+        self.memory = MemoryMonitor(policy, self.store, Resident(), self._pause, self._link)
+        self._monitoring: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -202,11 +216,13 @@ class Worker:
     async def start(self) -> None:
         if self.host_id:
             shm.remove_orphans()  # of workers on this host killed before they could
+        remove_orphans(self.local_directory)  # spilled by workers killed, the same way
         self.port = bind(self._server, self.host, self.port, self._security.credentials())
         self._fetcher.own_address = self.address
         self._security.warn_if_exposed(self.host, "this worker", log)
         await self._server.start()
         await self._health.set(True)
+        self._monitoring = asyncio.create_task(self.memory.run())
         self._main = asyncio.create_task(self._link.run_forever(self._stopping))
 
     async def wait_registered(self, timeout: float | None = None) -> None:
@@ -215,9 +231,10 @@ class Worker:
     async def close(self) -> None:
         self._stopping.set()
         self._drop_queue()
-        if self._main is not None:
-            self._main.cancel()
-            await asyncio.gather(self._main, return_exceptions=True)
+        for ongoing in (self._main, self._monitoring):
+            if ongoing is not None:
+                ongoing.cancel()
+                await asyncio.gather(ongoing, return_exceptions=True)
         for task in [*self._fetching.values(), *self._running.values()]:
             task.cancel()
         await asyncio.gather(
@@ -229,7 +246,8 @@ class Worker:
         await self._peers.close()
         self._threads.shutdown()
         self._isolated.shutdown()
-        self.store.clear()  # its shared-memory segments with it
+        self.store.clear()  # its shared-memory segments and spill files with it
+        self._spill_dir.close()
         self.uploads.close()
 
     async def __aenter__(self) -> Worker:
@@ -259,6 +277,7 @@ class Worker:
             else:
                 self._authorizer.forget_role(Role.SCHEDULER)
         self.retiring.registered()
+        self.memory.resend()  # a paused worker must not be sent work
         if self.state.devices is not None:
             # A scheduler that has just met us knows no holders yet: tell it.
             with self._lock:
@@ -370,10 +389,15 @@ class Worker:
                 log.error("skipping run %d: %s", a.run_id, admitted.reason)
         elif admitted is not None:
             self._launch(admitted)
-        elif any(self.store.get(item.key) is None for item in a.inputs):
+        elif any(item.key not in self.store for item in a.inputs):
             # Queued: fetch its inputs while it waits, so that it holds its
             # resources for its own work only.
             self._prefetches[a.run_id] = asyncio.create_task(self._fetcher.gather(a))
+
+    def _pause(self, paused: bool) -> None:
+        """Memory crossed the pause fraction: start nothing new, or resume."""
+        for started in self._stimulus(self.state.pause, paused):
+            self._launch(started)
 
     def _drop_queue(self) -> None:
         with self._lock:
@@ -407,7 +431,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._running[a.run_id] = loop.create_future()
         prefetch = self._prefetches.pop(a.run_id, None)
-        values = local_inputs(self.store, a) if prefetch is None else None
+        values = local_inputs(self.store, a, from_disk=False) if prefetch is None else None
         if values is not None:
             # Everything at hand (the common case): straight to a thread, no
             # asyncio task, and runs that end together wake the loop once.

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand
 
+from .config import config
 from .local import local
 from .operator import explain, logs, restart, retire, set_resources, shutdown, status
 from .scheduler import scheduler
@@ -77,6 +78,7 @@ for command, name in (
     (shutdown, None),
     (explain, None),
     (logs, None),
+    (config, None),
 ):
     app.command(name, cls=_Command)(command)
 

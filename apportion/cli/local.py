@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
+from apportion_common.config_file import ConfigError
 from apportion_common.resources import ResourceSpecError, parse_spellings
+from apportion_common.settings import SchedulerSettings, WorkerSettings
 
 from .options import (
     TlsCaOption,
@@ -19,6 +22,7 @@ from .options import (
     fail,
     read_tls,
     security_settings,
+    settings_error,
 )
 
 
@@ -39,24 +43,35 @@ def local(
             show_default="none",
         ),
     ] = None,
-    port: Annotated[int, typer.Option(help="Scheduler port (0 picks one).", metavar="PORT")] = 8786,
+    port: Annotated[
+        int | None,
+        typer.Option(help="Scheduler port (0 picks one).", metavar="PORT", show_default="8786"),
+    ] = None,
     token: TokenOption = None,
     tls_ca: TlsCaOption = None,
     tls_cert: TlsCertOption = None,
     tls_key: TlsKeyOption = None,
 ) -> None:
     """Run a scheduler and workers on this machine until interrupted."""
+    try:
+        # As written: each worker declares MEMORY=100GB so, and status shows it so.
+        res = parse_spellings(resources) if resources is not None else None
+        # Flags over the environment over the configuration file; resources
+        # not given here are the workers' own to read (LocalCluster).
+        given: dict[str, Any] = {} if port is None else {"port": port}
+        chosen = SchedulerSettings(**given)
+        given = {} if res is None else {"resources": res}
+        configured = WorkerSettings(**given)
+    except (ResourceSpecError, ConfigError) as exc:
+        fail(str(exc))
+    except ValidationError as exc:
+        fail(settings_error(exc))
     if nthreads is None:
-        nthreads = default_nthreads(workers)
+        nthreads = configured.nthreads or default_nthreads(workers)
     if workers < 0 or nthreads < 1:
         fail("--workers must be >= 0 and --nthreads >= 1")
     secure = security_settings(token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
     tls = read_tls(secure, serving=True)
-    try:
-        # As written: each worker declares MEMORY=100GB so, and status shows it so.
-        res = parse_spellings(resources) if resources is not None else {}
-    except ResourceSpecError as exc:
-        fail(str(exc))
     from client_sdk import LocalCluster  # see app.py: services load when their command runs
 
     stopping = threading.Event()
@@ -67,7 +82,7 @@ def local(
             n_workers=workers,
             nthreads=nthreads,
             resources=res,
-            port=port,
+            port=chosen.port,
             token=secure.token,
             tls=tls,
         )

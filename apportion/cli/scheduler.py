@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from apportion_common.config_file import ConfigError
 from apportion_common.security import Authorizer, ServerSecurity
 from apportion_common.settings import SchedulerSettings
 
@@ -158,6 +159,8 @@ def scheduler(
         fail("--dashboard-address and --no-dashboard: give one or the other")
     try:
         settings = SchedulerSettings(**overrides)
+    except ConfigError as exc:  # the configuration file, named in the message
+        fail(str(exc))
     except ValidationError as exc:
         fail(settings_error(exc))
     secure = security_settings(

@@ -6,7 +6,9 @@ them into ``apportion logs``, ``retire``...); the other columns wrap instead,
 and each resource takes a line of its own in its cell. Amounts read like the
 input: a declared ``MEMORY=100GB`` shows as ``100GB`` and 70e9 held of it as
 ``70GB`` (``64GiB``: binary units), a plain number in short form (``100e9``:
-``100G``; ``0.5``), never ``1e+11``.
+``100G``; ``0.5``), never ``1e+11``. A worker's own memory (resident of its
+limit, what it spilled to disk, paused) shows under its name, apart from the
+``MEMORY`` resource, which is an amount like any other.
 """
 
 from __future__ import annotations
@@ -45,8 +47,11 @@ def status_view(info: ClusterInfo) -> RenderableType:
     for address, w in sorted(info["workers"].items(), key=lambda kv: (kv[1]["name"], kv[0])):
         worker = Text(w["name"])
         worker.append(f"\n{w['nthreads']} thread{'s' if w['nthreads'] != 1 else ''}", "dim")
+        worker.append(memory_lines(w), "dim")
         if w["draining"]:
             worker.append("\ndraining", "yellow")
+        if w.get("paused"):
+            worker.append("\npaused", "red")
         tasks = f"{w['running']} running\n{w['queued']} queued"
         table.add_row(worker, address, tasks, resources_cell(w) + gpus_cell(w))
     return Group(table, tasks_line)
@@ -60,6 +65,29 @@ def gpus_cell(w: WorkerInfo) -> str:
         holders = ", ".join(gpu["tasks"]) or "free"
         lines.append(f"\ngpu {gpu['id']}: {holders}")
     return "".join(lines)
+
+
+def memory_lines(w: WorkerInfo) -> str:
+    """``mem 1.2GB/4GB``: the process's resident memory of its limit (alone
+    where it has none), then ``900MB spilled`` where it spilled results to
+    disk; each line after a newline."""
+    if "memory" not in w:  # a scheduler older than memory limits
+        return ""
+    used, limit = short_bytes(w["memory"]), w["memory_limit"]
+    text = f"\nmem {used}/{short_bytes(limit)}" if limit else f"\nmem {used}"
+    if w["spilled_bytes"]:
+        text += f"\n{short_bytes(w['spilled_bytes'])} spilled"
+    return text
+
+
+def short_bytes(n: int) -> str:
+    """Bytes in decimal units, three figures: ``123MB``, ``3.5GB``, ``25.3GB``."""
+    amount, unit = float(n), "B"
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if amount < 999.5 or unit == "PB":
+            break
+        amount /= 1000
+    return f"{amount:.3g}{unit}"
 
 
 def resources_cell(w: WorkerInfo) -> str:

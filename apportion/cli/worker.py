@@ -7,11 +7,13 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
 
+from apportion_common.config_file import ConfigError
 from apportion_common.gpus import (
     GpuDetectionError,
     GpuDevice,
@@ -21,6 +23,7 @@ from apportion_common.gpus import (
     split_devices,
     visible_devices_value,
 )
+from apportion_common.process_memory import check_memory_limit, resolve_memory_limit
 from apportion_common.resources import (
     AUTO,
     ResourceSpecError,
@@ -126,6 +129,26 @@ def worker(
             show_default="off",
         ),
     ] = None,
+    memory_limit: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory each worker process may use (not the MEMORY resource): bytes or "
+            "300MB, 2GiB...; past fractions of it, results spill to disk, the worker "
+            "pauses, its nanny restarts it; auto: the machine's (or cgroup's) divided by "
+            "--nworkers; 0: no limit (APPORTION_WORKER__MEMORY_LIMIT).",
+            metavar="BYTES",
+            show_default="auto",
+        ),
+    ] = None,
+    local_directory: Annotated[
+        str | None,
+        typer.Option(
+            help="Where each worker process makes a directory of its own for results it "
+            "spills to disk, removed when it exits (APPORTION_WORKER__LOCAL_DIRECTORY).",
+            metavar="DIR",
+            show_default="the system's temp directory",
+        ),
+    ] = None,
     token: TokenOption = None,
     tls_ca: TlsCaOption = None,
     tls_cert: TlsCertOption = None,
@@ -136,7 +159,10 @@ def worker(
     settings = _worker_settings(
         resources, nthreads, nworkers, name, host, death_timeout, drain_timeout, isolate_gpu_tasks
     )
+    if memory_limit is not None or local_directory is not None:
+        settings = _with_memory_flags(settings, memory_limit, local_directory)
     settings, devices = _with_gpus(settings)
+    settings = _with_memory_limit(settings)
     secure = security_settings(token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
     # --token, else APPORTION_WORKER_TOKEN, else APPORTION_TOKEN.
     worker_secret = secure.token if token is not None else secure.worker_role_token
@@ -151,6 +177,11 @@ def worker(
     supervising = nanny or settings.nworkers > 1
     # The worker process keeps its last lines (GetLogs); a nanny has no server to tell them.
     setup_logging(keep_lines=None if supervising else settings.log_lines)
+    from worker_service.memory import MemoryFractions, terminate_bytes  # see app.py
+
+    limit = int(settings.memory_limit)
+    fractions = MemoryFractions(**settings.memory.model_dump())
+    spill_parent = None if settings.local_directory is None else str(settings.local_directory)
     if supervising:
         from worker_service.nanny import Nanny  # see app.py
 
@@ -159,6 +190,8 @@ def worker(
             settings.nworkers,
             settings.drain_timeout,
             env=_child_env(settings, devices),
+            terminate_at=terminate_bytes(limit, fractions),
+            local_directory=spill_parent,
         )
         supervisor.stop_on_signals()
         raise typer.Exit(supervisor.run())
@@ -186,6 +219,9 @@ def worker(
             drain_timeout=settings.drain_timeout,
             gpus=devices,
             isolate_gpu_tasks=settings.isolate_gpu_tasks,
+            memory_limit=limit,
+            memory=fractions,
+            local_directory=spill_parent,
         )
     )
     # Task threads cannot be interrupted; do not let one hold the process up.
@@ -228,6 +264,9 @@ def _child_command(scheduler_address: str, settings: WorkerSettings, index: int)
     args += ["--drain-timeout", str(settings.drain_timeout)]
     if settings.isolate_gpu_tasks:
         args.append("--isolate-gpu-tasks")
+    args += ["--memory-limit", str(settings.memory_limit)]  # resolved: this child's share
+    if settings.local_directory is not None:
+        args += ["--local-directory", str(settings.local_directory)]
     return args
 
 
@@ -299,7 +338,7 @@ def _worker_settings(
             # _ResourcesFromEnv.
             overrides["resources"] = written
         settings = WorkerSettings(**overrides)
-    except ResourceSpecError as exc:
+    except (ResourceSpecError, ConfigError) as exc:  # ConfigError: the file, naming it
         fail(str(exc))
     except ValidationError as exc:
         fail(settings_error(exc))
@@ -311,3 +350,26 @@ def _worker_settings(
     if settings.nthreads is None and isinstance(settings.nworkers, int):
         settings = settings.model_copy(update={"nthreads": default_nthreads(settings.nworkers)})
     return settings
+
+
+def _with_memory_limit(settings: WorkerSettings) -> WorkerSettings:
+    """The memory limit in bytes per process (``auto``: the machine's shared
+    out among ``nworkers``, counted by :func:`_with_gpus`): each child is told its share."""
+    assert isinstance(settings.nworkers, int)
+    limit = resolve_memory_limit(settings.memory_limit, settings.nworkers)
+    return settings.model_copy(update={"memory_limit": limit})
+
+
+def _with_memory_flags(
+    settings: WorkerSettings, memory_limit: str | None, local_directory: str | None
+) -> WorkerSettings:
+    """--memory-limit and --local-directory over the environment; a bad limit exits 2."""
+    update: dict[str, Any] = {}
+    if memory_limit is not None:
+        try:
+            update["memory_limit"] = check_memory_limit(memory_limit)
+        except ValueError as exc:
+            fail(f"--memory-limit {exc}")
+    if local_directory is not None:
+        update["local_directory"] = Path(local_directory)
+    return settings.model_copy(update=update)

@@ -39,6 +39,12 @@ METRICS = {
     "apportion_worker_resource_queued": (
         "What the runs queued on each worker will need, per resource (held by none yet)."
     ),
+    "apportion_worker_memory_bytes": (
+        "Each worker process's resident memory (not the MEMORY resource)."
+    ),
+    "apportion_worker_memory_limit_bytes": "Each worker process's memory limit (0: none).",
+    "apportion_worker_spilled_bytes": "Bytes of results each worker spilled to its disk.",
+    "apportion_worker_paused": "1 where a worker is paused: its memory is past its pause fraction.",
     "apportion_pending_demand": (
         "What tasks waiting for placement need together, per resource, by reason: "
         "unplaceable (no worker offers it) or busy (every worker that fits is busy); "
@@ -87,6 +93,17 @@ class SchedulerCollector(Collector):
                 held.add_metric([w.name, name], held_now.get(name, 0.0))
                 queued.add_metric([w.name, name], queued_for.get(name, 0.0))
         yield from (threads, busy, declared, held, queued)
+
+        memory = self._gauge("apportion_worker_memory_bytes", ["worker"])
+        limit = self._gauge("apportion_worker_memory_limit_bytes", ["worker"])
+        spilled = self._gauge("apportion_worker_spilled_bytes", ["worker"])
+        paused = self._gauge("apportion_worker_paused", ["worker"])
+        for w in workers:
+            memory.add_metric([w.name], w.memory)
+            limit.add_metric([w.name], w.memory_limit)
+            spilled.add_metric([w.name], w.spilled_bytes)
+            paused.add_metric([w.name], int(w.paused))
+        yield from (memory, limit, spilled, paused)
 
         waits = waiting(state)
         demand = self._gauge("apportion_pending_demand", ["resource", "reason"])

@@ -48,6 +48,10 @@ def state_info(state: ClusterState, address: str, dashboard_address: str) -> dic
                     }
                     for g in w.gpus
                 ],
+                "memory_limit": w.memory_limit,
+                "memory": w.memory,
+                "spilled_bytes": w.spilled_bytes,
+                "paused": w.paused,
             }
             for w in snap.workers
         },
@@ -72,7 +76,7 @@ def worker_rows(state: ClusterState) -> list[dict[str, Any]]:
                 "threads": w.nthreads,
                 "busy": w.nthreads - w.free_slots,
                 "queued": len(w.queued),
-                "state": "draining" if w.retiring else "running",
+                "state": "draining" if w.retiring else "paused" if w.paused else "running",
                 "logs": worker_logs_path(w.worker_id),
                 "resources": {
                     name: {

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from rich.console import Console
 
-from apportion.cli.status_view import NO_WORKERS, status_view
+from apportion.cli.status_view import NO_WORKERS, short_bytes, status_view
 from client_sdk.info import ClusterInfo, WorkerInfo
 
 SCHEDULER = "127.0.0.1:8786"
@@ -19,7 +19,9 @@ def worker(
     used: dict[str, float] | None = None,
     draining: bool = False,
     written: dict[str, str] | None = None,
+    memory: tuple[int, int, int, bool] = (123_400_000, 4_000_000_000, 0, False),
 ) -> WorkerInfo:
+    resident, limit, spilled, paused = memory
     return {
         "name": name,
         "nthreads": 16,
@@ -29,6 +31,11 @@ def worker(
         "queued": 130,
         "draining": draining,
         "resources_text": written or {},
+        "gpus": [],
+        "memory_limit": limit,
+        "memory": resident,
+        "spilled_bytes": spilled,
+        "paused": paused,
     }
 
 
@@ -44,7 +51,9 @@ WORKERS = {
         {"GPU": 2, "MEMORY": 100e9, "tpu_v4_accelerator_cores": 0.5, "SCRATCH": 64 * 1024**3},
         {"GPU": 1, "MEMORY": 70e9},
     ),
-    "10.0.0.7:40001": worker("10.0.0.7:40001", {}, draining=True),
+    "10.0.0.7:40001": worker(
+        "10.0.0.7:40001", {}, draining=True, memory=(3_500_000_000, 4_000_000_000, 2e9, True)
+    ),
     "10.0.0.8:40002": worker("b", {"GPU": 1}),
 }
 
@@ -102,3 +111,24 @@ def test_amounts_written_with_a_unit_show_as_written_and_held_in_that_style() ->
 def test_an_empty_cluster_says_so_in_words() -> None:
     lines = render({"address": SCHEDULER, "workers": {}, "tasks": {}})
     assert lines == [f"apportion scheduler {SCHEDULER}: {NO_WORKERS}", "tasks: none"]
+
+
+def test_a_workers_own_memory_shows_under_its_name_apart_from_the_memory_resource() -> None:
+    lines = render({"address": SCHEDULER, "workers": WORKERS, "tasks": {}})
+    assert all(len(line) <= 80 for line in lines)
+    under_names = [line.split()[0] for line in lines if line.startswith("  ") and line.split()]
+    text = "\n".join(lines)
+    assert "mem 123MB/4GB" in text  # resident of the limit
+    assert "mem 3.5GB/4GB" in text and "2GB spilled" in text
+    assert "paused" in under_names and "draining" in under_names
+    unlimited = worker("x", {}, memory=(99_000_000, 0, 0, False))
+    one = render({"address": SCHEDULER, "workers": {"a:1": unlimited}, "tasks": {}})
+    assert any(line.split()[:2] == ["mem", "99MB"] for line in one)
+
+
+@pytest.mark.parametrize(
+    ("n", "shown"),
+    [(0, "0B"), (999, "999B"), (1000, "1kB"), (123_456_789, "123MB"), (25.3e9, "25.3GB")],
+)
+def test_bytes_show_short(n: int, shown: str) -> None:
+    assert short_bytes(int(n)) == shown

@@ -72,6 +72,10 @@ async def test_retire_workers_returns_them_by_address(h: Harness) -> None:
             "draining": False,
             "resources_text": {},
             "gpus": [],
+            "memory_limit": 0,
+            "memory": 0,
+            "spilled_bytes": 0,
+            "paused": False,
         }
     }
 

@@ -27,6 +27,7 @@ def test_client_sdk_exports() -> None:
         "TaskError",
         "annotate",
         "as_completed",
+        "config",
         "fire_and_forget",
         "get_task_context",
         "progress",

@@ -129,7 +129,15 @@ async def test_a_future_of_another_client_is_refused(h: Harness, mode: str) -> N
 
 async def test_the_scheduler_s_unary_calls_go_through_the_transport(h: Harness) -> None:
     h.stub.cluster_state.workers.add(
-        name="w", address="10.0.0.9:7000", nthreads=2, resources={"GPU": 2}, running=1
+        name="w",
+        address="10.0.0.9:7000",
+        nthreads=2,
+        resources={"GPU": 2},
+        running=1,
+        memory_limit=4_000_000_000,
+        memory=120_000_000,
+        spilled_bytes=5_000,
+        paused=True,
     )
     h.stub.cluster_state.task_counts["running"] = 1
     assert await resolve(h.client.scheduler_info()) == {
@@ -146,6 +154,10 @@ async def test_the_scheduler_s_unary_calls_go_through_the_transport(h: Harness) 
                 "draining": False,
                 "resources_text": {},
                 "gpus": [],
+                "memory_limit": 4_000_000_000,
+                "memory": 120_000_000,
+                "spilled_bytes": 5_000,
+                "paused": True,
             }
         },
         "tasks": {"running": 1},

@@ -2,7 +2,8 @@
 one, ``validate()`` holds (books balance, threads bound, a queued run that fits
 never waits), nothing is over-committed except after the operator lowered a
 declaration, and every run assigned is accounted for exactly once: running,
-queued, refused, dropped or ended."""
+queued, refused, dropped or ended. While the worker is paused for memory
+nothing starts; resuming starts what waited."""
 
 from __future__ import annotations
 
@@ -47,12 +48,18 @@ class WorkerMachine(RuleBasedStateMachine):
             self.settled.add(run_id)
         else:
             self.live.add(run_id)
+            assert admitted is None or not self.state.paused, "a run started while paused"
 
-    @precondition(lambda self: bool(self.state.running))
+    def _executing(self) -> list[int]:
+        """Runs whose code runs: holding a lease, not waiting for the worker to resume."""
+        return sorted(self.state.running - {a.run_id for a in self.state.pause_waiting})
+
+    @precondition(lambda self: bool(self._executing()))
     @rule(data=st.data())
     def end(self, data: st.DataObject) -> None:
-        run_id = data.draw(st.sampled_from(sorted(self.state.running)))
+        run_id = data.draw(st.sampled_from(self._executing()))
         ended = self.state.end(run_id)
+        assert not (ended.started and self.state.paused), "a run started while paused"
         self.live.discard(run_id)
         self.settled.add(run_id)
         self._started([a.run_id for a in ended.started])
@@ -71,6 +78,13 @@ class WorkerMachine(RuleBasedStateMachine):
         self._started([a.run_id for a in self.state.declare(to_quanta(declared))])
         if any(amount < 0 for amount in self.state.ledger.free.values()):
             self.lowered = True
+
+    @rule(paused=st.booleans())
+    def pause(self, paused: bool) -> None:
+        """Memory past the pause fraction, or back below it."""
+        started = self.state.pause(paused)
+        assert not (started and paused)
+        self._started([a.run_id for a in started])
 
     @rule()
     def lose_the_scheduler(self) -> None:
