@@ -43,6 +43,7 @@ from apportion_common.boundary import (
     shorten,
 )
 from apportion_common.gpus import GpuDevice
+from apportion_common.gpus_pb import gpu_from_pb, gpu_to_pb
 from apportion_common.resources import from_quanta, matching_spellings, to_quanta
 from apportion_common.serialize import ErrorInfo
 from apportion_common.status_pb import ERROR_KIND_TO_PB, TASK_STATUS_TO_PB
@@ -202,7 +203,7 @@ def registration_from_pb(reg: pb.RegisterWorker) -> Registration:
     )
     check(_HELD, [{"key": h.key} for h in reg.held], f"{what}: held")
     check(_GPUS, [{"id": g.id, "uuid": g.uuid, "name": g.name} for g in reg.gpus], f"{what}: gpus")
-    gpus = tuple(GpuDevice(g.id, g.index, g.uuid, g.name, g.memory_bytes) for g in reg.gpus)
+    gpus = tuple(gpu_from_pb(g) for g in reg.gpus)
     if len({g.id for g in gpus}) != len(gpus):
         raise WireError(f"{what}: gpus: a device id is listed twice")
     return Registration(
@@ -529,12 +530,7 @@ def worker_info_to_pb(w: WorkerSnapshot) -> pb.WorkerInfo:
         queued=w.queued,
         draining=w.draining,
         resources_text=w.resources_text,
-        gpus=[
-            pb.GpuDevice(
-                id=g.id, index=g.index, uuid=g.uuid, name=g.name, memory_bytes=g.memory_bytes
-            )
-            for g in w.gpus
-        ],
+        gpus=[gpu_to_pb(g) for g in w.gpus],
         gpu_use=[pb.GpuUse(device=d, keys=keys) for d, keys in w.gpu_use.items()],
         memory_limit=w.memory_limit,
         memory=w.memory,

@@ -298,8 +298,8 @@ def _run_in_child(
     result = outcome.result
     if isinstance(result, ErrorInfo):
         return outcome.duration, result  # it pickles: strings, bytes and an enum
-    made: list[shm.Segment] = []
-    return outcome.duration, _handed(result, made)
+    # Its segment is the parent's to remove, once read.
+    return outcome.duration, _handed(result)
 
 
 # Both ways.
@@ -313,7 +313,7 @@ class _InSegment:
     nbytes: int
 
 
-def _handed(frames: Frames, made: list[shm.Segment]) -> bytes | _InSegment:
+def _handed(frames: Frames, made: list[shm.Segment] | None = None) -> bytes | _InSegment:
     """``frames`` as the other side takes it: a large value in a segment
     (one copy each way, where the pipe costs four: join, send, receive,
     parse), added to ``made``; a small one, or with no room in /dev/shm, as bytes."""
@@ -323,7 +323,8 @@ def _handed(frames: Frames, made: list[shm.Segment]) -> bytes | _InSegment:
         except shm.SharedMemoryUnavailable:
             pass
         else:
-            made.append(segment)
+            if made is not None:
+                made.append(segment)
             return _InSegment(segment.name, segment.nbytes)
     return b"".join(frames.segments())
 

@@ -239,27 +239,28 @@ class WorkerState:
     def _give_devices(self, a: Assignment) -> bool:
         """A run that has just taken its lease gets its GPUs (True), or waits
         for a device to free (False). No devices known: GPU is just a number."""
-        if self.devices is None:
+        if self.devices is None or self._allot(a):
             return True
+        self.device_waiting.append(a)
+        if a.queued:
+            self.started_waiting.append(a)
+        return False
+
+    def _allot(self, a: Assignment) -> bool:
+        """Give ``a`` its devices if they are free now."""
+        assert self.devices is not None
         gpus = self.devices.allot(a.run_id, a.key, a.need.get(GPU, 0))
         if gpus is None:
-            self.device_waiting.append(a)
-            if a.queued:
-                self.started_waiting.append(a)
             return False
         a.gpus = gpus
         return True
 
     def _start_device_waiting(self) -> list[Assignment]:
         """Runs that waited for a device and now get one, in arrival order."""
-        assert self.devices is not None
-        started: list[Assignment] = []
-        for a in list(self.device_waiting):
-            gpus = self.devices.allot(a.run_id, a.key, a.need.get(GPU, 0))
-            if gpus is not None:
-                a.gpus = gpus
-                self.device_waiting.remove(a)
-                started.append(a)
+        started = [a for a in self.device_waiting if self._allot(a)]
+        if started:
+            begun = {a.run_id for a in started}
+            self.device_waiting = [a for a in self.device_waiting if a.run_id not in begun]
         return started
 
     def validate(self) -> None:

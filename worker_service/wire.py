@@ -14,6 +14,7 @@ from typing import Any
 
 from apportion_common import boundary
 from apportion_common.gpus import GpuDevice
+from apportion_common.gpus_pb import gpu_to_pb
 from apportion_common.resources import to_quanta
 from apportion_common.serialize import ErrorInfo
 from protos import apportion_pb2 as pb
@@ -289,12 +290,7 @@ def registration_to_pb(
             ],
             host_id=host_id,
             declared_text=resources_text,
-            gpus=[
-                pb.GpuDevice(
-                    id=g.id, index=g.index, uuid=g.uuid, name=g.name, memory_bytes=g.memory_bytes
-                )
-                for g in gpus
-            ],
+            gpus=[gpu_to_pb(g) for g in gpus],
             memory_limit=memory_limit,
         )
     )
