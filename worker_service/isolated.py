@@ -50,6 +50,8 @@ PARENT_DIED_EXIT_CODE = 70
 IDLE_EXIT_S = 2.0
 #: How long shutdown waits for terminated children before it kills them.
 TERMINATE_GRACE_S = 2.0
+#: How long a broken pool's error waits for its children's exit codes.
+EXIT_CODE_WAIT_S = 1.0
 
 
 class IsolatedProcessDied(RuntimeError):
@@ -198,11 +200,7 @@ class IsolatedRunner:
         if self._closed:
             return _stopped(key)
         # The others end with SIGTERM (the executor's terminate() and ours).
-        codes = [
-            code
-            for code in (p.exitcode for p in list(pool.processes.values()))
-            if code is not None and code != -signal.SIGTERM
-        ]
+        codes = [code for code in _exit_codes(pool) if code is not None and code != -signal.SIGTERM]
         how = ", ".join(_describe(c) for c in codes) or "exit code unknown"
         devices = "as in the worker" if pool.visible is None else repr(pool.visible)
         return serialize.error_info(
@@ -246,6 +244,19 @@ def _stop(pool: _Pool) -> None:
     # its queues, so their semaphores are released here and not reported
     # leaked by multiprocessing's resource tracker when the worker exits.
     pool.executor.shutdown(wait=True)
+
+
+def _exit_codes(pool: _Pool) -> list[int | None]:
+    """The exit codes of ``pool``'s children, once they are all known.
+
+    The executor's manager thread reaps the children too: a child it has
+    reaped but not yet recorded reads as still running (None) for a moment.
+    """
+    children = list(pool.processes.values())
+    deadline = time.monotonic() + EXIT_CODE_WAIT_S
+    while any(c.exitcode is None for c in children) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return [c.exitcode for c in children]
 
 
 def _describe(code: int) -> str:
