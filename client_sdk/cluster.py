@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 
 from apportion_common.gpus import auto_label, need_gpus, split_devices, visible_devices_value
+from apportion_common.process_memory import check_memory_limit, resolve_memory_limit
 from apportion_common.resources import (
     AUTO,
     auto_names,
@@ -57,6 +58,11 @@ class LocalCluster:
     settings as ``apportion scheduler`` and ``apportion worker`` do, with
     those of ``config.set`` above the environment and the file.
 
+    ``memory_limit`` is each worker process's (not the ``MEMORY`` resource):
+    bytes, ``"4GiB"``, 0 for none, or ``"auto"`` (the default, as
+    ``worker.memory_limit`` says otherwise): the machine's memory divided by
+    ``n_workers``, as Dask's ``LocalCluster`` divides it.
+
     ``GPU`` and ``GPU_MEMORY`` may be ``"auto"``: the GPUs are found first
     (none, or a count of workers that does not divide them, raises
     ``ValueError`` before anything starts), and with several workers each
@@ -72,6 +78,7 @@ class LocalCluster:
         nthreads: int | None = None,
         resources: Mapping[str, float | str] | None = None,
         *,
+        memory_limit: int | str | None = None,
         host: str | None = None,
         port: int | None = None,
         token: str | None = None,
@@ -85,6 +92,10 @@ class LocalCluster:
         self.nthreads = nthreads
         given = resources if resources is not None else configured.resources
         self.resources, self._resources_text, self._auto = _split_auto(given)
+        #: each worker process's memory limit in bytes (0: none)
+        self.memory_limit = _memory_limit(
+            memory_limit if memory_limit is not None else configured.memory_limit, n_workers
+        )
         # A configured name would be every worker's, and names are unique.
         self._name = configured.worker_name
         # Each first worker's CUDA_VISIBLE_DEVICES (its share), found before anything starts.
@@ -144,6 +155,7 @@ class LocalCluster:
         args = ["worker", self.address, "--nthreads", str(nthreads or self.nthreads)]
         # One process each: n_workers counts them, whatever worker.nworkers says.
         args += ["--resources", spec.strip(), "--nworkers", "1"]
+        args += ["--memory-limit", str(self.memory_limit)]
         if not name and self._name:
             name = f"{self._name}-{len(self.workers)}"
         if name:
@@ -186,6 +198,16 @@ class LocalCluster:
 
     def __repr__(self) -> str:
         return f"<LocalCluster {self.address} workers={len(self.workers)}>"
+
+
+def _memory_limit(given: int | str, n_workers: int) -> int:
+    """Each worker's memory limit in bytes; a bad one raises ``ValueError``."""
+    try:
+        checked = check_memory_limit(given)
+    except ValueError as exc:
+        raise ValueError(f"memory_limit {exc}") from None
+    # auto: the machine's, shared out among the workers this cluster starts.
+    return resolve_memory_limit(checked, max(n_workers, 1))
 
 
 def _split_auto(

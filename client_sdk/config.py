@@ -130,6 +130,8 @@ class _ForLocalCluster:
     #: set here, else the environment's, else the file's
     nthreads: int | None
     resources: dict[str, float | str]
+    #: checked, not resolved: "auto" or bytes (0: none)
+    memory_limit: int | str
     worker_name: str | None
     #: set here only: a LocalCluster listens on 127.0.0.1 and a free port
     #: unless told so, whatever a file for ``apportion scheduler`` says
@@ -155,6 +157,7 @@ def _for_local_cluster() -> _ForLocalCluster:
         env=env,
         nthreads=worker.nthreads,
         resources=as_declared(worker.resources, worker.resources_text, worker.auto_resources),
+        memory_limit=worker.memory_limit,
         worker_name=worker.name,
         scheduler_host=scheduler.host if "host" in given else None,
         scheduler_port=scheduler.port if "port" in given else None,

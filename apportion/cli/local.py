@@ -43,6 +43,15 @@ def local(
             show_default="none",
         ),
     ] = None,
+    memory_limit: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory each worker process may use (not the MEMORY resource): bytes or "
+            "300MB, 2GiB...; auto: the machine's divided by --workers; 0: no limit.",
+            metavar="BYTES",
+            show_default="auto",
+        ),
+    ] = None,
     port: Annotated[
         int | None,
         typer.Option(help="Scheduler port (0 picks one).", metavar="PORT", show_default="8786"),
@@ -61,6 +70,8 @@ def local(
         given: dict[str, Any] = {} if port is None else {"port": port}
         chosen = SchedulerSettings(**given)
         given = {} if res is None else {"resources": res}
+        if memory_limit is not None:
+            given["memory_limit"] = memory_limit
         configured = WorkerSettings(**given)
     except (ResourceSpecError, ConfigError) as exc:
         fail(str(exc))
@@ -82,6 +93,7 @@ def local(
             n_workers=workers,
             nthreads=nthreads,
             resources=res,
+            memory_limit=configured.memory_limit,
             port=chosen.port,
             token=secure.token,
             tls=tls,

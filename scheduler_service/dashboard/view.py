@@ -60,9 +60,10 @@ def state_info(state: ClusterState, address: str, dashboard_address: str) -> dic
 
 
 def worker_rows(state: ClusterState) -> list[dict[str, Any]]:
-    """Each connected worker: threads busy of total, per resource what it
-    declares, what running tasks hold and what its queued runs wait for, and
-    where its log lines are."""
+    """Each connected worker: threads busy of total, its process's memory of
+    its limit and what it spilled, per resource what it declares, what
+    running tasks hold and what its queued runs wait for, and where its log
+    lines are."""
     rows = []
     for w in sorted(state.workers.values(), key=lambda w: w.worker_id):
         declared = from_quanta(w.declared)
@@ -78,6 +79,8 @@ def worker_rows(state: ClusterState) -> list[dict[str, Any]]:
                 "queued": len(w.queued),
                 "state": "draining" if w.retiring else "paused" if w.paused else "running",
                 "logs": worker_logs_path(w.worker_id),
+                # The process's own memory (not the MEMORY resource), in bytes.
+                "memory": {"used": w.memory, "limit": w.memory_limit, "spilled": w.spilled_bytes},
                 "resources": {
                     name: {
                         "declared": amount,

@@ -9,6 +9,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from apportion_common.process_memory import system_memory
 from client_sdk import Client, LocalCluster, config
 from tests.helpers.processes import Processes, read_line, run_apportion, wait_for_workers
 
@@ -112,14 +115,24 @@ def test_a_local_cluster_started_inside_config_set_gets_its_settings() -> None:
         ({"GPU": 2}, 2),
     ]
     assert info["dashboard_address"] == ""  # the scheduler's setting reached it too
+    # memory_limit auto: the machine's memory shared out among the two, as Dask's LocalCluster does
+    assert [w["memory_limit"] for w in info["workers"].values()] == [system_memory() // 2] * 2
     assert config.get("worker.resources") == {}  # the block is over
 
 
 def test_a_local_cluster_s_own_arguments_beat_config_set() -> None:
     with (
-        config.set({"worker.resources.GPU": 2, "worker.nthreads": 2}),
-        LocalCluster(resources={"GPU": 1}, nthreads=1) as cluster,
+        config.set({"worker.resources.GPU": 2, "worker.nthreads": 2, "worker.memory_limit": "3GB"}),
+        LocalCluster(resources={"GPU": 1}, nthreads=1, memory_limit="200MB") as cluster,
         Client(cluster) as client,
     ):
         (worker,) = client.scheduler_info()["workers"].values()
     assert (worker["resources"], worker["nthreads"]) == ({"GPU": 1}, 1)
+    assert worker["memory_limit"] == 200_000_000
+
+
+def test_a_local_cluster_refuses_a_bad_memory_limit_before_starting() -> None:
+    with pytest.raises(ValueError, match="memory_limit 'lots'"):
+        LocalCluster(memory_limit="lots")
+    with pytest.raises(ValueError, match="memory_limit '-1GB': the amount must be"):
+        LocalCluster(memory_limit="-1GB")

@@ -165,6 +165,9 @@ READ_PAGE = """() => ({
     name: tr.dataset.name,
     state: tr.dataset.state,
     logs: tr.querySelector("a.logs")?.getAttribute("href") ?? null,
+    memory: {used: Number(tr.querySelector("td.memory").dataset.used),
+             limit: Number(tr.querySelector("td.memory").dataset.limit),
+             bar: tr.querySelector("td.memory .bar.memory") !== null},
     bars: Object.fromEntries([...tr.querySelectorAll(".bar.resource")].map((b) => [
       b.dataset.resource,
       {declared: Number(b.dataset.declared), held: Number(b.dataset.held)},
@@ -266,6 +269,10 @@ def test_the_dashboard_shows_the_seed_pipeline_in_a_browser(
     assert any(s["running"] > 0 for s in seen)
     assert seen[-1]["done"] == {"load": 16, "process": 16, "aggregate": 1}
     assert seen[-1]["updates"] > first["updates"] + 2  # live: new snapshots kept coming
+    # Each worker process's own memory, of its limit (auto: this machine's), beside the resources.
+    for worker in seen[-1]["workers"]:
+        memory = worker["memory"]
+        assert memory["bar"] and 0 < memory["used"] < memory["limit"], worker
     assert screenshot.exists() and screenshot.stat().st_size > 10_000
     keep = os.environ.get(SCREENSHOT_ENV)
     if keep:

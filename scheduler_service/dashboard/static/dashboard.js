@@ -54,6 +54,15 @@ function bar(kind, name, declared, held, queued) {
   return b;
 }
 
+function memoryCell(m) {
+  // The worker process's own memory (not the MEMORY resource); no bar without a limit.
+  const cell = el("td", { class: "memory", "data-used": m.used, "data-limit": m.limit, "data-spilled": m.spilled });
+  if (m.limit) cell.append(bar("memory", "memory", m.limit, m.used, 0), ` ${num(m.used)}B/${num(m.limit)}B`);
+  else cell.append(`${num(m.used)}B`);
+  if (m.spilled) cell.append(el("span", { class: "muted" }, ` · ${num(m.spilled)}B spilled`));
+  return cell;
+}
+
 function drawWorkers(workers) {
   const body = document.querySelector("#workers tbody");
   body.replaceChildren(
@@ -73,6 +82,7 @@ function drawWorkers(workers) {
         el("td", {}, w.address),
         el("td", { class: "state-" + w.state }, w.state + (w.queued ? ` · ${w.queued} queued` : "")),
         el("td", {}, bar("threads", "threads", w.threads, w.busy, 0), ` ${w.busy}/${w.threads}`),
+        memoryCell(w.memory),
         resources,
         // A worker that left has no logs to ask for.
         el("td", {}, gone ? "" : el("a", { class: "logs", href: w.logs }, "logs"))

@@ -21,7 +21,14 @@ from scheduler_service.dashboard.demand import BUSY, INPUTS, UNPLACEABLE, waitin
 from scheduler_service.dashboard.feed import GONE_SHOWN_S, Feed
 from scheduler_service.dashboard.metrics import exposition, make_registry
 from scheduler_service.dashboard.view import MAX_STREAM_RUNS
-from scheduler_service.events import Event, RetirementAsked, TaskFinished, TaskStarted, WorkerLeft
+from scheduler_service.events import (
+    Event,
+    RetirementAsked,
+    TaskFinished,
+    TaskStarted,
+    WorkerLeft,
+    WorkerMemoryReported,
+)
 from tests.helpers.scheduler_sim import Sim
 
 
@@ -177,6 +184,15 @@ def test_the_page_shows_workers_that_left_as_lost_or_retired() -> None:
     assert rows["w1"]["resources"] == {"GPU": {"declared": 2.0, "held": 1.0, "queued": 0.0}}
     assert {row["state"] for row in page["workers"]} == {"running"}
     assert page["stream"] == [[1, 0, page["prefixes"].index("gpu"), 0.0, None, "running"]]
+
+    # The process's own memory, apart from the resources: no limit here, then a paused worker.
+    assert rows["w2"]["memory"] == {"used": 0, "limit": 0, "spilled": 0}
+    sim.state.workers[2].memory_limit = 400_000_000
+    sim(WorkerMemoryReported(2, 350_000_000, 20_000_000, True))
+    row = {row["name"]: row for row in feed.build()["workers"]}["w2"]
+    assert row["memory"] == {"used": 350_000_000, "limit": 400_000_000, "spilled": 20_000_000}
+    assert row["state"] == "paused"
+    sim(WorkerMemoryReported(2, 100_000_000, 0, False))
 
     sim(RetirementAsked((2,)))
     assert {row["name"]: row["state"] for row in feed.build()["workers"]}["w2"] == "draining"
