@@ -136,8 +136,11 @@ client.close()  # goodbye at once: the task must run to the end regardless
 
 
 def test_fire_and_forget_runs_to_the_end_after_the_client_closed(
-    address: str, tmp_path: Path
+    processes: Processes, tmp_path: Path
 ) -> None:
+    # A short grace: the forgotten task outlives it, and the wait for "no task" is short.
+    address = processes.scheduler("--client-grace", "0.5")
+    processes.worker(address, "--nthreads", "4")
     marker = tmp_path / "marker"
     done = subprocess.run(
         [sys.executable, "-c", TOUCH, address, str(marker)], timeout=60, capture_output=True
