@@ -45,10 +45,6 @@ FATAL_EXIT_CODES = frozenset({2, 70, 75, 77})
 MIN_LIFETIME_S = 1.0
 #: How long stopping waits for a child to leave, past its drain, before SIGKILL.
 STOP_TIMEOUT_S = 10.0
-#: What every child's environment gets unless set: glibc gives freed memory
-#: back to the system past 64 KiB, so that memory measured falls when results
-#: are spilled or released (Dask's nanny sets the same).
-CHILD_ENV_DEFAULTS = {"MALLOC_TRIM_THRESHOLD_": "65536"}
 
 
 def _die_with_parent() -> None:
@@ -97,7 +93,7 @@ class Nanny:
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         self._started[index] = time.monotonic()
-        env = {**CHILD_ENV_DEFAULTS, **os.environ, **(self._env(index) if self._env else {})}
+        env = {**os.environ, **(self._env(index) if self._env else {})}
         proc = subprocess.Popen(
             self._command(index), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=env
         )

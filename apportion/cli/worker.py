@@ -196,6 +196,9 @@ def worker(
         supervisor.stop_on_signals()
         raise typer.Exit(supervisor.run())
     from worker_service import run_worker  # see app.py
+    from worker_service.allocator import tune_allocator
+
+    tune_allocator()  # this process is the worker: results stream in 1 MiB chunks
 
     try:
         declared, written = resolve_auto(
