@@ -59,7 +59,7 @@ class LocalCluster:
     those of ``config.set`` above the environment and the file.
 
     ``memory_limit`` is each worker process's (not the ``MEMORY`` resource):
-    bytes, ``"4GiB"``, 0 for none, or ``"auto"`` (the default, as
+    bytes, ``"4GiB"``, 0 for none, or ``"auto"`` (the default, unless
     ``worker.memory_limit`` says otherwise): the machine's memory divided by
     ``n_workers``, as Dask's ``LocalCluster`` divides it.
 
