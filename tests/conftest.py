@@ -20,10 +20,9 @@ import pytest
 
 import tests
 from apportion_common import config_file
-from apportion_common.grpc_server import make_server
 from scheduler_service import SchedulerServer
 from tests.helpers.processes import Processes, assert_all_released
-from worker_service.servicer import WorkerServicer, add_worker_service
+from tests.helpers.worker_service_server import serving
 from worker_service.store import ResultStore
 
 # Worker processes cannot import the test modules, so functions defined in
@@ -75,14 +74,8 @@ async def scheduler_server() -> AsyncIterator[SchedulerServer]:
 async def worker_server() -> AsyncIterator[tuple[ResultStore, str]]:
     """A Worker service (FetchResult, ShareResult) on port 0 over a store the test fills."""
     store = ResultStore()
-    server = make_server()
-    add_worker_service(WorkerServicer(store), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield store, f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
+    async with serving(store) as address:
+        yield store, address
 
 
 def _grpcurl() -> str:

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from apportion_common import serialize
-from apportion_common.grpc_server import insecure_channel, make_server
+from apportion_common.grpc_server import insecure_channel
 from apportion_common.transfer import STRIPE_MIN_BYTES, ChannelPool, NotShared
 from protos import apportion_pb2 as pb
 from protos import apportion_pb2_grpc as pb_grpc
-from worker_service.servicer import WorkerServicer, add_worker_service
+from tests.helpers.worker_service_server import serving
 from worker_service.spill import SpillDirectory
 from worker_service.store import ResultStore
 
@@ -23,14 +23,10 @@ from worker_service.store import ResultStore
 @pytest.fixture
 async def spilling(tmp_path: Path) -> AsyncIterator[tuple[ResultStore, str]]:
     store = ResultStore(SpillDirectory(tmp_path))
-    server = make_server()
-    add_worker_service(WorkerServicer(store), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
     try:
-        yield store, f"127.0.0.1:{port}"
+        async with serving(store) as address:
+            yield store, address
     finally:
-        await server.stop(0)
         store.clear()
 
 
