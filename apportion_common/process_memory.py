@@ -1,4 +1,4 @@
-"""A worker process's own memory: its limit and what it uses now.
+"""A worker process's memory: its limit and what it (with its children) uses now.
 
 This is the machine's memory, as Dask's ``memory_limit`` is: what a worker
 process may grow to before it spills results to disk, pauses and is
@@ -13,7 +13,11 @@ processes; a number or a byte size (``300MB``, ``2GiB``) is one process's;
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil  # type: ignore[import-untyped,unused-ignore]
@@ -73,11 +77,25 @@ def resolve_memory_limit(value: int | str, nworkers: int = 1) -> int:
 
 
 class Resident:
-    """The resident memory (RSS) of process ``pid`` (this one by default), in
-    bytes, each time it is called; 0 once the process is gone. The process is
-    looked up once: a sample costs one read of /proc."""
+    """The resident memory (RSS) of process ``pid`` (this one by default) and
+    of its descendants, in bytes, each time it is called; 0 once the process
+    is gone.
 
-    def __init__(self, pid: int | None = None) -> None:
+    Descendants count because they work for it: a worker's isolated tasks
+    run in child processes (``isolate=True``), and a task that fills one
+    must spill, pause and restart its worker as one that fills the worker
+    itself does. Finding them means reading every process's /proc entry, so
+    it is done at most every :data:`CHILDREN_RESCAN_S`; each call then reads
+    one /proc file a process.
+    """
+
+    #: How often the descendants are looked for again.
+    CHILDREN_RESCAN_S = 1.0
+
+    def __init__(self, pid: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._children: list[psutil.Process] = []
+        self._scanned = -math.inf
         try:
             self._process: psutil.Process | None = psutil.Process(pid or os.getpid())
         except psutil.Error:
@@ -87,6 +105,17 @@ class Resident:
         if self._process is None:
             return 0
         try:
-            return int(self._process.memory_info().rss)
+            total = int(self._process.memory_info().rss)
         except psutil.Error:
             return 0
+        now = self._clock()
+        if now - self._scanned >= self.CHILDREN_RESCAN_S:
+            self._scanned = now
+            try:
+                self._children = self._process.children(recursive=True)
+            except psutil.Error:
+                self._children = []
+        for child in self._children:
+            with contextlib.suppress(psutil.Error):  # gone since the scan: nothing resident
+                total += int(child.memory_info().rss)
+        return total

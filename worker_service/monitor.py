@@ -1,8 +1,8 @@
 """The worker's memory monitor: measure, ask the policy, act, report.
 
 A small task on the worker's event loop: every :data:`SAMPLE_INTERVAL_S` it
-reads the process's resident memory (one read of /proc, tens of
-microseconds), asks :class:`~.memory.MemoryPolicy` what to do, spills in a
+reads the resident memory of the process and its children (a read of /proc
+each, tens of microseconds), asks :class:`~.memory.MemoryPolicy` what to do, spills in a
 thread (writing files must neither stall the loop nor hold up the next
 measurement: a worker making results faster than its disk takes them
 pauses), pauses or resumes the worker, and leaves the figures for the

@@ -56,6 +56,25 @@ def grow_to(fraction: float, limit: int, release: str = "", hold: float = 0.0) -
     return get_task_context().worker_name
 
 
+def grow_worker_to(fraction: float, limit: int, release: str) -> str:
+    """:func:`grow_to` for a task in a child of the worker (``isolate=True``):
+    the worker's memory is its own and its children's."""
+    import os
+
+    import psutil
+
+    from apportion_common.process_memory import Resident
+
+    worker = psutil.Process().parent()
+    assert worker is not None
+    ballast = b"x" * max(int(fraction * limit) - Resident(worker.pid)(), 0)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not os.path.exists(release):
+        time.sleep(0.02)
+    del ballast
+    return get_task_context().worker_name
+
+
 def stamp() -> tuple[str, float]:
     return get_task_context().worker_name, time.time()
 
@@ -140,6 +159,20 @@ def test_a_worker_past_its_pause_fraction_takes_nothing_new_until_it_falls_back(
         assert hog.result(timeout=20) == "big"
         where, started = waiting.result(timeout=20)
         assert where == "big" and started > released_at
+        wait_for(lambda: not worker_info(scheduler_address, "big").paused, 10, "big to resume")
+
+
+def test_an_isolated_task_s_memory_counts_as_its_worker_s(
+    processes: Processes, scheduler_address: str, tmp_path: Path
+) -> None:
+    processes.worker(scheduler_address, "--name", "big", "--memory-limit", "400MB")
+    release = tmp_path / "release"
+    with Client(scheduler_address) as client:
+        hog = client.submit(grow_worker_to, 0.875, LIMIT, str(release), isolate=True)
+        wait_for(lambda: worker_info(scheduler_address, "big").paused, 30, "big to pause")
+        assert worker_info(scheduler_address, "big").memory > 0.8 * LIMIT
+        release.touch()
+        assert hog.result(timeout=20) == "big"
         wait_for(lambda: not worker_info(scheduler_address, "big").paused, 10, "big to resume")
 
 

@@ -6,6 +6,8 @@ a bad value stopping ``apportion worker`` with one line naming it."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,26 @@ def test_the_cgroup_limit_counts_where_it_is_lower(
 def test_resident_memory_is_measured_and_zero_for_a_gone_process() -> None:
     assert 10_000_000 < Resident()() < 10_000_000_000
     assert Resident(2**22 + 12345)() == 0
+
+
+def test_resident_memory_counts_the_children_found_at_the_last_scan() -> None:
+    now = [0.0]
+    measure = Resident(clock=lambda: now[0])
+    alone = measure()
+    with subprocess.Popen(
+        [sys.executable, "-c", "import sys; b = b'x' * 150_000_000; print(1, flush=True); input()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    ) as child:
+        try:
+            assert child.stdout is not None and child.stdout.readline() == b"1\n"
+            assert measure() < alone + 100_000_000  # not looked for again yet
+            now[0] += Resident.CHILDREN_RESCAN_S
+            assert measure() > alone + 140_000_000
+        finally:
+            child.kill()
+            child.wait(10)
+    assert measure() < alone + 100_000_000  # gone: counts for nothing, before the next scan
 
 
 def test_the_fractions_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
