@@ -364,15 +364,8 @@ class SchedulerServicer(OperatorCalls, pb_grpc.SchedulerServicer):
                 self._apply_reports(worker_id, msg.reports)
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             return
-        except wire.WireError as exc:
-            # Tell the worker what was wrong; the handler ends its stream with this status.
-            log.warning("worker %d: %s; closing its stream", worker_id, exc)
-            context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
-            context.set_details(str(exc))
         except Exception as exc:
-            log.exception("worker %d: bad message; closing its stream", worker_id)
-            context.set_code(grpc.StatusCode.INTERNAL)
-            context.set_details(f"the scheduler failed on a message: {type(exc).__name__}")
+            _refuse_stream(context, f"worker {worker_id}", exc)
         finally:
             outbox.close()
 
@@ -520,15 +513,8 @@ class SchedulerServicer(OperatorCalls, pb_grpc.SchedulerServicer):
                     )
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             return
-        except wire.WireError as exc:
-            # Tell the client what was wrong; the handler ends its stream with this status.
-            log.warning("client %s: %s; closing its stream", client_id, exc)
-            context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
-            context.set_details(str(exc))
         except Exception as exc:
-            log.exception("client %s: bad message; closing its stream", client_id)
-            context.set_code(grpc.StatusCode.INTERNAL)
-            context.set_details(f"the scheduler failed on a message: {type(exc).__name__}")
+            _refuse_stream(context, f"client {client_id}", exc)
         finally:
             outbox.close()
 
@@ -568,3 +554,18 @@ class SchedulerServicer(OperatorCalls, pb_grpc.SchedulerServicer):
                 )
         if accepted:
             self.dispatch(TasksSubmitted(client_id, tuple(accepted)))
+
+
+def _refuse_stream(
+    context: grpc.aio.ServicerContext[object, object], who: str, exc: Exception
+) -> None:
+    """Say why a worker's or client's stream ends over what it sent (called
+    while ``exc`` is handled); the handler then ends the stream with this status."""
+    if isinstance(exc, wire.WireError):  # a message that breaks the protocol: tell the sender
+        log.warning("%s: %s; closing its stream", who, exc)
+        context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+        context.set_details(str(exc))
+    else:  # our own failure on a message: logged whole, the sender hears only its type
+        log.exception("%s: bad message; closing its stream", who)
+        context.set_code(grpc.StatusCode.INTERNAL)
+        context.set_details(f"the scheduler failed on a message: {type(exc).__name__}")
