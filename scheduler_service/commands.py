@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from apportion_common.locations import InputLocation
 from apportion_common.resources import Quanta
 from apportion_common.serialize import ErrorInfo
 from apportion_common.status import TaskStatus
@@ -16,15 +17,6 @@ from apportion_common.status import TaskStatus
 from .events import ClientId, TaskSubmission, WorkerId
 
 # ------------------------------------------------------------------ to workers
-
-
-@dataclass(frozen=True, slots=True)
-class InputLocation:
-    key: str
-    addresses: tuple[str, ...]
-    nbytes: int
-    #: per address: whether that holder shares the assignee's host
-    same_host: tuple[bool, ...] = ()
 
 
 # Not frozen, though never changed: one is built per task, and a frozen

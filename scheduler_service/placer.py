@@ -24,8 +24,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+from apportion_common.locations import InputLocation
+
 from .books import Books
-from .commands import AssignTask, Command, InputLocation
+from .commands import AssignTask, Command
 from .events import WorkerId
 from .placement import fits, infeasibility_reason, pick_queue, pick_worker
 from .policy import (

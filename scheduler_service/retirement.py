@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from apportion_common.locations import InputLocation
+
 from .books import Books
-from .commands import Command, InputLocation, ReplicateData, RetireWorker
+from .commands import Command, ReplicateData, RetireWorker
 from .events import WorkerId
 from .records import MEMORY, Clock, TaskRecord, WorkerRecord
 

@@ -8,18 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from apportion_common.locations import InputLocation
 from apportion_common.resources import Quanta
-
-
-@dataclass(frozen=True, slots=True)
-class InputLocation:
-    """Where an input's result lives (peers' addresses), and how large it is."""
-
-    key: str
-    addresses: tuple[str, ...]
-    nbytes: int
-    #: per address: whether that holder shares this worker's host (empty: none does)
-    same_host: tuple[bool, ...] = ()
 
 
 # Not frozen, though never changed: one is made per run, and a frozen

@@ -7,10 +7,11 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from apportion_common.locations import InputLocation
 from apportion_common.serialize import Frames
 from apportion_common.transfer import ChannelPool, NotShared, ResultUnavailable
 
-from .assignment import Assignment, InputLocation
+from .assignment import Assignment
 from .store import ResultStore
 
 log = logging.getLogger("worker_service")

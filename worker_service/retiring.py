@@ -13,7 +13,8 @@ import asyncio
 import logging
 from typing import Protocol
 
-from .assignment import InputLocation
+from apportion_common.locations import InputLocation
+
 from .inputs import InputFetcher
 from .store import ResultStore
 from .wire import Reports

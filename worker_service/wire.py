@@ -15,11 +15,12 @@ from typing import Any
 from apportion_common import boundary
 from apportion_common.gpus import GpuDevice
 from apportion_common.gpus_pb import gpu_to_pb
+from apportion_common.locations import InputLocation
 from apportion_common.resources import to_quanta
 from apportion_common.serialize import ErrorInfo
 from protos import apportion_pb2 as pb
 
-from .assignment import Assignment, InputLocation
+from .assignment import Assignment
 
 log = logging.getLogger("worker_service")
 

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from apportion_common import serialize, shm
+from apportion_common.locations import InputLocation
 from apportion_common.transfer import ChannelPool, NotShared, ResultUnavailable
 from protos import apportion_pb2 as pb
-from worker_service.assignment import Assignment, InputLocation
+from worker_service.assignment import Assignment
 from worker_service.inputs import SHARE_MIN_BYTES, InputFetcher
 from worker_service.store import ResultStore
 

@@ -8,8 +8,9 @@ import itertools
 
 import pytest
 
+from apportion_common.locations import InputLocation
 from scheduler_service.clients import FORGET
-from scheduler_service.commands import CancelRun, InputLocation, ReleaseData
+from scheduler_service.commands import CancelRun, ReleaseData
 from scheduler_service.events import ClientJoined, ClientLeft, KeysReleased, TasksForgotten
 from scheduler_service.state import MEMORY, RELEASED, WAITING
 from tests.helpers.scheduler_sim import BOOM, Sim, addr, assigns, updates

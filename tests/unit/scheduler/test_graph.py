@@ -8,7 +8,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from scheduler_service.commands import CancelRun, InputLocation, NotifyClient, ReleaseData
+from apportion_common.locations import InputLocation
+from scheduler_service.commands import CancelRun, NotifyClient, ReleaseData
 from scheduler_service.events import (
     KeysReleased,
     TaskErred,

@@ -4,7 +4,8 @@ plain events through :class:`Sim` (``validate()`` after every event)."""
 
 from __future__ import annotations
 
-from scheduler_service.commands import CancelRun, InputLocation, NotifyClient, ReleaseData
+from apportion_common.locations import InputLocation
+from scheduler_service.commands import CancelRun, NotifyClient, ReleaseData
 from scheduler_service.events import KeysReleased, TaskErred, TaskFinished, WorkerLeft
 from scheduler_service.state import ERRED, MEMORY, PROCESSING, READY, RELEASED, WAITING
 from tests.helpers.scheduler_sim import BOOM, Sim, addr, assigns, updates
