@@ -380,17 +380,16 @@ class ClientCore:
         if state.on_done:
             callbacks, state.on_done = state.on_done, []
             for callback in callbacks:
-                try:
-                    callback(key)
-                except Exception:  # a caller's callback must not break the stream
-                    log.exception("a done-callback of task %r failed", key)
+                _call_back(callback, key)
 
     def when_done(self, key: str, callback: Callable[[str], object]) -> Callable[[], None]:
-        """Call ``callback(key)`` on the loop once ``key`` is done (soon, if it
-        is already); returns a function that forgets the callback."""
+        """Call ``callback(key)`` on the loop once ``key`` is done (at once, if
+        it is already); returns a function that forgets the callback."""
         state = self.keys.get(key)
         if state is None or state.status in DONE:
-            asyncio.get_running_loop().call_soon(callback, key)
+            # At once, not soon: a key that ends after this call must not be
+            # called back first (as_completed yields in the order keys end).
+            _call_back(callback, key)
             return _nothing
         state.on_done.append(callback)
 
@@ -571,6 +570,13 @@ def _coalesce(messages: list[pb.ClientToScheduler]) -> Iterable[pb.ClientToSched
         current, current_kind = msg, kind
     if current is not None:
         yield current
+
+
+def _call_back(callback: Callable[[str], object], key: str) -> None:
+    try:
+        callback(key)
+    except Exception:  # a caller's callback must not break the stream
+        log.exception("a done-callback of task %r failed", key)
 
 
 def _nothing() -> None:

@@ -190,6 +190,27 @@ async def test_as_completed_with_results_and_errors(h: Harness) -> None:
         await collect(h, as_completed([b], with_results=True))
 
 
+async def test_a_key_done_before_another_is_called_back_first() -> None:
+    """The core calls back a key already done at once: were it only "soon", a
+    key ending meanwhile would come first, and as_completed would yield out
+    of the order the tasks ended in."""
+    stub = StubTransport()
+    client = await connect(stub, "async")
+    try:
+        a, b = [await client.submit(never_run, key=k) for k in ("a", "b")]
+        stub.answer(finished("a", 1))
+        await stub.until(lambda: a.done(), "a to end")
+        order: list[str] = []
+        client.core.when_done("a", order.append)
+        assert order == ["a"]
+        client.core.when_done("b", order.append)
+        stub.answer(finished("b", 2))
+        await stub.until(lambda: b.done(), "b to end")
+        assert order == ["a", "b"]
+    finally:
+        await client.close()
+
+
 async def test_as_completed_takes_futures_added_while_it_runs(h: Harness) -> None:
     a, b = await submit_all(h, "a", "b")
     iterator = as_completed([a])
