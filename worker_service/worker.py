@@ -408,8 +408,7 @@ class Worker:
                 prefetch.cancel()
 
     def _drop_prefetch(self, run_id: int) -> None:
-        """A queued run that will not start here: stop fetching its inputs and
-        drop the copies fetched for it alone (the scheduler never heard of them)."""
+        """A queued run that will not start here: stop fetching its inputs."""
         prefetch = self._prefetches.pop(run_id, None)
         if prefetch is None:
             return
@@ -417,8 +416,14 @@ class Worker:
             prefetch.cancel()
             return  # what it stored so far stays until the worker re-registers
         if not prefetch.cancelled() and prefetch.exception() is None:
-            for key, _ in prefetch.result().fetched:
-                self.store.release(key, 0)
+            self._announce_copies(prefetch.result().fetched)
+
+    def _announce_copies(self, fetched: list[tuple[str, int]]) -> None:
+        """Inputs fetched for a run that ended unreported: the scheduler, told of
+        them as copies taken, releases them with their key (none stays unknown)."""
+        if fetched:
+            self._link.reports.acquired.extend(fetched)
+            self._link.wake()
 
     # ------------------------------------------------------------ running
 
@@ -445,10 +450,12 @@ class Worker:
         try:
             inputs = await (prefetch if prefetch is not None else self._fetcher.gather(a))
             if inputs.missing:
+                self._announce_copies(inputs.fetched)
                 self._link.reports.missing.append(
                     wire.MissingInputs(a.key, a.run_id, inputs.missing)
                 )
             elif a.run_id in self.state.cancelled:
+                self._announce_copies(inputs.fetched)
                 self._report_failure(a, _cancelled_error())
             else:
                 loop = asyncio.get_running_loop()
@@ -563,6 +570,7 @@ class Worker:
         if ran.cancelled:
             if ran.outcome.segment is not None:
                 ran.outcome.segment.remove()
+            self._announce_copies(ran.fetched)
             self._report_failure(a, _cancelled_error())
         elif isinstance(result, Frames):
             self.store.put(a.key, a.run_id, result, a.incarnation, ran.outcome.segment)
@@ -578,6 +586,7 @@ class Worker:
                 )
             )
         else:
+            self._announce_copies(ran.fetched)
             self._report_failure(a, result)
 
     def _finish(self, run_id: int) -> None:

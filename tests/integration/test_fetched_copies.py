@@ -1,0 +1,89 @@
+"""Copies of inputs that a worker fetched from a peer are the scheduler's to
+release, whatever became of the run that fetched them: a run that failed or
+was cancelled leaves no copy behind that the scheduler does not know of (it
+would stay in the worker's memory for good), and a copy the scheduler counts
+is never dropped behind its back (a peer would be sent to a holder without
+it)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+
+from client_sdk import Client
+from scheduler_service import SchedulerServer
+from worker_service.worker import Worker
+
+INPUT_BYTES = 1_000_000
+
+
+def make() -> bytes:
+    return b"k" * INPUT_BYTES
+
+
+def refuse(value: bytes) -> None:
+    raise ValueError(f"refused {len(value)} bytes")
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def test_a_failed_task_s_fetched_input_goes_with_its_key(
+    scheduler_server: SchedulerServer,
+) -> None:
+    async with (
+        Worker(scheduler_server.address, name="maker", validate=True) as maker,
+        Worker(scheduler_server.address, name="taker", validate=True) as taker,
+    ):
+        await maker.wait_registered(10)
+        await taker.wait_registered(10)
+        async with Client(scheduler_server.address, asynchronous=True) as client:
+            made = await client.submit(make, workers=["maker"])
+            refused = await client.submit(refuse, made, workers=["taker"])
+            with pytest.raises(ValueError, match=f"refused {INPUT_BYTES} bytes"):
+                await refused.result()
+            key = made.key
+            assert key in taker.store  # fetched for the run that failed
+            del made, refused
+            await until(
+                lambda: key not in taker.store and key not in maker.store,
+                "both copies to go with the key",
+            )
+
+
+def hold(value: bytes, seconds: float) -> int:
+    time.sleep(seconds)
+    return len(value)
+
+
+async def test_a_cancelled_task_s_fetched_input_goes_with_its_key(
+    scheduler_server: SchedulerServer,
+) -> None:
+    async with (
+        Worker(scheduler_server.address, name="maker", validate=True) as maker,
+        Worker(scheduler_server.address, name="taker", validate=True) as taker,
+    ):
+        await maker.wait_registered(10)
+        await taker.wait_registered(10)
+        async with Client(scheduler_server.address, asynchronous=True) as client:
+            made = await client.submit(make, workers=["maker"])
+            held = await client.submit(hold, made, 0.5, workers=["taker"])
+            key = made.key
+            await until(lambda: key in taker.store, "the taker to fetch the input")
+            await held.cancel()
+            assert held.status == "cancelled"
+            await until(lambda: not taker.state.running, "the cancelled run to end")
+            assert await made.result() == make()  # the key itself lives on
+            del made, held
+            await until(
+                lambda: key not in taker.store and key not in maker.store,
+                "both copies to go with the key",
+            )
