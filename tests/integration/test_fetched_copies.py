@@ -8,8 +8,10 @@ it)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
@@ -36,27 +38,34 @@ async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0)
         await asyncio.sleep(0.02)
 
 
-async def test_a_failed_task_s_fetched_input_goes_with_its_key(
-    scheduler_server: SchedulerServer,
-) -> None:
+@contextlib.asynccontextmanager
+async def maker_and_taker(address: str) -> AsyncIterator[tuple[Worker, Worker, Client[Any]]]:
+    """Two workers, "maker" and "taker", and an asynchronous client."""
     async with (
-        Worker(scheduler_server.address, name="maker", validate=True) as maker,
-        Worker(scheduler_server.address, name="taker", validate=True) as taker,
+        Worker(address, name="maker", validate=True) as maker,
+        Worker(address, name="taker", validate=True) as taker,
     ):
         await maker.wait_registered(10)
         await taker.wait_registered(10)
-        async with Client(scheduler_server.address, asynchronous=True) as client:
-            made = await client.submit(make, workers=["maker"])
-            refused = await client.submit(refuse, made, workers=["taker"])
-            with pytest.raises(ValueError, match=f"refused {INPUT_BYTES} bytes"):
-                await refused.result()
-            key = made.key
-            assert key in taker.store  # fetched for the run that failed
-            del made, refused
-            await until(
-                lambda: key not in taker.store and key not in maker.store,
-                "both copies to go with the key",
-            )
+        async with Client(address, asynchronous=True) as client:
+            yield maker, taker, client
+
+
+async def test_a_failed_task_s_fetched_input_goes_with_its_key(
+    scheduler_server: SchedulerServer,
+) -> None:
+    async with maker_and_taker(scheduler_server.address) as (maker, taker, client):
+        made = await client.submit(make, workers=["maker"])
+        refused = await client.submit(refuse, made, workers=["taker"])
+        with pytest.raises(ValueError, match=f"refused {INPUT_BYTES} bytes"):
+            await refused.result()
+        key = made.key
+        assert key in taker.store  # fetched for the run that failed
+        del made, refused
+        await until(
+            lambda: key not in taker.store and key not in maker.store,
+            "both copies to go with the key",
+        )
 
 
 def hold(value: bytes, seconds: float) -> int:
@@ -67,23 +76,17 @@ def hold(value: bytes, seconds: float) -> int:
 async def test_a_cancelled_task_s_fetched_input_goes_with_its_key(
     scheduler_server: SchedulerServer,
 ) -> None:
-    async with (
-        Worker(scheduler_server.address, name="maker", validate=True) as maker,
-        Worker(scheduler_server.address, name="taker", validate=True) as taker,
-    ):
-        await maker.wait_registered(10)
-        await taker.wait_registered(10)
-        async with Client(scheduler_server.address, asynchronous=True) as client:
-            made = await client.submit(make, workers=["maker"])
-            held = await client.submit(hold, made, 0.5, workers=["taker"])
-            key = made.key
-            await until(lambda: key in taker.store, "the taker to fetch the input")
-            await held.cancel()
-            assert held.status == "cancelled"
-            await until(lambda: not taker.state.running, "the cancelled run to end")
-            assert await made.result() == make()  # the key itself lives on
-            del made, held
-            await until(
-                lambda: key not in taker.store and key not in maker.store,
-                "both copies to go with the key",
-            )
+    async with maker_and_taker(scheduler_server.address) as (maker, taker, client):
+        made = await client.submit(make, workers=["maker"])
+        held = await client.submit(hold, made, 0.5, workers=["taker"])
+        key = made.key
+        await until(lambda: key in taker.store, "the taker to fetch the input")
+        await held.cancel()
+        assert held.status == "cancelled"
+        await until(lambda: not taker.state.running, "the cancelled run to end")
+        assert await made.result() == make()  # the key itself lives on
+        del made, held
+        await until(
+            lambda: key not in taker.store and key not in maker.store,
+            "both copies to go with the key",
+        )
