@@ -2,13 +2,14 @@
 
 A small task on the worker's event loop: every :data:`SAMPLE_INTERVAL_S` it
 reads the resident memory of the process and its children (a read of /proc
-each, tens of microseconds), asks :class:`~.memory.MemoryPolicy` what to do, spills in a
-thread (writing files must neither stall the loop nor hold up the next
-measurement: a worker making results faster than its disk takes them
-pauses), pauses or resumes the worker, and leaves the figures for the
-scheduler: at once when the worker pauses or resumes, else with the next
-heartbeat. A result stored past the target wakes it early
-(:attr:`.store.ResultStore.on_over_target`).
+each, tens of microseconds; see
+:class:`~apportion_common.process_memory.Resident`), asks
+:class:`~.memory.MemoryPolicy` what to do, spills in a thread (writing files
+must neither stall the loop nor hold up the next measurement: a worker
+making results faster than its disk takes them pauses), pauses or resumes
+the worker, and leaves the figures for the scheduler: at once when the
+worker pauses or resumes, else with the next heartbeat. A result stored past
+the target wakes it early (:attr:`.store.ResultStore.on_over_target`).
 """
 
 from __future__ import annotations

@@ -40,36 +40,24 @@ def summary(*values: bytes) -> list[tuple[int, int, bool]]:
     return [(v[0], len(v), v.count(v[:1]) == len(v)) for v in values]
 
 
-def grow_to(fraction: float, limit: int, release: str = "", hold: float = 0.0) -> str:
+def grow_to(
+    fraction: float, limit: int, release: str = "", hold: float = 0.0, in_child: bool = False
+) -> str:
     """Grow this worker's resident memory to ``fraction`` of ``limit``, keep it
-    until the file ``release`` appears (or for ``hold`` seconds), then give it back."""
-    import os
-
-    import psutil
-
-    grow = int(fraction * limit) - psutil.Process().memory_info().rss
-    ballast = b"x" * max(grow, 0)  # written through: resident, not just reserved
-    deadline = time.monotonic() + (hold or 60)
-    while time.monotonic() < deadline and not (release and os.path.exists(release)):
-        time.sleep(0.02)
-    del ballast
-    return get_task_context().worker_name
-
-
-def grow_worker_to(fraction: float, limit: int, release: str) -> str:
-    """:func:`grow_to` for a task in a child of the worker (``isolate=True``):
-    the worker's memory is its own and its children's."""
+    until the file ``release`` appears (or for ``hold`` seconds), then give it
+    back. ``in_child``: the task runs in a child of the worker (``isolate=True``),
+    and the worker's memory is its own and its children's."""
     import os
 
     import psutil
 
     from apportion_common.process_memory import Resident
 
-    worker = psutil.Process().parent()
-    assert worker is not None
-    ballast = b"x" * max(int(fraction * limit) - Resident(worker.pid)(), 0)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not os.path.exists(release):
+    this = psutil.Process()
+    used = Resident(this.ppid())() if in_child else this.memory_info().rss
+    ballast = b"x" * max(int(fraction * limit) - used, 0)  # written through: resident
+    deadline = time.monotonic() + (hold or 60)
+    while time.monotonic() < deadline and not (release and os.path.exists(release)):
         time.sleep(0.02)
     del ballast
     return get_task_context().worker_name
@@ -168,7 +156,7 @@ def test_an_isolated_task_s_memory_counts_as_its_worker_s(
     processes.worker(scheduler_address, "--name", "big", "--memory-limit", "400MB")
     release = tmp_path / "release"
     with Client(scheduler_address) as client:
-        hog = client.submit(grow_worker_to, 0.875, LIMIT, str(release), isolate=True)
+        hog = client.submit(grow_to, 0.875, LIMIT, str(release), in_child=True, isolate=True)
         wait_for(lambda: worker_info(scheduler_address, "big").paused, 30, "big to pause")
         assert worker_info(scheduler_address, "big").memory > 0.8 * LIMIT
         release.touch()

@@ -4,6 +4,7 @@ is stopped by :meth:`Processes.stop_all` (the ``processes`` fixture calls it).""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import selectors
 import signal
@@ -39,6 +40,20 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+async def until(
+    predicate: Callable[[], object],
+    what: str = "condition",
+    timeout: float = 5.0,
+    interval: float = 0.002,
+) -> None:
+    """:func:`wait_for` on an event loop: poll, letting the loop run meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 def wait_for_workers(address: str, n: int, timeout: float = START_TIMEOUT) -> None:

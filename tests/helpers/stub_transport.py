@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,6 +27,7 @@ from apportion_common.status_pb import ERROR_KIND_TO_PB
 from apportion_common.transfer import ResultUnavailable
 from client_sdk._grpc_errors import StreamBroken
 from protos import apportion_pb2 as pb
+from tests.helpers.processes import until
 
 ADDRESS = "stub:1"
 WORKER = "10.0.0.1:7000"
@@ -259,11 +259,7 @@ class StubTransport:
         self, predicate: Callable[[], object], what: str = "condition", timeout: float = 5.0
     ) -> None:
         """Wait (letting any loop run) until ``predicate()`` is true."""
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-            await asyncio.sleep(0.002)
+        await until(predicate, what, timeout)
 
 
 # ------------------------------------------------------------ the updates

@@ -7,16 +7,16 @@ it)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from client_sdk import Client
 from scheduler_service import SchedulerServer
+from tests.helpers.processes import until
 from worker_service.worker import Worker
 
 INPUT_BYTES = 1_000_000
@@ -28,14 +28,6 @@ def make() -> bytes:
 
 def refuse(value: bytes) -> None:
     raise ValueError(f"refused {len(value)} bytes")
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager
@@ -65,6 +57,7 @@ async def test_a_failed_task_s_fetched_input_goes_with_its_key(
         await until(
             lambda: key not in taker.store and key not in maker.store,
             "both copies to go with the key",
+            10,
         )
 
 
@@ -80,13 +73,14 @@ async def test_a_cancelled_task_s_fetched_input_goes_with_its_key(
         made = await client.submit(make, workers=["maker"])
         held = await client.submit(hold, made, 0.5, workers=["taker"])
         key = made.key
-        await until(lambda: key in taker.store, "the taker to fetch the input")
+        await until(lambda: key in taker.store, "the taker to fetch the input", 10)
         await held.cancel()
         assert held.status == "cancelled"
-        await until(lambda: not taker.state.running, "the cancelled run to end")
+        await until(lambda: not taker.state.running, "the cancelled run to end", 10)
         assert await made.result() == make()  # the key itself lives on
         del made, held
         await until(
             lambda: key not in taker.store and key not in maker.store,
             "both copies to go with the key",
+            10,
         )
